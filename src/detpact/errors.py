@@ -1,0 +1,28 @@
+"""The one project error type for user mistakes.
+
+A `DetpactError` carries a message written for a person: what is wrong, in which
+file, and how to fix it. The CLI prints it without a traceback and exits with
+`exit_code` (2 for bad input). Internal bugs raise ordinary exceptions.
+"""
+
+from __future__ import annotations
+
+
+class DetpactError(Exception):
+    """A user-facing error: bad config, missing data, corrupt checkpoint, ..."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class TrainingAborted(DetpactError):
+    """Training stopped on purpose (e.g. too many non-finite steps in a row).
+
+    Not bad input, so it gets its own exit status; the last good checkpoint and the
+    metrics written so far stay in place.
+    """
+
+    exit_code = 3
