@@ -26,3 +26,9 @@ class TrainingAborted(DetpactError):
     """
 
     exit_code = 3
+
+
+class CheckFailed(DetpactError):
+    """A check the user asked for ran and failed (e.g. ONNX parity under policy 'fail')."""
+
+    exit_code = 1

@@ -1,0 +1,15 @@
+"""detpact: an object-detection training harness built around a run contract.
+
+    import detpact
+    run = detpact.train("configs/quickstart.yaml", run_id="exp01")
+    detpact.evaluate(run.root)
+    detpact.export(run.root)
+    detpact.predict(run.root, ["photos/"], out="preds.json")
+"""
+
+from detpact.api import evaluate, export, predict, train
+from detpact.config import Config, config_hash, load_config
+from detpact.errors import DetpactError
+
+__all__ = ["Config", "DetpactError", "config_hash", "evaluate", "export", "load_config", "predict", "train"]
+__version__ = "0.1.0"

@@ -1,0 +1,283 @@
+"""The public API: train, evaluate, export and predict. The CLI is a thin layer on top.
+
+This is the entry layer: it reads the environment and the config once, then passes
+narrow pieces down.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from detpact.config import (
+    HASH_EXCLUDED_KEYS, Config, config_hash, diff_configs, dump_config_yaml, load_config, resolved_dict,
+)
+from detpact.data.dataset import DatasetSplits, DetectionDataset, build_datasets, collate
+from detpact.engine.evaluate import evaluate as evaluate_model
+from detpact.engine.loop import FitResult, fit
+from detpact.engine.runtime import check_amp, resolve_device, seed_everything
+from detpact.errors import CheckFailed, DetpactError
+from detpact.evaluation.coco import format_table
+from detpact.export.onnx import DeployModel, export_onnx, onnx_metadata
+from detpact.export.parity import check_parity
+from detpact.inference.predictor import (
+    LoadedModel, collect_images, draw_predictions, load_detector, predict_images, write_predictions,
+)
+from detpact.run.atomic import atomic_write_json, atomic_write_text
+from detpact.run.checkpoint import load_checkpoint
+from detpact.run.contract import (
+    RunDir, default_run_id, git_info, host_info, library_versions, resolve_output_root, utc_now,
+    validate_run_id, write_manifest,
+)
+from detpact.run.report import loss_diagnostics, write_train_report
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_CHOICES = ("best", "last")
+
+
+def train(
+    config: str | Path | Config,
+    *,
+    run_id: str | None = None,
+    resume: bool = False,
+    overrides: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> RunDir:
+    """Train a detector per `config` into `<output_root>/<run_id>`; returns the run folder.
+
+    With `resume=True`, continue the run from its `checkpoints/last.pt`; the config must
+    hash the same as the one the run was started with.
+    """
+    environ = os.environ if environ is None else environ
+    cfg = config if isinstance(config, Config) else load_config(config, overrides)
+    output_root = resolve_output_root(cfg.run.output_root, environ)
+    if resume and not run_id:
+        raise DetpactError("--resume needs the --run-id of the run to continue (its folder name under "
+                           f"{output_root}).")
+    run = RunDir.for_run_id(output_root, run_id or default_run_id(cfg.run.name, datetime.now()))
+    bundle = _resume_bundle(run, cfg) if resume else None
+    if not resume and run.root.exists() and any(run.root.iterdir()):
+        raise DetpactError(f"Run folder {run.root} already exists. Add --resume to continue it, or pass "
+                           "another --run-id.")
+
+    device = resolve_device(cfg.run.device)
+    check_amp(cfg.run.amp, device)
+    determinism = seed_everything(cfg.run.seed, cfg.run.deterministic)
+    data = build_datasets(cfg.data, _cache_dir(environ))
+    if bundle is not None and bundle["dataset_fingerprint"] != data.fingerprint:
+        raise DetpactError(
+            f"Cannot resume {run.root}: the dataset at {data.root} changed since the checkpoint was written "
+            "(fingerprint differs). Restore the data, or start a new run."
+        )
+    run.create()
+    atomic_write_text(run.config_resolved, dump_config_yaml(cfg))
+    meta = _write_run_meta(run, cfg, data, device, determinism, resumed=bundle is not None)
+    log.info("run folder: %s (dataset: %s, %s)", run.root, data.mode, data.root)
+
+    result = fit(cfg, run, data, device, bundle)
+    _finish_train_report(run, cfg, data, result, meta)
+    if cfg.export.onnx:
+        export(run.root)
+    write_manifest(run)
+    return run
+
+
+def evaluate(run_dir: str | Path, *, checkpoint: str = "best", environ: Mapping[str, str] | None = None,
+             verify_config: str | Path | None = None) -> dict[str, Any]:
+    """COCO metrics of a run's checkpoint on its validation split; writes reports/eval.json."""
+    run = RunDir.existing(run_dir)
+    loaded = load_detector(_checkpoint_path(run, checkpoint))
+    if verify_config is not None:
+        _verify_config(loaded, Path(verify_config))
+    data = _run_data(loaded, environ)
+    cfg = loaded.config
+    dataset = DetectionDataset(data.val, cfg.data.image_size, train=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.eval.batch_size, collate_fn=collate,
+                                         num_workers=cfg.data.num_workers)
+    started = time.perf_counter()
+    metrics = evaluate_model(loaded.model, loader, data.val, data.class_names, cfg.model.postprocess,
+                             torch.device("cpu"), cfg.run.amp, cfg.run.channels_last)
+    report = {"checkpoint": checkpoint, "split": cfg.data.val_split, "config_hash": loaded.bundle["config_hash"],
+              "dataset_fingerprint": data.fingerprint, "step": loaded.bundle["progress"]["global_step"],
+              "seconds": round(time.perf_counter() - started, 2), "time": utc_now(), "metrics": metrics}
+    atomic_write_json(run.eval_report, report)
+    write_manifest(run)
+    return metrics
+
+
+def export(run_dir: str | Path, *, checkpoint: str = "best", environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Export a run's checkpoint to exports/model.onnx and check parity with PyTorch on val images.
+
+    Writes exports/model.onnx, model.onnx.meta.json and reports/onnx_parity.json. Under
+    `export.parity_policy: fail` a failed parity check raises CheckFailed.
+    """
+    run = RunDir.existing(run_dir)
+    ckpt_path = _checkpoint_path(run, checkpoint)
+    loaded = load_detector(ckpt_path)
+    cfg = loaded.config
+    data = _run_data(loaded, environ)
+    deploy = DeployModel(loaded.model)
+    started = time.perf_counter()
+    log.info("exporting %s to %s (%s exporter, opset %d)", ckpt_path, run.onnx_model, cfg.export.exporter, cfg.export.opset)
+    export_onnx(deploy, run.onnx_model, cfg.data.image_size, cfg.export.opset, cfg.export.exporter)
+    meta = onnx_metadata(cfg, loaded.class_names, loaded.bundle["config_hash"], cfg.export.exporter,
+                         str(ckpt_path.relative_to(run.root)))
+    atomic_write_json(run.onnx_meta, meta)
+
+    dataset = DetectionDataset(data.val[: cfg.export.parity_images], cfg.data.image_size, train=False)
+    images = np.stack([dataset[i][0].numpy() for i in range(len(dataset))]).astype(np.float32) / 255.0
+    report = check_parity(deploy, str(run.onnx_model), images, cfg.model.postprocess,
+                          cfg.export.parity_rtol, cfg.export.parity_atol)
+    report = {"onnx": str(run.onnx_model.relative_to(run.root)), "policy": cfg.export.parity_policy,
+              "images": [str(s.image_path) for s in data.val[: cfg.export.parity_images]],
+              "export_seconds": round(time.perf_counter() - started, 2), **report}
+    atomic_write_json(run.onnx_parity, report)
+    write_manifest(run)
+    worst = {name: max(c["outputs"][name]["max_abs"] for c in report["checks"]) for name in ("boxes", "scores")}
+    log.info("ONNX parity %s on %d images (max |diff| boxes %.2e, scores %.2e)", report["verdict"].upper(),
+             len(images), worst["boxes"], worst["scores"])
+    if report["verdict"] != "pass":
+        message = (f"ONNX parity check failed for {run.onnx_model}: see {run.onnx_parity} for the outputs "
+                   "over tolerance. Try export.exporter: torchscript, another export.opset, or inspect the model.")
+        if cfg.export.parity_policy == "fail":
+            raise CheckFailed(message)
+        log.warning("%s (export.parity_policy is 'warn', continuing)", message)
+    return report
+
+
+def predict(run_dir: str | Path, images: Sequence[str | Path], *, out: str | Path,
+            save_images: str | Path | None = None, checkpoint: str = "best",
+            score_threshold: float = 0.25) -> list[dict]:
+    """Detect objects in image files with a run's checkpoint; write predictions JSON (and drawn images)."""
+    run = RunDir.existing(run_dir)
+    if not 0.0 <= score_threshold <= 1.0:
+        raise DetpactError(f"--conf must be between 0 and 1, got {score_threshold}.")
+    loaded = load_detector(_checkpoint_path(run, checkpoint))
+    paths = collect_images(list(images))
+    post_cfg = loaded.config.model.postprocess.model_copy(update={"score_threshold": score_threshold})
+    records = predict_images(loaded, paths, post_cfg)
+    meta = {"run": str(run.root), "checkpoint": checkpoint, "backend": "torch", "class_names": loaded.class_names,
+            "config_hash": loaded.bundle["config_hash"], "score_threshold": score_threshold, "box_format": "xyxy pixels"}
+    write_predictions(Path(out), records, meta)
+    if save_images is not None:
+        draw_predictions(records, Path(save_images))
+    return records
+
+
+# --- helpers of the entry layer ------------------------------------------------------
+
+
+def _cache_dir(environ: Mapping[str, str] | None) -> Path:
+    environ = os.environ if environ is None else environ
+    return Path(environ.get("DETPACT_CACHE_DIR") or Path.home() / ".cache" / "detpact")
+
+
+def _checkpoint_path(run: RunDir, which: str) -> Path:
+    if which not in CHECKPOINT_CHOICES:
+        raise DetpactError(f"Unknown checkpoint {which!r}: choose one of {', '.join(CHECKPOINT_CHOICES)}.")
+    path = run.best_ckpt if which == "best" else run.last_ckpt
+    if not path.is_file():
+        raise DetpactError(f"No {which} checkpoint in {run.root} ({path} is missing): the run has not "
+                           "validated or checkpointed yet. Train it (or resume it) first.")
+    return path
+
+
+def _run_data(loaded: LoadedModel, environ: Mapping[str, str] | None) -> DatasetSplits:
+    data = build_datasets(loaded.config.data, _cache_dir(environ))
+    if data.fingerprint != loaded.bundle["dataset_fingerprint"]:
+        log.warning("the dataset at %s changed since training (fingerprint differs): results may not be "
+                    "comparable with the run's own numbers", data.root)
+    return data
+
+
+def _resume_bundle(run: RunDir, cfg: Config) -> dict[str, Any]:
+    if not run.last_ckpt.is_file():
+        raise DetpactError(f"Cannot resume: no checkpoint at {run.last_ckpt}. Check --run-id (and "
+                           "run.output_root), or start the run without --resume.")
+    bundle = load_checkpoint(run.last_ckpt)
+    if bundle["config_hash"] != config_hash(cfg):
+        excluded = {".".join(k) for k in HASH_EXCLUDED_KEYS}
+        diffs = [d for d in diff_configs(bundle["config"], resolved_dict(cfg))
+                 if not any(d.startswith(e + ".") or d.startswith(e + ":") for e in excluded)]
+        listing = "\n".join(f"  - {d}" for d in diffs) or "  (no key-level difference found)"
+        raise DetpactError(f"Cannot resume {run.root}: the config differs from the one the run was started "
+                           f"with (checkpoint -> now):\n{listing}\nResume with the original config, or start a "
+                           "new run with --run-id.")
+    return bundle
+
+
+def _verify_config(loaded: LoadedModel, config_path: Path) -> None:
+    cfg = load_config(config_path)
+    if config_hash(cfg) != loaded.bundle["config_hash"]:
+        diffs = diff_configs(loaded.bundle["config"], resolved_dict(cfg))
+        log.warning("config %s does not match the checkpoint's (hash differs): %s", config_path,
+                    "; ".join(diffs[:10]) or "no key-level difference")
+    else:
+        log.info("config %s matches the checkpoint (hash %s)", config_path, loaded.bundle["config_hash"][:12])
+
+
+def _write_run_meta(run: RunDir, cfg: Config, data: DatasetSplits, device: torch.device,
+                    determinism: dict, resumed: bool) -> dict[str, Any]:
+    previous = load_json_if_present(run.run_meta)
+    now = utc_now()
+    meta = previous if resumed and previous else {
+        "run_id": run.root.name, "start_time": now, "end_time": None, "resumes": [],
+    }
+    if resumed:
+        meta.setdefault("resumes", []).append({"time": now, "argv": host_info()["argv"]})
+    meta.update({
+        "config_hash": config_hash(cfg),
+        "dataset": {"mode": data.mode, "root": str(data.root), "fingerprint": data.fingerprint,
+                    "num_train": len(data.train), "num_val": len(data.val), "class_names": data.class_names},
+        "dataset_fingerprint": data.fingerprint,
+        "seed": cfg.run.seed,
+        "determinism": determinism,
+        **git_info(Path(__file__).resolve().parent),
+        "versions": library_versions(),
+        "device": str(device),
+        "amp": cfg.run.amp,
+        "world_size": 1,
+        **host_info(),
+    })
+    atomic_write_json(run.run_meta, meta)
+    return meta
+
+
+def load_json_if_present(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def _finish_train_report(run: RunDir, cfg: Config, data: DatasetSplits, result: FitResult, meta: dict) -> None:
+    meta["end_time"] = utc_now()
+    atomic_write_json(run.run_meta, meta)
+    summary = {
+        "run_id": run.root.name,
+        "config_hash": meta["config_hash"],
+        "dataset": meta["dataset"],
+        "best": {"map50_95": result.best.map50_95, "step": result.best.step, "epoch": result.best.epoch},
+        "final_val": result.last_val,
+        "loss": loss_diagnostics(result.loss_history),
+        "counters": {
+            "steps": result.steps, "epochs": result.epochs_done, "samples_seen": result.samples_seen,
+            "nonfinite_skipped": result.nonfinite_skipped, "train_seconds": round(result.train_seconds, 2),
+            "samples_per_s": result.samples_seen / max(result.train_seconds, 1e-9), "num_params": result.num_params,
+        },
+    }
+    write_train_report(run, summary)
+    if result.last_val:
+        log.info("final validation:\n%s", format_table(result.last_val))

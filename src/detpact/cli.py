@@ -1,0 +1,87 @@
+"""Command line: argument parsing only. Every command calls the API; user errors
+(DetpactError) become a one-paragraph message and their exit status, with no
+traceback unless --debug is given."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from detpact import api
+from detpact.console import setup_logging
+from detpact.errors import DetpactError
+from detpact.evaluation.coco import format_table
+
+log = logging.getLogger("detpact")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="detpact", description="Train, resume, evaluate, export and use detectors.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train (or --resume) a run from a YAML config")
+    train.add_argument("config", help="YAML config file, e.g. configs/quickstart.yaml")
+    train.add_argument("--run-id", help="run folder name under the output root (default: <time>_<run.name>)")
+    train.add_argument("--resume", action="store_true", help="continue the run from its checkpoints/last.pt")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+
+    evaluate = commands.add_parser("eval", help="COCO mAP of a run's checkpoint on its validation split")
+    evaluate.add_argument("run_dir", help="run folder, e.g. runs/exp01")
+    evaluate.add_argument("--checkpoint", choices=api.CHECKPOINT_CHOICES, default="best")
+    evaluate.add_argument("--verify-config", metavar="CONFIG", help="warn if CONFIG does not hash like the checkpoint's")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
+
+    export = commands.add_parser("export", help="export a run's checkpoint to ONNX and check parity")
+    export.add_argument("run_dir", help="run folder, e.g. runs/exp01")
+    export.add_argument("--checkpoint", choices=api.CHECKPOINT_CHOICES, default="best")
+
+    predict = commands.add_parser("predict", help="detect objects in images with a run's checkpoint")
+    predict.add_argument("run_dir", help="run folder, e.g. runs/exp01")
+    predict.add_argument("images", nargs="+", help="image files or folders")
+    predict.add_argument("--out", required=True, help="predictions JSON file to write")
+    predict.add_argument("--save-images", metavar="DIR", help="also save the images with boxes drawn into DIR")
+    predict.add_argument("--conf", type=float, default=0.25, help="score threshold (default 0.25)")
+    predict.add_argument("--checkpoint", choices=api.CHECKPOINT_CHOICES, default="best")
+    return parser
+
+
+def run_command(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        run = api.train(args.config, run_id=args.run_id, resume=args.resume, overrides=args.overrides)
+        print(f"run directory: {run.root}")
+    elif args.command == "eval":
+        metrics = api.evaluate(args.run_dir, checkpoint=args.checkpoint, verify_config=args.verify_config)
+        print(json.dumps(metrics, indent=2) if args.json else format_table(metrics))
+    elif args.command == "export":
+        report = api.export(args.run_dir, checkpoint=args.checkpoint)
+        print(f"exported {report['onnx']} (parity {report['verdict']})")
+    elif args.command == "predict":
+        records = api.predict(args.run_dir, args.images, out=args.out, save_images=args.save_images,
+                              checkpoint=args.checkpoint, score_threshold=args.conf)
+        found = sum(len(r["detections"]) for r in records)
+        print(f"{found} detections in {len(records)} images -> {args.out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.debug)
+    try:
+        return run_command(args)
+    except DetpactError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

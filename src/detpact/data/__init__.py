@@ -1,0 +1,1 @@
+"""Datasets: on-disk formats -> Sample records -> deterministic training samples."""

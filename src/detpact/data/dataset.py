@@ -1,0 +1,113 @@
+"""The detection Dataset and the builder that turns `cfg.data` into train/val splits."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from detpact.config import DataConfig
+from detpact.data.fingerprint import dataset_fingerprint
+from detpact.data.formats import Sample, read_class_names, read_yolo_split
+from detpact.data.synthetic import ensure_synthetic
+from detpact.data.transforms import hflip, letterbox, letterbox_boxes, sample_rng
+from detpact.errors import DetpactError
+
+
+class DetectionDataset(Dataset):
+    """Letterboxed samples; training samples are randomly flipped.
+
+    `dataset[(epoch, index)]` seeds its random transforms from (seed, epoch, index);
+    `dataset[index]` is the same as epoch 0 (used for evaluation, where `train` is False
+    and nothing is random). Returns (image uint8 [3, S, S], target) where target holds
+    "boxes" [N, 4] float32 xyxy canvas pixels, "labels" [N] int64, "image_id" int,
+    "orig_size" (h, w), "scale" and "pad" (x, y) of the letterbox.
+    """
+
+    def __init__(self, samples: list[Sample], image_size: int, train: bool, seed: int = 0, hflip_p: float = 0.5):
+        self.samples = samples
+        self.image_size = image_size
+        self.train = train
+        self.seed = seed
+        self.hflip_p = hflip_p
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, dict]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        sample = self.samples[index]
+        with Image.open(sample.image_path) as image:
+            canvas, placement = letterbox(image, self.image_size)
+        boxes = letterbox_boxes(sample.boxes, placement)
+        if self.train:
+            rng = sample_rng(self.seed, epoch, index)
+            if rng.random() < self.hflip_p:
+                canvas, boxes = hflip(canvas, boxes)
+        target = {
+            "boxes": torch.from_numpy(boxes),
+            "labels": torch.from_numpy(sample.labels),
+            "image_id": index,
+            "orig_size": (sample.height, sample.width),
+            "scale": placement.scale,
+            "pad": (placement.pad_x, placement.pad_y),
+        }
+        return torch.from_numpy(np.ascontiguousarray(canvas.transpose(2, 0, 1))), target
+
+
+def collate(batch: list[tuple[Tensor, dict]]) -> tuple[Tensor, list[dict]]:
+    images, targets = zip(*batch)
+    return torch.stack(images), list(targets)
+
+
+@dataclass
+class DatasetSplits:
+    """Everything the run needs to know about its data."""
+
+    root: Path
+    mode: str  # "real" or "synthetic"
+    class_names: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    fingerprint: str
+
+
+def build_datasets(cfg: DataConfig, cache_dir: Path) -> DatasetSplits:
+    """Resolve the dataset folder (generating the synthetic one if named), read both splits.
+
+    cache_dir: where the synthetic dataset goes when `data.path` is not set.
+    """
+    if cfg.format == "synthetic":
+        spec = cfg.synthetic
+        root = Path(cfg.path) if cfg.path else cache_dir / f"synthetic-{_synthetic_key(cfg)}"
+        ensure_synthetic(
+            root, num_train=spec.num_train, num_val=spec.num_val, image_size=spec.image_size,
+            seed=spec.seed, max_objects=spec.max_objects,
+        )
+        mode = "synthetic"
+    else:
+        root = Path(cfg.path)
+        if not root.is_dir():
+            raise DetpactError(
+                f"Dataset folder not found: {root} (data.path). Point data.path at your dataset "
+                "folder; detpact never substitutes built-in data for a missing dataset "
+                "(use data.format: synthetic to train on the built-in shapes explicitly)."
+            )
+        mode = "real"
+    class_names = read_class_names(root, cfg.classes)
+    train = read_yolo_split(root, cfg.train_split, len(class_names))
+    val = read_yolo_split(root, cfg.val_split, len(class_names))
+    fingerprint = dataset_fingerprint(root, [(cfg.train_split, train), (cfg.val_split, val)], class_names)
+    return DatasetSplits(root, mode, class_names, train, val, fingerprint)
+
+
+def _synthetic_key(cfg: DataConfig) -> str:
+    spec = json.dumps(cfg.synthetic.model_dump(), sort_keys=True)
+    return hashlib.sha256(spec.encode()).hexdigest()[:12]

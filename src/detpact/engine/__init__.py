@@ -1,0 +1,1 @@
+"""Training engine: the loop, optimisation, EMA, guards and the runtime set-up."""

@@ -1,0 +1,35 @@
+"""Non-finite guard: skip steps whose loss or gradients are not finite, abort after N in a row."""
+
+from __future__ import annotations
+
+from detpact.errors import TrainingAborted
+
+
+class NonFiniteGuard:
+    """Counts skipped steps; `record(ok, step)` raises TrainingAborted after `max_consecutive` bad steps."""
+
+    def __init__(self, max_consecutive: int, last_good_checkpoint: str):
+        self.max_consecutive = max_consecutive
+        self.last_good_checkpoint = last_good_checkpoint
+        self.skipped = 0
+        self.consecutive = 0
+
+    def record(self, ok: bool, step: int) -> None:
+        if ok:
+            self.consecutive = 0
+            return
+        self.skipped += 1
+        self.consecutive += 1
+        if self.consecutive >= self.max_consecutive:
+            raise TrainingAborted(
+                f"Training aborted at step {step}: the loss or gradients were not finite for "
+                f"{self.consecutive} steps in a row (train.nonfinite.max_consecutive = {self.max_consecutive}). "
+                f"The last good checkpoint is {self.last_good_checkpoint}. Lower train.optimizer.lr, "
+                "check the labels for degenerate boxes, or try run.amp: none, then resume or restart."
+            )
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped": self.skipped, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])

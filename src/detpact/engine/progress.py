@@ -1,0 +1,44 @@
+"""The training progress bar (rich): step, loss, lr, speed and ETA on one line."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from detpact.console import CONSOLE
+
+
+class TrainProgress:
+    """`update(step, **fields)` moves the bar; a disabled bar costs nothing."""
+
+    def __init__(self, progress: Progress | None, task_id: int | None):
+        self._progress = progress
+        self._task = task_id
+
+    def update(self, completed: int, loss: float, lr: float, samples_per_s: float, epoch: int) -> None:
+        if self._progress is not None:
+            self._progress.update(
+                self._task, completed=completed, loss=loss, lr=lr, speed=samples_per_s, epoch=epoch
+            )
+
+
+@contextlib.contextmanager
+def train_progress(total: int, completed: int, enabled: bool) -> Iterator[TrainProgress]:
+    if not enabled:
+        yield TrainProgress(None, None)
+        return
+    columns = (
+        TextColumn("[bold]train[/] ep {task.fields[epoch]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[speed]:.1f} img/s"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    # Two refreshes a second: the bar must not steal CPU from training.
+    with Progress(*columns, console=CONSOLE, refresh_per_second=2) as progress:
+        task = progress.add_task("train", total=total, completed=completed, loss=float("nan"), lr=0.0, speed=0.0, epoch=0)
+        yield TrainProgress(progress, task)

@@ -1,0 +1,310 @@
+"""COCO box mAP, computed by faster-coco-eval with pycocotools semantics.
+
+The matching and accumulation are faster-coco-eval's (a C++ port of pycocotools'
+`COCOeval`); this module only converts our records to COCO dicts, guards the inputs
+pycocotools mishandles, and turns the evaluator's arrays into a plain dict.
+
+Semantics worth knowing (pycocotools', kept on purpose; tests pin them):
+
+- `max_det` caps detections per image *per category*, not per image. We pass
+  `maxDets=[1, 10, max_det]`, so AP and the area metrics are read at `max_det`.
+- The small/medium/large split uses each GT's `area` field (the mask area in real
+  COCO files). `to_coco_gt` writes the box area, w * h.
+- Crowd GTs (`iscrowd=1`) are ignore regions: detections on them count as neither
+  TP nor FP, and they are not counted in `num_gt`.
+- A class with no (non-crowd) GT has no AP: COCO leaves it out of the mean, so false
+  positives on it are invisible. We report it as `None` and count its detections in
+  `no_gt_class_dets`.
+- Detections with equal scores are ranked in input order (a stable sort). So
+  `evaluate_coco_json` keeps the caller's order, exactly as pycocotools does, and
+  `to_coco_results` first sorts by content so the result does not depend on the
+  order a model happened to emit its boxes in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+from faster_coco_eval import COCO, COCOeval_faster
+
+from detpact.errors import DetpactError
+
+logger = logging.getLogger(__name__)
+
+# Names for COCOeval.stats[0:12], in its order. With exactly three maxDets and the
+# default area ranges this layout is the same in faster-coco-eval 1.6 to 1.8.
+HEADLINE_KEYS = (
+    "map50_95", "map50", "map75", "map_small", "map_medium", "map_large",
+    "ar1", "ar10", "ar_max", "ar_small", "ar_medium", "ar_large",
+)  # fmt: skip
+
+
+@dataclass
+class ImageGT:
+    """One image's ground truth, in original-image pixel coordinates."""
+
+    image_id: int
+    width: int
+    height: int
+    boxes: np.ndarray  # [N, 4] float xyxy pixels
+    labels: np.ndarray  # [N] int, contiguous class ids 0..C-1
+
+
+@dataclass
+class ImageDetections:
+    """One image's detections, in original-image pixel coordinates."""
+
+    image_id: int
+    boxes: np.ndarray  # [K, 4] float xyxy pixels
+    scores: np.ndarray  # [K]
+    labels: np.ndarray  # [K] int class ids 0..C-1
+
+
+def evaluate_detections(
+    gts: list[ImageGT], dets: list[ImageDetections], class_names: list[str], max_det: int = 100
+) -> dict:
+    """COCO box metrics of `dets` against `gts`; see `evaluate_coco_json` for the keys.
+
+    Class id c becomes COCO category id c + 1, named `class_names[c]`. Detections are
+    ranked by (-score, image_id, label, x1, y1, x2, y2) before evaluation, so the
+    result depends only on the set of detections, not their order.
+    """
+    gt = to_coco_gt(gts, class_names)
+    results = to_coco_results(dets, num_classes=len(class_names))
+    return evaluate_coco_json(gt, results, max_det=max_det)
+
+
+def evaluate_coco_json(gt: dict, results: list[dict], max_det: int = 100) -> dict:
+    """COCO box metrics of a results list against a COCO-format GT dict.
+
+    `gt` needs `images` (with `id`), `categories` (with `id`, `name`) and
+    `annotations` (with `image_id`, `category_id`, `bbox` xywh, `area`, optional
+    `iscrowd`). Each result is `{image_id, category_id, bbox: [x, y, w, h], score}`.
+    Neither input is modified. Ties in score are ranked in the order of `results`.
+
+    Returns a JSON-serialisable dict:
+
+    - `map50_95`, `map50`, `map75`: AP at IoU .50:.95 / .50 / .75, area all, at `max_det`
+    - `map_small`, `map_medium`, `map_large`: AP .50:.95 per GT-area range, at `max_det`
+    - `ar1`, `ar10`, `ar_max`: AR .50:.95 with 1 / 10 / `max_det` detections
+      per image per class
+    - `ar_small`, `ar_medium`, `ar_large`: AR .50:.95 per area range, at `max_det`
+    - `per_class`, `per_class_ap50`: class name -> AP .50:.95 / AP .50 (area all,
+      at `max_det`)
+    - `no_gt_class_dets`: class name -> number of detections, for every class without
+      GT (COCO cannot score these; all of them are false positives)
+    - `num_images`, `num_gt` (non-crowd GT boxes), `num_dets` (len(results)), `max_det`
+
+    Every metric is a float, or `None` where COCO reports -1 ("undefined"): a class or
+    area range with no non-crowd GT, or every metric when there is no GT at all.
+    No detections gives 0.0 for every defined metric (and a logged warning).
+    Raises `DetpactError` for results on unknown image or category ids and for
+    `max_det` < 10.
+    """
+    if not isinstance(max_det, (int, np.integer)) or max_det < 10:
+        # COCO's summary reports AR@1, AR@10 and AR@max_det; below 10 those collide.
+        # A detector that keeps fewer boxes per image loses nothing at max_det=10:
+        # the cap is per image per class.
+        raise DetpactError(f"max_det must be an integer >= 10 for COCO evaluation, got {max_det!r}")
+    max_det = int(max_det)
+    gt = _checked_gt_copy(gt)
+    _check_results(results, gt)
+    if not results:
+        logger.warning("no detections to evaluate: every COCO metric with GT is 0.0")
+    num_gt = sum(1 for a in gt["annotations"] if not a.get("iscrowd", 0))
+    if num_gt == 0:
+        logger.warning("the ground truth has no (non-crowd) boxes: COCO metrics are undefined (None)")
+
+    evaluator = _run_cocoeval(gt, [dict(r) for r in results], max_det)
+
+    metrics: dict = {key: _defined(s) for key, s in zip(HEADLINE_KEYS, evaluator.stats[:12], strict=True)}
+    metrics.update(_per_class(evaluator, gt, results))
+    metrics.update(num_images=len(gt["images"]), num_gt=num_gt, num_dets=len(results), max_det=max_det)
+    return metrics
+
+
+def to_coco_gt(gts: list[ImageGT], class_names: list[str]) -> dict:
+    """COCO GT dict: category id = class id + 1, bbox xywh, area = w * h, iscrowd 0."""
+    if len(set(class_names)) != len(class_names):
+        raise DetpactError(f"class names must be unique, got {class_names}")
+    images, annotations = [], []
+    for g in gts:
+        boxes, labels = _checked_boxes(g.image_id, g.boxes, g.labels, len(class_names), "ground truth")
+        images.append({"id": int(g.image_id), "width": int(g.width), "height": int(g.height)})
+        for (x1, y1, x2, y2), label in zip(boxes.tolist(), labels.tolist(), strict=True):
+            w, h = x2 - x1, y2 - y1
+            annotations.append({
+                "id": len(annotations) + 1,  # ids start at 1: pycocotools reads id 0 as "unmatched"
+                "image_id": int(g.image_id),
+                "category_id": label + 1,
+                "bbox": [x1, y1, w, h],
+                "area": w * h,
+                "iscrowd": 0,
+            })
+    _check_unique([img["id"] for img in images], "ground-truth image ids")
+    categories = [{"id": c + 1, "name": name} for c, name in enumerate(class_names)]
+    return {"images": images, "categories": categories, "annotations": annotations}
+
+
+def to_coco_results(dets: list[ImageDetections], num_classes: int) -> list[dict]:
+    """COCO results list (bbox xywh), ranked by (-score, image_id, label, x1, y1, x2, y2).
+
+    pycocotools ranks equal scores by input order; ranking ties by content instead
+    makes the result independent of the order the detections arrive in.
+    """
+    rows = []  # (-score, image_id, label, x1, y1, x2, y2)
+    for d in dets:
+        boxes, labels = _checked_boxes(d.image_id, d.boxes, d.labels, num_classes, "detections")
+        scores = np.asarray(d.scores, dtype=np.float64).reshape(-1)
+        if len(scores) != len(boxes) or not np.isfinite(scores).all():
+            raise DetpactError(f"image {d.image_id}: detections need one finite score per box")
+        for box, label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist(), strict=True):
+            rows.append((-score, int(d.image_id), label, *box))
+    rows.sort()
+    return [
+        {"image_id": img, "category_id": label + 1, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": -neg_score}
+        for neg_score, img, label, x1, y1, x2, y2 in rows
+    ]
+
+
+def format_table(metrics: dict) -> str:
+    """Readable text table of the headline metrics and per-class AP ('-': undefined)."""
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    max_det = metrics.get("max_det", 100)
+    labels = {
+        "map50_95": "AP @[.50:.95]", "map50": "AP @.50", "map75": "AP @.75",
+        "map_small": "AP small", "map_medium": "AP medium", "map_large": "AP large",
+        "ar1": "AR maxDets=1", "ar10": "AR maxDets=10", "ar_max": f"AR maxDets={max_det}",
+        "ar_small": "AR small", "ar_medium": "AR medium", "ar_large": "AR large",
+    }  # fmt: skip
+    lines = [f"COCO bbox: {metrics['num_images']} images, {metrics['num_gt']} GT boxes, "
+             f"{metrics['num_dets']} detections (max {max_det} per image per class)"]  # fmt: skip
+    lines += [f"  {labels[k]:<16} {fmt(metrics[k])}" for k in HEADLINE_KEYS]
+    per_class, ap50 = metrics["per_class"], metrics["per_class_ap50"]
+    if per_class:
+        width = max(12, *(len(name) for name in per_class))
+        lines += ["", f"  {'class':<{width}}  {'AP':>7}  {'AP50':>7}"]
+        for name, ap in per_class.items():
+            note = "  (no GT)" if ap is None else ""
+            lines.append(f"  {name:<{width}}  {fmt(ap):>7}  {fmt(ap50[name]):>7}{note}")
+    unscored = {name: n for name, n in metrics.get("no_gt_class_dets", {}).items() if n}
+    if unscored:
+        lines.append("")
+        lines.append("  detections on classes without GT (false positives COCO does not score): "
+                     + ", ".join(f"{name}={n}" for name, n in unscored.items()))  # fmt: skip
+    return "\n".join(lines)
+
+
+def _run_cocoeval(gt: dict, results: list[dict], max_det: int) -> COCOeval_faster:
+    """evaluate / accumulate / summarize with the evaluator's own printing silenced."""
+
+    def quiet(*args: object, **kwargs: object) -> None:
+        pass
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(gt, print_function=quiet)
+        if results:
+            coco_dt = coco_gt.loadRes(results)
+        else:
+            # pycocotools' loadRes (and faster-coco-eval 1.6's) crash on [].
+            coco_dt = COCO(print_function=quiet)
+            coco_dt.dataset = {"images": gt["images"], "categories": gt["categories"], "annotations": []}
+            coco_dt.createIndex()
+        evaluator = COCOeval_faster(coco_gt, coco_dt, iouType="bbox", print_function=quiet)
+        # pycocotools' summarize reads AP at a hard-coded maxDets=100 (-1 otherwise);
+        # faster-coco-eval reads it at maxDets[-1], which is max_det (it sorts the list).
+        evaluator.params.maxDets = [1, 10, max_det]
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return evaluator
+
+
+def _per_class(evaluator: COCOeval_faster, gt: dict, results: list[dict]) -> dict:
+    """per_class / per_class_ap50 from the precision array, and no_gt_class_dets."""
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    precision = evaluator.eval["precision"]  # [T, R, K, A, M]: IoU, recall, class, area, maxDets
+    ap, ap50 = {}, {}
+    for k, cat_id in enumerate(evaluator.params.catIds):
+        p = precision[:, :, k, 0, -1]  # [T, R] at area=all, maxDets=max_det
+        ap[names[cat_id]] = _mean_defined(p)
+        ap50[names[cat_id]] = _mean_defined(p[0])  # iouThrs[0] == 0.50
+    dets_per_cat = Counter(r["category_id"] for r in results)
+    no_gt = {names[c]: dets_per_cat[c] for c in evaluator.params.catIds if ap[names[c]] is None}
+    return {"per_class": ap, "per_class_ap50": ap50, "no_gt_class_dets": no_gt}
+
+
+def _checked_gt_copy(gt: dict) -> dict:
+    """A copy the evaluator may mutate, with ann ids renumbered from 1 (id 0 means unmatched)."""
+    if not isinstance(gt.get("images"), list) or not isinstance(gt.get("categories"), list):
+        raise DetpactError("COCO ground truth needs 'images' and 'categories' lists")
+    images = [dict(img) for img in gt["images"]]
+    categories = [dict(c) for c in gt["categories"]]
+    _check_unique([img["id"] for img in images], "ground-truth image ids")
+    _check_unique([c["id"] for c in categories], "category ids")
+    _check_unique([c["name"] for c in categories], "category names")
+    annotations = [dict(a, id=i + 1) for i, a in enumerate(gt.get("annotations", []))]
+    return {"images": images, "categories": categories, "annotations": annotations}
+
+
+def _check_results(results: list[dict], gt: dict) -> None:
+    # pycocotools asserts "Results do not correspond to current coco set" on unknown
+    # images and silently drops unknown categories (often an off-by-one class id).
+    image_ids = {img["id"] for img in gt["images"]}
+    cat_ids = {c["id"] for c in gt["categories"]}
+    try:
+        bad_images = sorted({r["image_id"] for r in results} - image_ids)
+        bad_cats = sorted({r["category_id"] for r in results} - cat_ids)
+    except (KeyError, TypeError) as e:
+        raise DetpactError(f"each COCO result needs image_id, category_id, bbox and score ({e!r})") from None
+    if bad_images:
+        raise DetpactError(
+            f"detections reference image_id(s) not in the ground truth: {bad_images[:10]}"
+            f"{' ...' if len(bad_images) > 10 else ''}; evaluate on the images the GT covers"
+        )
+    if bad_cats:
+        raise DetpactError(
+            f"detections use category_id(s) the ground truth does not define: {bad_cats[:10]} "
+            f"(defined: {sorted(cat_ids)[:10]}...); COCO category ids are class id + 1"
+        )
+
+
+def _checked_boxes(
+    image_id: int, boxes: np.ndarray, labels: np.ndarray, num_classes: int, what: str
+) -> tuple[np.ndarray, np.ndarray]:
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)  # [N, 4] xyxy
+    labels = np.asarray(labels).reshape(-1)
+    if len(labels) != len(boxes):
+        raise DetpactError(f"image {image_id}: {what} has {len(boxes)} boxes but {len(labels)} labels")
+    if not np.isfinite(boxes).all() or (boxes[:, 2:] < boxes[:, :2]).any():
+        raise DetpactError(f"image {image_id}: {what} boxes must be finite xyxy with x2 >= x1 and y2 >= y1")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DetpactError(
+            f"image {image_id}: {what} class ids must lie in 0..{num_classes - 1}, got {sorted(set(labels.tolist()))}"
+        )
+    return boxes, labels.astype(np.int64)
+
+
+def _check_unique(values: list, what: str) -> None:
+    seen, dupes = set(), set()
+    for v in values:
+        (dupes if v in seen else seen).add(v)
+    if dupes:
+        raise DetpactError(f"{what} must be unique; repeated: {sorted(dupes, key=str)[:10]}")
+
+
+def _defined(value: float) -> float | None:
+    return None if value < 0 else float(value)  # COCO writes -1 for "undefined"
+
+
+def _mean_defined(precision: np.ndarray) -> float | None:
+    valid = precision[precision > -1]
+    return float(valid.mean()) if valid.size else None

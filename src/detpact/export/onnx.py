@@ -1,0 +1,105 @@
+"""Export a trained detector to a self-contained ONNX file plus its metadata.
+
+The graph takes letterboxed images and returns decoded boxes and class scores for
+every location (pre-NMS), like most deployed YOLO models: NMS parameters are part
+of the metadata and applied by the consumer (detpact's ORT backend does the same).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from detpact.config import Config
+from detpact.data.transforms import PAD_VALUE
+from detpact.models.detector import Detector
+
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("boxes", "scores")
+
+
+class DeployModel(nn.Module):
+    """images [B, 3, S, S] float RGB in [0, 1] -> boxes [B, A, 4] xyxy pixels, scores [B, A, C] in [0, 1]."""
+
+    def __init__(self, detector: Detector):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.detector(images)
+        return out.boxes, out.cls_logits.float().sigmoid()
+
+
+def export_onnx(deploy: DeployModel, path: Path, image_size: int, opset: int, exporter: str) -> None:
+    """Write `path` (weights embedded, dynamic batch) via a temporary file and a rename."""
+    deploy = deploy.eval()
+    example = torch.rand(2, 3, image_size, image_size)
+    tmp = path.with_name(f".{path.name}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _quiet_exporter():
+            if exporter == "dynamo":
+                torch.onnx.export(
+                    deploy, (example,), str(tmp), dynamo=True, verbose=False, external_data=False,
+                    input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), opset_version=opset,
+                    dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=4096)}},
+                )
+            else:
+                torch.onnx.export(
+                    deploy, (example,), str(tmp), dynamo=False, input_names=[INPUT_NAME],
+                    output_names=list(OUTPUT_NAMES), opset_version=opset,
+                    dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
+                )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def onnx_metadata(cfg: Config, class_names: list[str], config_hash: str, exporter: str, checkpoint: str) -> dict[str, Any]:
+    """Everything a consumer needs to feed the model and read its outputs."""
+    size = cfg.data.image_size
+    post = cfg.model.postprocess
+    return {
+        "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32"},
+        "preprocessing": {
+            "letterbox": {"size": size, "keep_aspect_ratio": True, "centered": True, "pad_value": PAD_VALUE},
+            "color": "RGB", "layout": "NCHW", "scale": "1/255 (pixel values in [0, 1])",
+        },
+        "outputs": {
+            "boxes": {"shape": ["batch", "locations", 4], "format": "xyxy, letterboxed-input pixels"},
+            "scores": {"shape": ["batch", "locations", len(class_names)], "format": "per-class probability (sigmoid)"},
+        },
+        "postprocessing": {
+            "nms": "class-wise, greedy", "score_threshold": post.score_threshold,
+            "iou_threshold": post.iou_threshold, "max_det": post.max_det, "pre_nms_topk": post.pre_nms_topk,
+        },
+        "class_names": list(class_names),
+        "config_hash": config_hash,
+        "checkpoint": checkpoint,
+        "opset": cfg.export.opset,
+        "exporter": exporter,
+        "torch_version": torch.__version__,
+    }
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs about optional torchvision ops and deprecations; not the user's concern."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.onnx._internal.exporter._registration")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

@@ -1,0 +1,1 @@
+"""Using a trained model: load it from a run and predict on images."""

@@ -1,0 +1,123 @@
+"""Load a trained detector from a run and predict on image files (torch backend)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+from detpact.config import Config, PostprocessConfig, validate_config
+from detpact.data.formats import IMAGE_SUFFIXES
+from detpact.data.transforms import Letterbox, letterbox
+from detpact.errors import DetpactError
+from detpact.models.detector import Detector, build_model
+from detpact.models.postprocess import postprocess
+from detpact.run.checkpoint import inference_state_dict, load_checkpoint
+
+# Distinct colours for drawn boxes, cycled by class id.
+PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128))  # fmt: skip
+
+
+@dataclass
+class LoadedModel:
+    """A detector in eval mode with what it was trained with."""
+
+    model: Detector
+    config: Config
+    class_names: list[str]
+    bundle: dict[str, Any]
+
+
+def load_detector(checkpoint: Path) -> LoadedModel:
+    """Build the detector a checkpoint describes and load its inference (EMA) weights, on CPU."""
+    bundle = load_checkpoint(checkpoint)
+    cfg = validate_config(bundle["config"], source=f"{checkpoint} (embedded config)")
+    class_names = list(bundle["class_names"])
+    model = build_model(cfg.model, len(class_names))
+    model.load_state_dict(inference_state_dict(bundle))
+    return LoadedModel(model.eval(), cfg, class_names, bundle)
+
+
+def collect_images(inputs: list[str | Path]) -> list[Path]:
+    """Image files named directly or found (recursively, sorted) in named folders."""
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise DetpactError(f"Image or folder not found: {item}. Pass image files or folders of images.")
+    if not paths:
+        raise DetpactError(f"No images found in {', '.join(map(str, inputs))} ({', '.join(IMAGE_SUFFIXES)}).")
+    return paths
+
+
+@torch.no_grad()
+def predict_images(loaded: LoadedModel, paths: list[Path], post_cfg: PostprocessConfig, batch_size: int = 8) -> list[dict]:
+    """Predictions per image: {"image", "width", "height", "detections": [{box_xyxy, score, class_id, class_name}]}."""
+    size = loaded.config.data.image_size
+    results = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        canvases, placements, sizes = [], [], []
+        for path in chunk:
+            image = _open_rgb(path)
+            canvas, placement = letterbox(image, size)
+            canvases.append(canvas)
+            placements.append(placement)
+            sizes.append(image.size)
+        batch = torch.from_numpy(np.stack(canvases)).permute(0, 3, 1, 2).float().div_(255.0)
+        out = loaded.model(batch)
+        for path, det, placement, (width, height) in zip(chunk, postprocess(out.cls_logits, out.boxes, post_cfg), placements, sizes):
+            boxes = placement.to_original(det.boxes.numpy(), width, height)
+            results.append(_image_record(path, width, height, boxes, det.scores.numpy(), det.labels.numpy(), loaded.class_names))
+    return results
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DetpactError(f"Cannot read image {path}: {exc}. Pass a readable image file.") from None
+
+
+def _image_record(path: Path, width: int, height: int, boxes: np.ndarray, scores: np.ndarray,
+                  labels: np.ndarray, class_names: list[str]) -> dict:
+    detections = [
+        {"box_xyxy": [round(float(v), 2) for v in box], "score": round(float(score), 5),
+         "class_id": int(label), "class_name": class_names[int(label)]}
+        for box, score, label in zip(boxes, scores, labels)
+    ]
+    return {"image": str(path), "width": width, "height": height, "detections": detections}
+
+
+def write_predictions(path: Path, records: list[dict], meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**meta, "images": records}, indent=2) + "\n", encoding="utf-8")
+
+
+def draw_predictions(records: list[dict], out_dir: Path) -> list[Path]:
+    """Save each image with its boxes and labels drawn, as PNG files in `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index, record in enumerate(records):
+        image = _open_rgb(Path(record["image"]))
+        draw = ImageDraw.Draw(image)
+        for det in record["detections"]:
+            colour = PALETTE[det["class_id"] % len(PALETTE)]
+            x1, y1, x2, y2 = det["box_xyxy"]
+            draw.rectangle((x1, y1, x2, y2), outline=colour, width=2)
+            draw.text((x1 + 2, max(0, y1 - 11)), f"{det['class_name']} {det['score']:.2f}", fill=colour)
+        # Index prefix: two inputs with the same file name must not overwrite each other.
+        target = out_dir / f"{index:04d}_{Path(record['image']).stem}.png"
+        image.save(target)
+        written.append(target)
+    return written

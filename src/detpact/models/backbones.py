@@ -1,0 +1,57 @@
+"""Backbones: images -> feature maps P3, P4, P5 (strides 8, 16, 32)."""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from detpact.config import BackboneConfig, CSPDarknetArgs
+from detpact.models.layers import SPPF, ConvBNAct, CSPBlock
+
+# Channels and block repeats of the full-size network; width_mult and depth_mult
+# scale them (0.25 / 0.33 gives a ~1.5 M-parameter detector).
+BASE_CHANNELS = (64, 128, 256, 512, 1024)
+BASE_DEPTHS = (3, 6, 6, 3)
+
+
+def scale_channels(c: int, width_mult: float) -> int:
+    """Scaled channel count, rounded up to a multiple of 8 (at least 8)."""
+    return max(8, int(math.ceil(c * width_mult / 8) * 8))
+
+
+def scale_depth(n: int, depth_mult: float) -> int:
+    return max(1, round(n * depth_mult))
+
+
+class CSPDarknet(nn.Module):
+    """YOLOv8-style CSP-Darknet: a stride-2 stem, then four stride-2 CSP stages."""
+
+    def __init__(self, args: CSPDarknetArgs):
+        super().__init__()
+        c = [scale_channels(x, args.width_mult) for x in BASE_CHANNELS]
+        n = [scale_depth(x, args.depth_mult) for x in BASE_DEPTHS]
+        self.stem = ConvBNAct(3, c[0], 3, 2)  # stride 2
+        self.stage2 = nn.Sequential(ConvBNAct(c[0], c[1], 3, 2), CSPBlock(c[1], c[1], n[0]))  # 4
+        self.stage3 = nn.Sequential(ConvBNAct(c[1], c[2], 3, 2), CSPBlock(c[2], c[2], n[1]))  # 8
+        self.stage4 = nn.Sequential(ConvBNAct(c[2], c[3], 3, 2), CSPBlock(c[3], c[3], n[2]))  # 16
+        self.stage5 = nn.Sequential(
+            ConvBNAct(c[3], c[4], 3, 2), CSPBlock(c[4], c[4], n[3]), SPPF(c[4], c[4])
+        )  # 32
+        self.out_channels = (c[2], c[3], c[4])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x = self.stage2(self.stem(x))
+        p3 = self.stage3(x)
+        p4 = self.stage4(p3)
+        p5 = self.stage5(p4)
+        return p3, p4, p5
+
+
+BACKBONES = {"cspdarknet": CSPDarknet}
+
+
+def build_backbone(cfg: BackboneConfig) -> nn.Module:
+    if cfg.name not in BACKBONES:
+        raise ValueError(f"unknown backbone {cfg.name!r}; choices: {sorted(BACKBONES)}")
+    return BACKBONES[cfg.name](cfg.args)

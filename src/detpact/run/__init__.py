@@ -1,0 +1,1 @@
+"""The run directory: fixed artifact paths, atomic writes, checkpoints and reports."""

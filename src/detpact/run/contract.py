@@ -1,0 +1,150 @@
+"""The run contract: every artifact path of a run, the run id rules, run_meta and manifest.
+
+Every artifact path is computed here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from detpact.errors import DetpactError
+from detpact.run.atomic import atomic_write_json
+
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
+DEFAULT_OUTPUT_ROOT = "runs"
+
+
+def validate_run_id(run_id: str) -> str:
+    """A run id is one path component of [A-Za-z0-9._-], never '.' or '..'."""
+    if not RUN_ID_PATTERN.fullmatch(run_id or "") or run_id in (".", "..") or run_id.startswith("."):
+        raise DetpactError(
+            f"Invalid run id {run_id!r}: use letters, digits, '.', '_' and '-' only, not starting "
+            "with '.' (a single folder name, no '/' or '..'), e.g. --run-id exp01."
+        )
+    return run_id
+
+
+def default_run_id(name: str, now: datetime) -> str:
+    safe_name = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "run"
+    return f"{now.strftime('%Y%m%d_%H%M%S')}_{safe_name}"
+
+
+def resolve_output_root(configured: str | None, environ: Mapping[str, str]) -> Path:
+    """run.output_root, else $DETPACT_OUTPUT_DIR, else ./runs."""
+    return Path(configured or environ.get("DETPACT_OUTPUT_DIR") or DEFAULT_OUTPUT_ROOT)
+
+
+class RunDir:
+    """Paths of one run's artifacts (the table in ARCHITECTURE.md)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.checkpoints = self.root / "checkpoints"
+        self.reports = self.root / "reports"
+        self.exports = self.root / "exports"
+        self.last_ckpt = self.checkpoints / "last.pt"
+        self.best_ckpt = self.checkpoints / "best.pt"
+        self.train_metrics = self.reports / "train_metrics.jsonl"
+        self.val_metrics = self.reports / "val_metrics.jsonl"
+        self.config_resolved = self.reports / "config_resolved.yaml"
+        self.run_meta = self.reports / "run_meta.json"
+        self.train_report_json = self.reports / "train_report.json"
+        self.train_report_md = self.reports / "train_report.md"
+        self.onnx_parity = self.reports / "onnx_parity.json"
+        self.eval_report = self.reports / "eval.json"
+        self.onnx_model = self.exports / "model.onnx"
+        self.onnx_meta = self.exports / "model.onnx.meta.json"
+        self.manifest = self.root / "manifest.json"
+        self.status = self.root / "status.json"
+
+    @classmethod
+    def for_run_id(cls, output_root: Path, run_id: str) -> RunDir:
+        return cls(Path(output_root) / validate_run_id(run_id))
+
+    @classmethod
+    def existing(cls, path: str | Path) -> RunDir:
+        """Open a finished or running run's folder, checking it is one."""
+        run = cls(Path(path))
+        if not run.root.is_dir():
+            raise DetpactError(f"Run folder not found: {run.root}. Pass the folder printed by 'detpact train' (e.g. runs/exp01).")
+        if not run.config_resolved.is_file():
+            raise DetpactError(
+                f"{run.root} is not a detpact run folder (no {run.config_resolved.relative_to(run.root)}). "
+                "Pass the folder printed by 'detpact train'."
+            )
+        return run
+
+    def create(self) -> None:
+        for folder in (self.checkpoints, self.reports, self.exports):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def artifacts(self) -> list[Path]:
+        """Every contract artifact that exists now (what the manifest covers)."""
+        paths = [
+            self.last_ckpt, self.best_ckpt, self.train_metrics, self.val_metrics, self.config_resolved,
+            self.run_meta, self.train_report_json, self.train_report_md, self.onnx_parity,
+            self.eval_report, self.onnx_model, self.onnx_meta,
+        ]
+        return [p for p in paths if p.is_file()]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(run: RunDir) -> dict[str, Any]:
+    """Record sha256 and size of every artifact present in manifest.json."""
+    files = {
+        path.relative_to(run.root).as_posix(): {"sha256": sha256_file(path), "size": path.stat().st_size}
+        for path in run.artifacts()
+    }
+    manifest = {"updated": utc_now(), "files": files}
+    atomic_write_json(run.manifest, manifest)
+    return manifest
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def git_info(source_dir: Path) -> dict[str, Any]:
+    """Commit and dirty flag of the detpact source checkout (None outside a git checkout)."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=source_dir, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if sha else None
+    return {"git_sha": sha, "git_dirty": bool(status) if status is not None else None}
+
+
+def library_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in ("detpact", "torch", "numpy", "onnx", "onnxruntime", "faster-coco-eval"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def host_info() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "platform": platform.platform(), "argv": sys.argv}
