@@ -21,8 +21,9 @@ import torch
 from detpact.config import (
     HASH_EXCLUDED_KEYS, Config, config_hash, diff_configs, dump_config_yaml, load_config, resolved_dict,
 )
-from detpact.data.dataset import DatasetSplits, DetectionDataset, build_datasets, collate
+from detpact.data.dataset import DatasetSplits, DetectionDataset, build_datasets, collate, resolve_num_workers
 from detpact.engine.evaluate import evaluate as evaluate_model
+from detpact.engine.faults import parse_faults
 from detpact.engine.loop import FitResult, fit
 from detpact.engine.runtime import check_amp, resolve_device, seed_everything
 from detpact.errors import CheckFailed, DetpactError
@@ -36,7 +37,7 @@ from detpact.run.atomic import atomic_write_json, atomic_write_text
 from detpact.run.checkpoint import load_checkpoint
 from detpact.run.contract import (
     RunDir, default_run_id, git_info, host_info, library_versions, resolve_output_root, utc_now,
-    validate_run_id, write_manifest,
+    write_manifest,
 )
 from detpact.run.report import loss_diagnostics, write_train_report
 
@@ -60,6 +61,7 @@ def train(
     """
     environ = os.environ if environ is None else environ
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
+    faults = parse_faults(environ.get("DETPACT_FAULT"))
     output_root = resolve_output_root(cfg.run.output_root, environ)
     if resume and not run_id:
         raise DetpactError("--resume needs the --run-id of the run to continue (its folder name under "
@@ -84,7 +86,7 @@ def train(
     meta = _write_run_meta(run, cfg, data, device, determinism, resumed=bundle is not None)
     log.info("run folder: %s (dataset: %s, %s)", run.root, data.mode, data.root)
 
-    result = fit(cfg, run, data, device, bundle)
+    result = fit(cfg, run, data, device, bundle, faults)
     _finish_train_report(run, cfg, data, result, meta)
     if cfg.export.onnx:
         export(run.root)
@@ -103,10 +105,10 @@ def evaluate(run_dir: str | Path, *, checkpoint: str = "best", environ: Mapping[
     cfg = loaded.config
     dataset = DetectionDataset(data.val, cfg.data.image_size, train=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.eval.batch_size, collate_fn=collate,
-                                         num_workers=cfg.data.num_workers)
+                                         num_workers=resolve_num_workers(cfg.data.num_workers))
     started = time.perf_counter()
     metrics = evaluate_model(loaded.model, loader, data.val, data.class_names, cfg.model.postprocess,
-                             torch.device("cpu"), cfg.run.amp, cfg.run.channels_last)
+                             loaded.device, cfg.run.amp, cfg.run.channels_last)
     report = {"checkpoint": checkpoint, "split": cfg.data.val_split, "config_hash": loaded.bundle["config_hash"],
               "dataset_fingerprint": data.fingerprint, "step": loaded.bundle["progress"]["global_step"],
               "seconds": round(time.perf_counter() - started, 2), "time": utc_now(), "metrics": metrics}
@@ -123,7 +125,8 @@ def export(run_dir: str | Path, *, checkpoint: str = "best", environ: Mapping[st
     """
     run = RunDir.existing(run_dir)
     ckpt_path = _checkpoint_path(run, checkpoint)
-    loaded = load_detector(ckpt_path)
+    # Exported and compared in float32 on the CPU, where onnxruntime runs too.
+    loaded = load_detector(ckpt_path, torch.device("cpu"))
     cfg = loaded.config
     data = _run_data(loaded, environ)
     deploy = DeployModel(loaded.model)
@@ -270,12 +273,16 @@ def _finish_train_report(run: RunDir, cfg: Config, data: DatasetSplits, result: 
         "config_hash": meta["config_hash"],
         "dataset": meta["dataset"],
         "best": {"map50_95": result.best.map50_95, "step": result.best.step, "epoch": result.best.epoch},
+        "resumed_from_step": result.start_step or None,
         "final_val": result.last_val,
         "loss": loss_diagnostics(result.loss_history),
         "counters": {
-            "steps": result.steps, "epochs": result.epochs_done, "samples_seen": result.samples_seen,
-            "nonfinite_skipped": result.nonfinite_skipped, "train_seconds": round(result.train_seconds, 2),
-            "samples_per_s": result.samples_seen / max(result.train_seconds, 1e-9), "num_params": result.num_params,
+            "steps": result.progress.global_step, "epochs": result.progress.epoch,
+            "samples_seen": result.progress.samples_seen, "nonfinite_skipped": result.nonfinite_skipped,
+            "num_params": result.num_params, "train_seconds": round(result.train_seconds, 2),
+            # Speed of this session only (a resumed run's earlier sessions are not timed here).
+            "samples_per_s": (result.progress.global_step - result.start_step) * cfg.train.batch_size
+            * cfg.train.accumulate / max(result.train_seconds, 1e-9),
         },
     }
     write_train_report(run, summary)

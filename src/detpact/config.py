@@ -77,8 +77,17 @@ class DataConfig(Section):
     val_split: str = "val"
     image_size: int = Field(640, ge=32)
     hflip_p: float = Field(0.5, ge=0.0, le=1.0)
-    num_workers: int = Field(2, ge=0)
+    # DataLoader worker processes; "auto" = 0 on machines with <= 2 cores (a worker
+    # would compete with the training threads), else half the cores, at most 8.
+    num_workers: int | Literal["auto"] = "auto"
     synthetic: SyntheticConfig = SyntheticConfig()
+
+    @field_validator("num_workers")
+    @classmethod
+    def _non_negative_workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be >= 0 or 'auto'")
+        return v
 
     @field_validator("image_size")
     @classmethod

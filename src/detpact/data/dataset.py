@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,14 @@ class DetectionDataset(Dataset):
             "pad": (placement.pad_x, placement.pad_y),
         }
         return torch.from_numpy(np.ascontiguousarray(canvas.transpose(2, 0, 1))), target
+
+
+def resolve_num_workers(setting: int | str) -> int:
+    """`data.num_workers`, with "auto" resolved for this machine."""
+    if setting != "auto":
+        return int(setting)
+    cpus = os.cpu_count() or 1
+    return 0 if cpus <= 2 else min(8, cpus // 2)
 
 
 def collate(batch: list[tuple[Tensor, dict]]) -> tuple[Tensor, list[dict]]:

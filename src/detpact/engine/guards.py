@@ -6,7 +6,7 @@ from detpact.errors import TrainingAborted
 
 
 class NonFiniteGuard:
-    """Counts skipped steps; `record(ok, step)` raises TrainingAborted after `max_consecutive` bad steps."""
+    """Counts skipped steps (`record`); `check` raises TrainingAborted after `max_consecutive` in a row."""
 
     def __init__(self, max_consecutive: int, last_good_checkpoint: str):
         self.max_consecutive = max_consecutive
@@ -14,12 +14,14 @@ class NonFiniteGuard:
         self.skipped = 0
         self.consecutive = 0
 
-    def record(self, ok: bool, step: int) -> None:
+    def record(self, ok: bool) -> None:
         if ok:
             self.consecutive = 0
-            return
-        self.skipped += 1
-        self.consecutive += 1
+        else:
+            self.skipped += 1
+            self.consecutive += 1
+
+    def check(self, step: int) -> None:
         if self.consecutive >= self.max_consecutive:
             raise TrainingAborted(
                 f"Training aborted at step {step}: the loss or gradients were not finite for "

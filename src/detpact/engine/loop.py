@@ -18,22 +18,23 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from detpact.config import Config, TrainConfig, config_hash, resolved_dict
-from detpact.data.dataset import DatasetSplits, DetectionDataset, collate
+from detpact.config import Config, config_hash, resolved_dict
+from detpact.data.dataset import DatasetSplits, DetectionDataset, collate, resolve_num_workers
 from detpact.data.sampler import ResumableSampler
 from detpact.engine.ema import ModelEMA
 from detpact.engine.evaluate import evaluate, prepare_images
+from detpact.engine.faults import Faults
 from detpact.engine.guards import NonFiniteGuard
 from detpact.engine.optim import build_optimizer, lr_at, set_lr
 from detpact.engine.progress import train_progress
+from detpact.engine.recorder import Recorder
 from detpact.engine.runtime import autocast, rng_state, set_rng_state
 from detpact.errors import DetpactError
 from detpact.models.detector import build_model, count_parameters
 from detpact.models.losses import DetectionCriterion, build_criterion
 from detpact.run.checkpoint import FORMAT_VERSION, save_checkpoint
 from detpact.run.contract import RunDir, library_versions, write_manifest
-from detpact.run.metrics import JsonlLog, truncate_jsonl
-from detpact.run.status import StatusWriter
+from detpact.run.metrics import truncate_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -74,20 +75,23 @@ class StepParts:
 
 @dataclass
 class FitResult:
-    steps: int
-    epochs_done: int
+    """What `fit` reports back for the run's summary."""
+
     best: Best
-    last_val: dict[str, Any] | None
-    loss_history: list[float] = field(default_factory=list)
+    num_params: int
+    start_step: int  # where this session began (non-zero after a resume)
+    progress: Progress = field(default_factory=Progress)
+    last_val: dict[str, Any] | None = None
+    loss_history: list[float] = field(default_factory=list)  # this session's steps
     nonfinite_skipped: int = 0
     train_seconds: float = 0.0
-    samples_seen: int = 0
-    num_params: int = 0
 
 
-def train_step(parts: StepParts, batches: Iterator, lr: float) -> dict[str, float] | None:
+def train_step(parts: StepParts, batches: Iterator, lr: float, poison: bool = False) -> dict[str, float] | None:
     """One optimizer step over `accumulate` micro-batches. Returns its metrics, or None
-    when the step was skipped because the loss or the gradients were not finite."""
+    when the step was skipped because the loss or the gradients were not finite.
+
+    `poison` (fault injection) makes the loss NaN, to exercise the skip path."""
     set_lr(parts.optimizer, lr)
     parts.optimizer.zero_grad(set_to_none=True)
     sums = {"loss": 0.0, "loss_cls": 0.0, "loss_box": 0.0, "num_pos": 0.0}
@@ -101,6 +105,8 @@ def train_step(parts: StepParts, batches: Iterator, lr: float) -> dict[str, floa
         with autocast(parts.device, parts.amp):
             outputs = parts.model(prepare_images(images, parts.device, parts.channels_last))
         losses = parts.criterion(outputs, targets)  # float32, outside autocast
+        if poison:
+            losses = {**losses, "loss": losses["loss"] * float("nan")}
         loss_value = losses["loss"].detach().item()
         if not math.isfinite(loss_value):
             finite = False
@@ -130,118 +136,105 @@ def train_step(parts: StepParts, batches: Iterator, lr: float) -> dict[str, floa
     return {**sums, "grad_norm": grad_norm, "images": images_seen}
 
 
-def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, resume: dict | None) -> FitResult:
+def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, resume: dict | None,
+        faults: Faults = Faults()) -> FitResult:
     """Train per `cfg` into `run`; `resume` is the bundle of `last.pt` to continue from."""
     tcfg = cfg.train
     train_loader, val_loader, sampler = _build_loaders(cfg, data)
-    steps_per_epoch = len(data.train) // (tcfg.batch_size * tcfg.accumulate)
+    images_per_step = tcfg.batch_size * tcfg.accumulate
+    steps_per_epoch = len(data.train) // images_per_step
     if steps_per_epoch == 0:
         raise DetpactError(
             f"The training split has {len(data.train)} images, fewer than train.batch_size x "
-            f"train.accumulate = {tcfg.batch_size * tcfg.accumulate}. Lower train.batch_size or add images."
+            f"train.accumulate = {images_per_step}. Lower train.batch_size or add images."
         )
     total_steps = min(tcfg.epochs * steps_per_epoch, tcfg.max_steps or math.inf)
+    parts = _build_step_parts(cfg, device, len(data.class_names), str(run.last_ckpt))
+    progress, best = _restore(resume, parts, run) if resume is not None else (Progress(), Best())
+    result = FitResult(best=best, num_params=count_parameters(parts.model), start_step=progress.global_step)
+    log.info("model: %.2fM parameters; %d train / %d val images; %d steps per epoch, %d steps in all",
+             result.num_params / 1e6, len(data.train), len(data.val), steps_per_epoch, total_steps)
 
-    model = build_model(cfg.model, len(data.class_names)).to(device)
-    if cfg.run.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    parts = StepParts(
-        model=model,
-        criterion=build_criterion(cfg.model.head),
-        optimizer=build_optimizer(model, tcfg.optimizer),
-        ema=ModelEMA(model, tcfg.ema) if tcfg.ema.enabled else None,
-        scaler=torch.amp.GradScaler(device.type) if cfg.run.amp == "fp16" else None,
-        guard=NonFiniteGuard(tcfg.nonfinite.max_consecutive, str(run.last_ckpt)),
-        device=device, amp=cfg.run.amp, channels_last=cfg.run.channels_last,
-        grad_clip=tcfg.grad_clip, accumulate=tcfg.accumulate,
-    )
-    progress, best = Progress(), Best()
-    if resume is not None:
-        progress, best = _restore(resume, parts, run)
-    log.info(
-        "model: %.2fM parameters; %d train / %d val images; %d steps per epoch, %d steps in all",
-        count_parameters(model) / 1e6, len(data.train), len(data.val), steps_per_epoch, total_steps,
-    )
-
-    def checkpoint(improved: bool) -> None:
+    def save(improved: bool) -> None:
         bundle = _bundle(cfg, data, parts, progress, sampler, best)
         save_checkpoint(run.last_ckpt, bundle)
         if improved:
             save_checkpoint(run.best_ckpt, bundle)
         write_manifest(run)
 
-    def validate() -> tuple[dict[str, Any], bool]:
-        status.update("eval", force=True, step=progress.global_step, epoch=progress.epoch)
-        eval_model = parts.ema.module if parts.ema is not None else model
+    def validate() -> bool:
+        recorder.phase("eval", progress.global_step, progress.epoch)
+        eval_model = parts.ema.module if parts.ema is not None else parts.model
         metrics = evaluate(eval_model, val_loader, data.val, data.class_names, cfg.model.postprocess,
                            device, cfg.run.amp, cfg.run.channels_last)
-        val_log.write({"step": progress.global_step, "epoch": progress.epoch, **metrics})
-        improved = metrics["map50_95"] > best.map50_95
+        recorder.validation(progress.global_step, progress.epoch, metrics)
+        score = metrics["map50_95"] if metrics["map50_95"] is not None else -1.0
+        improved = score > best.map50_95
         if improved:
-            best.map50_95, best.step, best.epoch = metrics["map50_95"], progress.global_step, progress.epoch
+            best.map50_95, best.step, best.epoch = score, progress.global_step, progress.epoch
         log.info("step %d epoch %d: val map50_95 %.4f map50 %.4f%s", progress.global_step, progress.epoch,
-                 metrics["map50_95"], metrics["map50"], " (best)" if improved else "")
-        status.update("train", force=True, last_val={k: metrics[k] for k in ("map50_95", "map50", "map75")})
-        return metrics, improved
+                 score, metrics["map50"] or 0.0, " (best)" if improved else "")
+        result.last_val = metrics
+        return improved
 
-    train_log, val_log = JsonlLog(run.train_metrics), JsonlLog(run.val_metrics)
-    status = StatusWriter(run.status, cfg.logging.status_every_s)
-    result = FitResult(steps=0, epochs_done=progress.epoch, best=best, last_val=None, num_params=count_parameters(model))
     started = time.perf_counter()
-    last_val_step = -1
-    try:
-        with train_progress(total_steps, progress.global_step, cfg.logging.progress) as bar:
+    with train_progress(total_steps, progress.global_step, cfg.logging.progress) as bar:
+        recorder = Recorder(run, bar, cfg.logging.status_every_s, total_steps, progress.global_step)
+        try:
             while progress.global_step < total_steps:
-                sampler.set_epoch(progress.epoch, start=progress.step_in_epoch * tcfg.batch_size * tcfg.accumulate)
+                sampler.set_epoch(progress.epoch, start=progress.step_in_epoch * images_per_step)
                 batches = iter(train_loader)
-                tick = time.perf_counter()
                 while progress.step_in_epoch < steps_per_epoch and progress.global_step < total_steps:
+                    step = progress.global_step + 1
                     lr = lr_at(progress.global_step, total_steps, tcfg.optimizer.lr, tcfg.scheduler)
-                    stats = train_step(parts, batches, lr)
-                    parts.guard.record(stats is not None, progress.global_step + 1)
-                    progress.global_step += 1
-                    progress.step_in_epoch += 1
-                    images = tcfg.batch_size * tcfg.accumulate
-                    progress.samples_seen += images
-                    now = time.perf_counter()
-                    speed = images / max(now - tick, 1e-9)
-                    tick = now
-                    record = _step_record(progress, lr, stats, parts.guard, speed, now - started)
-                    train_log.write(record)
+                    stats = train_step(parts, batches, lr, poison=faults.loss_is_poisoned(step))
+                    parts.guard.record(ok=stats is not None)
+                    progress.global_step, progress.step_in_epoch = step, progress.step_in_epoch + 1
+                    progress.samples_seen += images_per_step
+                    recorder.step(step, progress.epoch, lr, images_per_step, stats, parts.guard.skipped)
+                    parts.guard.check(step)  # may abort: after the step's line is on disk
                     if stats is not None:
                         result.loss_history.append(stats["loss"])
-                    bar.update(progress.global_step, record["loss"], lr, speed, progress.epoch)
-                    status.update("train", step=progress.global_step, epoch=progress.epoch, total_steps=total_steps,
-                                  loss=record["loss"], eta_s=(total_steps - progress.global_step) * (now - started)
-                                  / max(1, progress.global_step - (resume or {}).get("progress", {}).get("global_step", 0)))
-                    if _due(tcfg.checkpoint.every_steps, progress.global_step) and progress.step_in_epoch < steps_per_epoch:
-                        checkpoint(improved=False)
-                epoch_done = progress.step_in_epoch >= steps_per_epoch
+                    if progress.step_in_epoch < steps_per_epoch:  # epoch ends are handled below
+                        if _due(tcfg.checkpoint.every_steps, step):
+                            save(improved=False)
+                        faults.after_step(step)
+                epoch_done = progress.step_in_epoch == steps_per_epoch
                 if epoch_done:
-                    progress.epoch += 1
-                    progress.step_in_epoch = 0
+                    progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
                 finished = progress.global_step >= total_steps
-                improved = False
-                if finished or (epoch_done and _due(cfg.eval.every_epochs, progress.epoch)):
-                    result.last_val, improved = validate()
-                    last_val_step = progress.global_step
-                if finished or improved or (epoch_done and _due(tcfg.checkpoint.every_epochs, progress.epoch)) \
-                        or _due(tcfg.checkpoint.every_steps, progress.global_step):
-                    checkpoint(improved)
-    except BaseException:
-        status.update("failed", force=True, step=progress.global_step, epoch=progress.epoch)
-        raise
-    finally:
-        train_log.close()
-        val_log.close()
-    del last_val_step
-    status.update("done", force=True, step=progress.global_step, epoch=progress.epoch)
-    result.steps = progress.global_step
-    result.epochs_done = progress.epoch
+                improved = validate() if finished or (epoch_done and _due(cfg.eval.every_epochs, progress.epoch)) else False
+                if finished or improved or _due(tcfg.checkpoint.every_steps, progress.global_step) or (
+                        epoch_done and _due(tcfg.checkpoint.every_epochs, progress.epoch)):
+                    save(improved)
+                faults.after_step(progress.global_step)
+        except BaseException:
+            recorder.phase("failed", progress.global_step, progress.epoch)
+            raise
+        finally:
+            recorder.close()
+    recorder.phase("done", progress.global_step, progress.epoch)
+    result.progress = progress
     result.nonfinite_skipped = parts.guard.skipped
     result.train_seconds = time.perf_counter() - started
-    result.samples_seen = progress.samples_seen
     return result
+
+
+def _build_step_parts(cfg: Config, device: torch.device, num_classes: int, last_ckpt: str) -> StepParts:
+    model = build_model(cfg.model, num_classes).to(device)
+    if cfg.run.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    tcfg = cfg.train
+    return StepParts(
+        model=model,
+        criterion=build_criterion(cfg.model.head),
+        optimizer=build_optimizer(model, tcfg.optimizer),
+        ema=ModelEMA(model, tcfg.ema) if tcfg.ema.enabled else None,
+        scaler=torch.amp.GradScaler(device.type) if cfg.run.amp == "fp16" else None,
+        guard=NonFiniteGuard(tcfg.nonfinite.max_consecutive, last_ckpt),
+        device=device, amp=cfg.run.amp, channels_last=cfg.run.channels_last,
+        grad_clip=tcfg.grad_clip, accumulate=tcfg.accumulate,
+    )
 
 
 def _build_loaders(cfg: Config, data: DatasetSplits) -> tuple[DataLoader, DataLoader, ResumableSampler]:
@@ -249,7 +242,8 @@ def _build_loaders(cfg: Config, data: DatasetSplits) -> tuple[DataLoader, DataLo
     train_ds = DetectionDataset(data.train, dcfg.image_size, train=True, seed=cfg.run.seed, hflip_p=dcfg.hflip_p)
     val_ds = DetectionDataset(data.val, dcfg.image_size, train=False)
     sampler = ResumableSampler(len(train_ds), cfg.run.seed)
-    workers = dict(num_workers=dcfg.num_workers, persistent_workers=dcfg.num_workers > 0, collate_fn=collate)
+    num_workers = resolve_num_workers(dcfg.num_workers)
+    workers = dict(num_workers=num_workers, persistent_workers=num_workers > 0, collate_fn=collate)
     train_loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True, **workers)
     val_loader = DataLoader(val_ds, batch_size=cfg.eval.batch_size, shuffle=False, **workers)
     return train_loader, val_loader, sampler
@@ -257,17 +251,6 @@ def _build_loaders(cfg: Config, data: DatasetSplits) -> tuple[DataLoader, DataLo
 
 def _due(every: int | None, count: int) -> bool:
     return bool(every) and count > 0 and count % every == 0
-
-
-def _step_record(progress: Progress, lr: float, stats: dict | None, guard: NonFiniteGuard,
-                 speed: float, elapsed: float) -> dict[str, Any]:
-    record: dict[str, Any] = {"step": progress.global_step, "epoch": progress.epoch, "lr": lr}
-    if stats is None:
-        record.update(loss=None, loss_cls=None, loss_box=None, num_pos=None, grad_norm=None, skipped=True)
-    else:
-        record.update({k: stats[k] for k in ("loss", "loss_cls", "loss_box", "num_pos", "grad_norm")}, skipped=False)
-    record.update(nonfinite_skipped=guard.skipped, samples_per_s=round(speed, 2), time_s=round(elapsed, 3))
-    return record
 
 
 def _bundle(cfg: Config, data: DatasetSplits, parts: StepParts, progress: Progress,
@@ -311,7 +294,3 @@ def _restore(bundle: dict[str, Any], parts: StepParts, run: RunDir) -> tuple[Pro
     set_rng_state(bundle["rng"])
     log.info("resumed from %s at step %d (epoch %d)", run.last_ckpt, progress.global_step, progress.epoch)
     return progress, best
-
-
-def train_config_summary(tcfg: TrainConfig) -> str:
-    return f"{tcfg.epochs} epochs, batch {tcfg.batch_size} x {tcfg.accumulate}, lr {tcfg.optimizer.lr:g}"

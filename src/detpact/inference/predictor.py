@@ -13,7 +13,9 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from detpact.config import Config, PostprocessConfig, validate_config
 from detpact.data.formats import IMAGE_SUFFIXES
-from detpact.data.transforms import Letterbox, letterbox
+from detpact.data.transforms import letterbox
+from detpact.engine.evaluate import prepare_images
+from detpact.engine.runtime import autocast, resolve_device
 from detpact.errors import DetpactError
 from detpact.models.detector import Detector, build_model
 from detpact.models.postprocess import postprocess
@@ -26,22 +28,31 @@ PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
 
 @dataclass
 class LoadedModel:
-    """A detector in eval mode with what it was trained with."""
+    """A detector in eval mode, on `device`, with what it was trained with."""
 
     model: Detector
     config: Config
     class_names: list[str]
     bundle: dict[str, Any]
+    device: torch.device
 
 
-def load_detector(checkpoint: Path) -> LoadedModel:
-    """Build the detector a checkpoint describes and load its inference (EMA) weights, on CPU."""
+def load_detector(checkpoint: Path, device: torch.device | None = None) -> LoadedModel:
+    """Build the detector a checkpoint describes and load its inference (EMA) weights.
+
+    The model runs as in training's validation: on the config's device (or `device`),
+    in channels_last when the run used it, so evaluating reproduces the logged numbers.
+    """
     bundle = load_checkpoint(checkpoint)
     cfg = validate_config(bundle["config"], source=f"{checkpoint} (embedded config)")
+    device = device or resolve_device(cfg.run.device)
     class_names = list(bundle["class_names"])
     model = build_model(cfg.model, len(class_names))
     model.load_state_dict(inference_state_dict(bundle))
-    return LoadedModel(model.eval(), cfg, class_names, bundle)
+    model = model.to(device)
+    if cfg.run.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return LoadedModel(model.eval(), cfg, class_names, bundle, device)
 
 
 def collect_images(inputs: list[str | Path]) -> list[Path]:
@@ -73,11 +84,13 @@ def predict_images(loaded: LoadedModel, paths: list[Path], post_cfg: Postprocess
             canvases.append(canvas)
             placements.append(placement)
             sizes.append(image.size)
-        batch = torch.from_numpy(np.stack(canvases)).permute(0, 3, 1, 2).float().div_(255.0)
-        out = loaded.model(batch)
+        batch = torch.from_numpy(np.stack(canvases)).permute(0, 3, 1, 2)
+        with autocast(loaded.device, loaded.config.run.amp):
+            out = loaded.model(prepare_images(batch, loaded.device, loaded.config.run.channels_last))
         for path, det, placement, (width, height) in zip(chunk, postprocess(out.cls_logits, out.boxes, post_cfg), placements, sizes):
-            boxes = placement.to_original(det.boxes.numpy(), width, height)
-            results.append(_image_record(path, width, height, boxes, det.scores.numpy(), det.labels.numpy(), loaded.class_names))
+            boxes = placement.to_original(det.boxes.cpu().numpy(), width, height)
+            results.append(_image_record(path, width, height, boxes, det.scores.cpu().numpy(),
+                                         det.labels.cpu().numpy(), loaded.class_names))
     return results
 
 

@@ -31,19 +31,22 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise DetpactError(f"Checkpoint not found: {path}.")
+    corrupt = f"Checkpoint {path} is corrupt or truncated ({{}}). Restore it from a copy, or start a new run."
+    if not zipfile.is_zipfile(path):  # torch.save always writes a zip archive
+        raise DetpactError(corrupt.format("not a complete torch zip archive"))
     try:
         bundle = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise DetpactError(
-            f"Checkpoint {path} was refused: it holds objects other than tensors and plain "
-            f"values, which could run code when loaded ({_first_line(exc)}). Only load checkpoints "
-            "written by detpact or exported as plain state dicts."
-        ) from None
+        unsafe = _unsafe_globals(path)
+        if unsafe:
+            raise DetpactError(
+                f"Checkpoint {path} was refused: it holds objects other than tensors and plain values "
+                f"({', '.join(unsafe[:5])}), which could run code when loaded. Only load checkpoints "
+                "written by detpact or exported as plain state dicts."
+            ) from None
+        raise DetpactError(corrupt.format(_first_line(exc))) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise DetpactError(
-            f"Checkpoint {path} is corrupt or truncated ({_first_line(exc)}). "
-            "Restore it from a copy, or start a new run."
-        ) from None
+        raise DetpactError(corrupt.format(_first_line(exc))) from None
     if not isinstance(bundle, dict) or "format_version" not in bundle:
         raise DetpactError(f"{path} is not a detpact checkpoint (no format_version). Pass a checkpoint from a detpact run.")
     if bundle["format_version"] > FORMAT_VERSION:
@@ -58,6 +61,14 @@ def inference_state_dict(bundle: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The weights to evaluate, export and predict with: the EMA's when training kept one."""
     ema = bundle.get("ema")
     return ema["module"] if ema else bundle["model"]
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """Globals a checkpoint's pickle would import, found without running it."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # an unreadable archive has no list to give: it is simply corrupt
+        return []
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,0 +1,55 @@
+"""Where a run's numbers go: the metric JSONL files, status.json and the progress bar.
+
+Keeps the loop body about training: it hands over each step's and each
+validation's results, and the recorder writes them everywhere they belong.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from detpact.engine.progress import TrainProgress
+from detpact.run.contract import RunDir
+from detpact.run.metrics import JsonlLog
+from detpact.run.status import StatusWriter
+
+
+class Recorder:
+    def __init__(self, run: RunDir, bar: TrainProgress, status_every_s: float, total_steps: int, start_step: int):
+        self.train_log = JsonlLog(run.train_metrics)
+        self.val_log = JsonlLog(run.val_metrics)
+        self.status = StatusWriter(run.status, status_every_s)
+        self.bar = bar
+        self.total_steps = total_steps
+        self.start_step = start_step
+        self.started = self.tick = time.perf_counter()
+
+    def step(self, step: int, epoch: int, lr: float, images: int, stats: dict | None, skipped_total: int) -> dict:
+        """Record one optimizer step (stats None = skipped as non-finite); returns the JSONL record."""
+        now = time.perf_counter()
+        speed = images / max(now - self.tick, 1e-9)
+        self.tick = now
+        record: dict[str, Any] = {"step": step, "epoch": epoch, "lr": lr}
+        keys = ("loss", "loss_cls", "loss_box", "num_pos", "grad_norm")
+        record.update({k: None if stats is None else stats[k] for k in keys})
+        record.update(skipped=stats is None, nonfinite_skipped=skipped_total,
+                      samples_per_s=round(speed, 2), time_s=round(now - self.started, 3))
+        self.train_log.write(record)
+        self.bar.update(step, record["loss"], lr, speed, epoch)
+        eta = (self.total_steps - step) * (now - self.started) / max(1, step - self.start_step)
+        self.status.update("train", step=step, epoch=epoch, total_steps=self.total_steps,
+                           loss=record["loss"], eta_s=round(eta, 1))
+        return record
+
+    def validation(self, step: int, epoch: int, metrics: dict[str, Any]) -> None:
+        self.val_log.write({"step": step, "epoch": epoch, **metrics})
+        self.status.update("train", force=True,
+                           last_val={k: metrics.get(k) for k in ("map50_95", "map50", "map75")})
+
+    def phase(self, name: str, step: int, epoch: int) -> None:
+        self.status.update(name, force=True, step=step, epoch=epoch)
+
+    def close(self) -> None:
+        self.train_log.close()
+        self.val_log.close()

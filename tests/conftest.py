@@ -1,0 +1,64 @@
+"""Shared fixtures: a tiny config (synthetic data, 64 px, a few steps) and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+TINY_CONFIG = {
+    "config_version": 1,
+    "run": {"name": "tiny", "seed": 0, "amp": "bf16", "channels_last": True},
+    "task": "shapes",
+    "data": {
+        "format": "synthetic",
+        "image_size": 64,
+        "num_workers": 0,
+        "synthetic": {"num_train": 24, "num_val": 6, "image_size": 64, "max_objects": 3},
+    },
+    "model": {"backbone": {"args": {"width_mult": 0.0625, "depth_mult": 0.33}}},
+    "train": {
+        "epochs": 2,
+        "batch_size": 8,
+        "scheduler": {"warmup_steps": 2},
+        "ema": {"decay": 0.9, "warmup_steps": 5},
+    },
+    "eval": {"batch_size": 8},
+    "export": {"onnx": False, "parity_images": 3},
+    "logging": {"progress": False},
+}
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One synthetic-data cache for the whole session (generated once, reused)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def env(tmp_path: Path, cache_dir: Path) -> dict[str, str]:
+    """Environment for detpact subprocesses: private output folder, shared data cache."""
+    return {
+        **os.environ,
+        "DETPACT_OUTPUT_DIR": str(tmp_path / "runs"),
+        "DETPACT_CACHE_DIR": str(cache_dir),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY_CONFIG, sort_keys=False))
+    return path
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m detpact ARGS` as a real subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "detpact", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )

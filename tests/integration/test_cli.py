@@ -1,0 +1,136 @@
+"""The run contract end to end through the real CLI, in subprocesses:
+train -> crash -> resume -> eval -> export -> predict on a tiny synthetic config."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+CONTRACT = [
+    "checkpoints/last.pt", "checkpoints/best.pt", "reports/train_metrics.jsonl", "reports/val_metrics.jsonl",
+    "reports/config_resolved.yaml", "reports/run_meta.json", "reports/train_report.json",
+    "reports/train_report.md", "reports/onnx_parity.json", "exports/model.onnx",
+    "exports/model.onnx.meta.json", "manifest.json", "status.json",
+]  # fmt: skip
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    bundle = torch.load(path, weights_only=True)
+    return {**{f"model.{k}": v for k, v in bundle["model"].items()},
+            **{f"ema.{k}": v for k, v in bundle["ema"]["module"].items()}}
+
+
+@pytest.mark.slow
+def test_train_crash_resume_eval_export_predict(tmp_path, env, tiny_config):
+    run = tmp_path / "runs" / "e2e"
+    sets = ["--set", "train.checkpoint.every_steps=2", "--set", "export.onnx=true"]
+    # Checkpoint every 2 steps; SIGKILL right after step 5 (its line logged, not checkpointed).
+    crash = run_cli(["train", str(tiny_config), "--run-id", "e2e", *sets], {**env, "DETPACT_FAULT": "kill@step=5"},
+                    tmp_path)
+    assert crash.returncode == -signal.SIGKILL, crash.stderr
+    assert len(read_jsonl(run / "reports" / "train_metrics.jsonl")) == 5
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["progress"]["global_step"] == 4
+
+    # Resume with a different config is refused, naming the differing key.
+    drift = run_cli(["train", str(tiny_config), "--run-id", "e2e", "--resume", *sets, "--set",
+                     "train.optimizer.lr=0.01"], env, tmp_path)
+    assert drift.returncode == 2 and "train.optimizer.lr" in drift.stderr and "Traceback" not in drift.stderr
+
+    resumed = run_cli(["train", str(tiny_config), "--run-id", "e2e", "--resume", *sets], env, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"run directory: {run}" in resumed.stdout
+    steps = [r["step"] for r in read_jsonl(run / "reports" / "train_metrics.jsonl")]
+    assert steps == list(range(1, 7))  # 2 epochs x 3 steps, each exactly once across the crash
+    val = read_jsonl(run / "reports" / "val_metrics.jsonl")
+    assert [r["step"] for r in val] == [3, 6] and all("per_class" in r for r in val)
+    for rel in CONTRACT:
+        assert (run / rel).is_file(), rel
+    meta = json.loads((run / "reports" / "run_meta.json").read_text())
+    assert len(meta["resumes"]) == 1 and meta["dataset"]["mode"] == "synthetic"
+    report = json.loads((run / "reports" / "train_report.json").read_text())
+    assert report["dataset"]["mode"] == "synthetic" and report["counters"]["steps"] == 6
+    assert report["resumed_from_step"] == 4
+
+    # The resumed run ends where an uninterrupted run with the same config ends.
+    straight = run_cli(["train", str(tiny_config), "--run-id", "straight", "--set",
+                        "train.checkpoint.every_steps=2"], env, tmp_path)  # export settings do not touch training
+    assert straight.returncode == 0, straight.stderr
+    ours, theirs = weights(run / "checkpoints" / "last.pt"), weights(tmp_path / "runs" / "straight" / "checkpoints" / "last.pt")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5, msg=name)
+
+    # eval of best.pt reproduces the best validation line of training.
+    evaluated = run_cli(["eval", str(run), "--json"], env, tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    metrics = json.loads(evaluated.stdout)
+    best = max(val, key=lambda r: r["map50_95"])
+    assert metrics["map50_95"] == pytest.approx(best["map50_95"], abs=1e-9)
+    assert json.loads((run / "reports" / "eval.json").read_text())["metrics"]["map50"] == metrics["map50"]
+    table = run_cli(["eval", str(run)], env, tmp_path)
+    assert "AP @[.50:.95]" in table.stdout and "circle" in table.stdout
+
+    # export (default dynamo exporter) with its parity gate.
+    exported = run_cli(["export", str(run)], env, tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    parity = json.loads((run / "reports" / "onnx_parity.json").read_text())
+    assert parity["verdict"] == "pass" and parity["num_images"] == 3
+    assert {c["batch"] for c in parity["checks"]} == {1, 3}
+    onnx_meta = json.loads((run / "exports" / "model.onnx.meta.json").read_text())
+    assert onnx_meta["exporter"] == "dynamo" and onnx_meta["class_names"][0] == "circle"
+    assert not list((run / "exports").glob("*.data"))  # weights embedded: one self-contained file
+
+    # predict on real files: a folder of val images plus one named image.
+    val_images = Path(meta["dataset"]["root"]) / "images" / "val"
+    one = sorted(val_images.iterdir())[0]
+    out = tmp_path / "preds.json"
+    predicted = run_cli(["predict", str(run), str(val_images), str(one), "--out", str(out),
+                         "--save-images", str(tmp_path / "drawn"), "--conf", "0.01"], env, tmp_path)
+    assert predicted.returncode == 0, predicted.stderr
+    preds = json.loads(out.read_text())
+    assert len(preds["images"]) == 7 and preds["class_names"][:2] == ["circle", "square"]
+    detections = [d for image in preds["images"] for d in image["detections"]]
+    assert detections, "a trained model finds something at conf 0.01"
+    for det in detections:
+        x1, y1, x2, y2 = det["box_xyxy"]
+        assert 0 <= x1 <= x2 <= 64 and 0 <= y1 <= y2 <= 64
+        assert preds["class_names"][det["class_id"]] == det["class_name"] and 0.01 <= det["score"] <= 1
+    assert len(list((tmp_path / "drawn").glob("*.png"))) == 7
+
+    # The manifest covers every artifact, with correct hashes.
+    manifest = json.loads((run / "manifest.json").read_text())["files"]
+    for rel in CONTRACT[:-2] + ["reports/eval.json"]:
+        assert manifest[rel]["sha256"] == hashlib.sha256((run / rel).read_bytes()).hexdigest(), rel
+
+
+@pytest.mark.slow
+def test_nonfinite_steps_are_skipped_then_abort(tmp_path, env, tiny_config):
+    run = tmp_path / "runs" / "nan"
+    skipped = run_cli(["train", str(tiny_config), "--run-id", "nan", "--set", "train.epochs=1"],
+                      {**env, "DETPACT_FAULT": "nan@step=2"}, tmp_path)
+    assert skipped.returncode == 0, skipped.stderr
+    lines = read_jsonl(run / "reports" / "train_metrics.jsonl")
+    assert [r["skipped"] for r in lines] == [False, True, False]
+    assert lines[-1]["nonfinite_skipped"] == 1
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+
+    aborted = run_cli(["train", str(tiny_config), "--run-id", "abort", "--set", "train.epochs=2", "--set",
+                       "train.nonfinite.max_consecutive=2"], {**env, "DETPACT_FAULT": "nan@step=4..5"}, tmp_path)
+    assert aborted.returncode == 3, aborted.stderr
+    assert "not finite for 2 steps in a row" in aborted.stderr and "Traceback" not in aborted.stderr
+    abort_run = tmp_path / "runs" / "abort"
+    assert len(read_jsonl(abort_run / "reports" / "train_metrics.jsonl")) == 5  # nothing written is lost
+    assert (abort_run / "checkpoints" / "last.pt").is_file()  # the epoch-1 checkpoint stays
+    assert json.loads((abort_run / "status.json").read_text())["phase"] == "failed"

@@ -1,0 +1,110 @@
+"""LR schedule, EMA, non-finite guard and the train step's skip path."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from detpact.config import EMAConfig, HeadConfig, ModelConfig, OptimizerConfig, SchedulerConfig
+from detpact.engine.ema import ModelEMA
+from detpact.engine.guards import NonFiniteGuard
+from detpact.engine.loop import StepParts, train_step
+from detpact.engine.optim import build_optimizer, lr_at
+from detpact.errors import TrainingAborted
+from detpact.models.detector import build_model
+from detpact.models.losses import build_criterion
+
+
+def test_lr_warmup_then_cosine_to_floor():
+    cfg = SchedulerConfig(warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [lr_at(s, 100, 1.0, cfg) for s in range(100)]
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # rising warm-up
+    assert lrs[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then non-increasing
+    assert lr_at(100, 100, 1.0, cfg) == pytest.approx(0.1)
+    assert lr_at(37, 100, 1.0, cfg) == lr_at(37, 100, 1.0, cfg)  # pure: same step, same value
+    assert lr_at(0, 1, 1.0, cfg) > 0  # a one-step run still trains
+
+
+def test_optimizer_groups_decay_only_weights():
+    model = build_model(ModelConfig(), 3)
+    opt = build_optimizer(model, OptimizerConfig(weight_decay=0.05))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_ema_ramp_update_and_state_round_trip():
+    model = torch.nn.Linear(2, 1)
+    ema = ModelEMA(model, EMAConfig(decay=0.9, warmup_steps=10))
+    assert ema.current_decay() == 0.0
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    d = 0.9 * (1 - math.exp(-1 / 10))
+    assert ema.current_decay() == pytest.approx(d)
+    expected = d * (model.weight - 1.0) + (1 - d) * model.weight
+    torch.testing.assert_close(ema.module.weight, expected)
+    clone = ModelEMA(torch.nn.Linear(2, 1), EMAConfig(decay=0.9, warmup_steps=10))
+    clone.load_state_dict(ema.state_dict())
+    assert clone.updates == 1
+    torch.testing.assert_close(clone.module.weight, ema.module.weight)
+
+
+def test_guard_aborts_after_consecutive_failures_only():
+    guard = NonFiniteGuard(max_consecutive=3, last_good_checkpoint="runs/x/checkpoints/last.pt")
+    for ok in (False, False, True, False, False):
+        guard.record(ok)
+        guard.check(step=1)
+    assert guard.skipped == 4 and guard.consecutive == 2
+    guard.record(False)
+    with pytest.raises(TrainingAborted, match="runs/x/checkpoints/last.pt") as err:
+        guard.check(step=9)
+    assert err.value.exit_code == 3 and "step 9" in err.value.message
+
+
+def make_parts(criterion):
+    torch.manual_seed(0)
+    cfg = ModelConfig.model_validate({"backbone": {"args": {"width_mult": 0.0625}}})
+    model = build_model(cfg, 2).train()
+    return StepParts(
+        model=model, criterion=criterion, optimizer=build_optimizer(model, OptimizerConfig()),
+        ema=ModelEMA(model, EMAConfig()), scaler=None, guard=NonFiniteGuard(3, "last.pt"),
+        device=torch.device("cpu"), amp="bf16", channels_last=False, grad_clip=10.0, accumulate=2,
+    )
+
+
+def batches(n):
+    target = {"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}
+    for _ in range(n):
+        yield torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8), [target, target]
+
+
+def test_train_step_updates_weights_and_ema():
+    parts = make_parts(build_criterion(HeadConfig()))
+    before = [p.detach().clone() for p in parts.model.parameters()]
+    stats = train_step(parts, batches(2), lr=1e-3)
+    assert stats is not None and math.isfinite(stats["loss"]) and stats["images"] == 4
+    assert any(not torch.equal(a, b) for a, b in zip(before, parts.model.parameters()))
+    assert parts.ema.updates == 1
+
+
+def test_train_step_skips_non_finite_loss_and_keeps_data_order():
+    real = build_criterion(HeadConfig())
+
+    def nan_criterion(outputs, targets):
+        losses = real(outputs, targets)
+        return {**losses, "loss": losses["loss"] * float("nan")}
+
+    parts = make_parts(nan_criterion)
+    before = [p.detach().clone() for p in parts.model.parameters()]
+    state_before = parts.optimizer.state_dict()["state"]
+    source = batches(3)
+    assert train_step(parts, source, lr=1e-3) is None
+    assert all(torch.equal(a, b) for a, b in zip(before, parts.model.parameters()))
+    assert parts.ema.updates == 0 and state_before == parts.optimizer.state_dict()["state"] == {}
+    # Both micro-batches of the skipped step were consumed: exactly one is left.
+    assert len(list(source)) == 1
