@@ -225,7 +225,8 @@ class ExportConfig(Section):
     opset: int = Field(18, ge=13)
     parity_policy: Literal["fail", "warn"] = "fail"
     parity_images: int = Field(8, ge=1)
-    # Raw outputs pass when |onnxruntime - torch| <= atol + rtol * |torch| everywhere.
+    # Raw outputs pass when |onnxruntime - torch| <= atol + rtol * |torch| everywhere
+    # (box coordinates: rtol relative to max(|torch|, image size); see export/parity.py).
     parity_rtol: float = Field(1e-3, gt=0.0)
     parity_atol: float = Field(1e-5, gt=0.0)
 
