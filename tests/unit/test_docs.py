@@ -1,0 +1,33 @@
+"""The documentation stays true to the code: every config key is documented."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from detpact.config import Config
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "config.md"
+
+
+def schema_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys += schema_keys(annotation, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def test_every_config_key_is_documented():
+    text = DOCS.read_text()
+    missing = [key for key in schema_keys(Config) if f"| `{key}` |" not in text]
+    assert not missing, f"add these keys to docs/config.md: {missing}"
+
+
+def test_documented_keys_exist():
+    documented = {line.split("`")[1] for line in DOCS.read_text().splitlines() if line.startswith("| `")}
+    assert documented <= set(schema_keys(Config)), documented - set(schema_keys(Config))
