@@ -31,6 +31,7 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collected no tests; say so plainly (it still fails the target).
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
 	@$(PY) -m pytest $(PYTEST_ARGS) || { status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$status; }
 

@@ -19,7 +19,13 @@ import numpy as np
 import torch
 
 from detpact.config import (
-    HASH_EXCLUDED_KEYS, Config, config_hash, diff_configs, dump_config_yaml, load_config, resolved_dict,
+    HASH_EXCLUDED_KEYS,
+    Config,
+    config_hash,
+    diff_configs,
+    dump_config_yaml,
+    load_config,
+    resolved_dict,
 )
 from detpact.data.dataset import DatasetSplits, DetectionDataset, build_datasets, collate, resolve_num_workers
 from detpact.engine.evaluate import evaluate as evaluate_model
@@ -31,12 +37,23 @@ from detpact.evaluation.coco import format_table
 from detpact.export.onnx import DeployModel, export_onnx, onnx_metadata
 from detpact.export.parity import check_parity
 from detpact.inference.predictor import (
-    LoadedModel, collect_images, draw_predictions, load_detector, predict_images, write_predictions,
+    LoadedModel,
+    collect_images,
+    draw_predictions,
+    load_detector,
+    predict_images,
+    write_predictions,
 )
 from detpact.run.atomic import atomic_write_json, atomic_write_text
 from detpact.run.checkpoint import load_checkpoint
 from detpact.run.contract import (
-    RunDir, default_run_id, git_info, host_info, library_versions, resolve_output_root, utc_now,
+    RunDir,
+    default_run_id,
+    git_info,
+    host_info,
+    library_versions,
+    resolve_output_root,
+    utc_now,
     write_manifest,
 )
 from detpact.run.report import loss_diagnostics, write_train_report
@@ -240,8 +257,8 @@ def _write_run_meta(run: RunDir, cfg: Config, data: DatasetSplits, device: torch
         meta.setdefault("resumes", []).append({"time": now, "argv": host_info()["argv"]})
     meta.update({
         "config_hash": config_hash(cfg),
-        "dataset": {"mode": data.mode, "root": str(data.root), "fingerprint": data.fingerprint,
-                    "num_train": len(data.train), "num_val": len(data.val), "class_names": data.class_names},
+        "dataset": {"mode": data.mode, "root": str(data.root), "num_train": len(data.train),
+                    "num_val": len(data.val), "class_names": data.class_names},
         "dataset_fingerprint": data.fingerprint,
         "seed": cfg.run.seed,
         "determinism": determinism,
@@ -272,6 +289,7 @@ def _finish_train_report(run: RunDir, cfg: Config, data: DatasetSplits, result: 
         "run_id": run.root.name,
         "config_hash": meta["config_hash"],
         "dataset": meta["dataset"],
+        "dataset_fingerprint": meta["dataset_fingerprint"],
         "best": {"map50_95": result.best.map50_95, "step": result.best.step, "epoch": result.best.epoch},
         "resumed_from_step": result.start_step or None,
         "final_val": result.last_val,

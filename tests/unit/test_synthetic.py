@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detpact.data import synthetic
-from detpact.data.synthetic import CLASS_NAMES, ensure_synthetic, generate_synthetic, render_scene
+from detpact.data import shapes, synthetic
+from detpact.data.shapes import CLASS_NAMES, render_scene
+from detpact.data.synthetic import ensure_synthetic, generate_synthetic
 from detpact.errors import DetpactError
 
 SPEC = dict(num_train=4, num_val=2, image_size=64, seed=7, max_objects=6)
@@ -144,7 +145,7 @@ def test_occlusion_happens_but_every_object_stays_mostly_visible():
         render_scene(np.random.default_rng([5, 0, i]), image_size=64, max_objects=8).visible_fraction
         for i in range(40)
     ])
-    assert fractions.min() >= synthetic.MIN_VISIBLE
+    assert fractions.min() >= shapes.MIN_VISIBLE
     assert (fractions < 0.95).sum() >= 5  # objects do overlap
 
 

@@ -43,7 +43,7 @@ def _markdown(report: dict[str, Any]) -> str:
         f"# Training report: {report['run_id']}",
         "",
         f"- config hash: `{report['config_hash']}`",
-        f"- dataset: {data['mode']} ({data['root']}), fingerprint `{data['fingerprint'][:16]}`, "
+        f"- dataset: {data['mode']} ({data['root']}), fingerprint `{report['dataset_fingerprint'][:16]}`, "
         f"{data['num_train']} train / {data['num_val']} val images, classes: {', '.join(data['class_names'])}",
         f"- best val map50_95: {_fmt(best['map50_95'])} at step {best['step']} (epoch {best['epoch']})",
         f"- steps: {counters['steps']}, epochs: {counters['epochs']}, images seen: {counters['samples_seen']}, "
