@@ -27,7 +27,7 @@ from detpact.config import (
     load_config,
     resolved_dict,
 )
-from detpact.data.dataset import DatasetSplits, DetectionDataset, build_datasets, collate, resolve_num_workers
+from detpact.data.dataset import DatasetSplits, DetectionDataset, build_datasets, eval_loader
 from detpact.engine.evaluate import evaluate as evaluate_model
 from detpact.engine.faults import parse_faults
 from detpact.engine.loop import FitResult, fit
@@ -106,7 +106,7 @@ def train(
     result = fit(cfg, run, data, device, bundle, faults)
     _finish_train_report(run, cfg, data, result, meta)
     if cfg.export.onnx:
-        export(run.root)
+        export(run.root, environ=environ)
     write_manifest(run)
     return run
 
@@ -120,11 +120,8 @@ def evaluate(run_dir: str | Path, *, checkpoint: str = "best", environ: Mapping[
         _verify_config(loaded, Path(verify_config))
     data = _run_data(loaded, environ)
     cfg = loaded.config
-    dataset = DetectionDataset(data.val, cfg.data.image_size, train=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.eval.batch_size, collate_fn=collate,
-                                         num_workers=resolve_num_workers(cfg.data.num_workers))
     started = time.perf_counter()
-    metrics = evaluate_model(loaded.model, loader, data.val, data.class_names, cfg.model.postprocess,
+    metrics = evaluate_model(loaded.model, eval_loader(data.val, cfg.data, cfg.eval.batch_size), data.val, data.class_names, cfg.model.postprocess,
                              loaded.device, cfg.run.amp, cfg.run.channels_last)
     report = {"checkpoint": checkpoint, "split": cfg.data.val_split, "config_hash": loaded.bundle["config_hash"],
               "dataset_fingerprint": data.fingerprint, "step": loaded.bundle["progress"]["global_step"],

@@ -10,7 +10,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from detpact import api
+from detpact import __version__, api
 from detpact.console import setup_logging
 from detpact.errors import DetpactError
 from detpact.evaluation.coco import format_table
@@ -21,6 +21,7 @@ log = logging.getLogger("detpact")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detpact", description="Train, resume, evaluate, export and use detectors.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--version", action="version", version=f"detpact {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train (or --resume) a run from a YAML config")

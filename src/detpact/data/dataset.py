@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from detpact.config import DataConfig
 from detpact.data.fingerprint import dataset_fingerprint
@@ -69,6 +69,14 @@ def resolve_num_workers(setting: int | str) -> int:
         return int(setting)
     cpus = os.cpu_count() or 1
     return 0 if cpus <= 2 else min(8, cpus // 2)
+
+
+def eval_loader(samples: list[Sample], cfg: DataConfig, batch_size: int) -> DataLoader:
+    """Batches of a split in order, untransformed but for the letterbox (validation, eval)."""
+    num_workers = resolve_num_workers(cfg.num_workers)
+    return DataLoader(DetectionDataset(samples, cfg.image_size, train=False), batch_size=batch_size,
+                      shuffle=False, collate_fn=collate, num_workers=num_workers,
+                      persistent_workers=num_workers > 0)
 
 
 def collate(batch: list[tuple[Tensor, dict]]) -> tuple[Tensor, list[dict]]:

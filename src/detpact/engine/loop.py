@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from detpact.config import Config, config_hash, resolved_dict
-from detpact.data.dataset import DatasetSplits, DetectionDataset, collate, resolve_num_workers
+from detpact.data.dataset import DatasetSplits, DetectionDataset, collate, eval_loader, resolve_num_workers
 from detpact.data.sampler import ResumableSampler
 from detpact.engine.ema import ModelEMA
 from detpact.engine.evaluate import evaluate, prepare_images
@@ -154,6 +154,8 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
     result = FitResult(best=best, num_params=count_parameters(parts.model), start_step=progress.global_step)
     log.info("model: %.2fM parameters; %d train / %d val images; %d steps per epoch, %d steps in all",
              result.num_params / 1e6, len(data.train), len(data.val), steps_per_epoch, total_steps)
+    if progress.global_step >= total_steps:
+        log.info("the run is already complete (step %d of %d): nothing left to train", progress.global_step, total_steps)
 
     def save(improved: bool) -> None:
         bundle = _bundle(cfg, data, parts, progress, sampler, best)
@@ -168,8 +170,10 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
         metrics = evaluate(eval_model, val_loader, data.val, data.class_names, cfg.model.postprocess,
                            device, cfg.run.amp, cfg.run.channels_last)
         recorder.validation(progress.global_step, progress.epoch, metrics)
+        # map50_95 is None when the val split has no ground truth; the first validation
+        # still writes best.pt so that export always has a checkpoint to take.
         score = metrics["map50_95"] if metrics["map50_95"] is not None else -1.0
-        improved = score > best.map50_95
+        improved = best.step < 0 or score > best.map50_95
         if improved:
             best.map50_95, best.step, best.epoch = score, progress.global_step, progress.epoch
         log.info("step %d epoch %d: val map50_95 %.4f map50 %.4f%s", progress.global_step, progress.epoch,
@@ -240,13 +244,11 @@ def _build_step_parts(cfg: Config, device: torch.device, num_classes: int, last_
 def _build_loaders(cfg: Config, data: DatasetSplits) -> tuple[DataLoader, DataLoader, ResumableSampler]:
     dcfg = cfg.data
     train_ds = DetectionDataset(data.train, dcfg.image_size, train=True, seed=cfg.run.seed, hflip_p=dcfg.hflip_p)
-    val_ds = DetectionDataset(data.val, dcfg.image_size, train=False)
     sampler = ResumableSampler(len(train_ds), cfg.run.seed)
     num_workers = resolve_num_workers(dcfg.num_workers)
-    workers = dict(num_workers=num_workers, persistent_workers=num_workers > 0, collate_fn=collate)
-    train_loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True, **workers)
-    val_loader = DataLoader(val_ds, batch_size=cfg.eval.batch_size, shuffle=False, **workers)
-    return train_loader, val_loader, sampler
+    train_loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
+                              collate_fn=collate, num_workers=num_workers, persistent_workers=num_workers > 0)
+    return train_loader, eval_loader(data.val, dcfg, cfg.eval.batch_size), sampler
 
 
 def _due(every: int | None, count: int) -> bool:
