@@ -57,6 +57,7 @@ from detpact.run.contract import (
     write_manifest,
 )
 from detpact.run.report import loss_diagnostics, write_train_report
+from detpact.run.status import set_phase
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,13 @@ def train(
     result = fit(cfg, run, data, device, bundle, faults)
     _finish_train_report(run, cfg, data, result, meta)
     if cfg.export.onnx:
-        export(run.root, environ=environ)
+        set_phase(run.status, "export")
+        try:
+            export(run.root, environ=environ)
+        except BaseException as exc:
+            set_phase(run.status, "failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            raise
+    set_phase(run.status, "done")
     write_manifest(run)
     return run
 

@@ -56,6 +56,8 @@ def test_train_crash_resume_eval_export_predict(tmp_path, env, tiny_config):
     assert [r["step"] for r in val] == [3, 6] and all("per_class" in r for r in val)
     for rel in CONTRACT:
         assert (run / rel).is_file(), rel
+    status = json.loads((run / "status.json").read_text())
+    assert status["phase"] == "done" and status["step"] == 6 and "map50" in status["last_val"]
     meta = json.loads((run / "reports" / "run_meta.json").read_text())
     assert len(meta["resumes"]) == 1 and meta["dataset"]["mode"] == "synthetic"
     report = json.loads((run / "reports" / "train_report.json").read_text())

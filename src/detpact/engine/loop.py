@@ -217,7 +217,7 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
             raise
         finally:
             recorder.close()
-    recorder.phase("done", progress.global_step, progress.epoch)
+    recorder.phase("trained", progress.global_step, progress.epoch)
     result.progress = progress
     result.nonfinite_skipped = parts.guard.skipped
     result.train_seconds = time.perf_counter() - started

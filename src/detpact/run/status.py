@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -27,3 +28,12 @@ class StatusWriter:
             return
         self._last_write = now
         atomic_write_json(self.path, {"phase": phase, "updated": utc_now(), **self._fields})
+
+
+def set_phase(path: Path, phase: str, **fields: Any) -> None:
+    """Change the phase of an existing status.json, keeping its other fields."""
+    try:
+        current = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        current = {}
+    atomic_write_json(path, {**current, "phase": phase, "updated": utc_now(), **fields})
