@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import yaml
 
@@ -70,8 +68,11 @@ def test_invalid_run_ids(tmp_path, env, tiny_config, run_id):
 def test_corrupt_last_checkpoint(tmp_path, env, tiny_config):
     done = run_cli(["train", str(tiny_config), "--run-id", "c", "--set", "train.epochs=1"], env, tmp_path)
     assert done.returncode == 0, done.stderr
+    fake = tmp_path / "photo.jpg"
+    fake.write_text("not an image")
+    assert_user_error(run_cli(["predict", str(tmp_path / "runs" / "c"), str(fake), "--out", str(tmp_path / "p.json")],
+                              env, tmp_path), "Cannot read image", "photo.jpg")
     last = tmp_path / "runs" / "c" / "checkpoints" / "last.pt"
-    shutil.copy(last, tmp_path / "good.pt")
     last.write_bytes(last.read_bytes()[:1000])
     metrics_before = (tmp_path / "runs" / "c" / "reports" / "train_metrics.jsonl").read_bytes()
     assert_user_error(run_cli(["train", str(tiny_config), "--run-id", "c", "--set", "train.epochs=1", "--resume"],

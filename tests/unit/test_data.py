@@ -143,3 +143,13 @@ def test_loader_batches_do_not_depend_on_worker_count(tmp_path):
     for (img_a, boxes_a), (img_b, boxes_b) in zip(reference, batches(2)):
         assert torch.equal(img_a, img_b)
         assert all(torch.equal(a, b) for a, b in zip(boxes_a, boxes_b))
+
+
+def test_unreadable_image_is_a_user_error(tmp_path):
+    root = make_yolo(tmp_path, {"a": "0 0.5 0.5 0.2 0.2\n"})
+    image = root / "images" / "train" / "a.png"
+    samples = read_yolo_split(root, "train", 2)  # the header is fine ...
+    image.write_bytes(image.read_bytes()[:100])  # ... then the pixel data is cut off
+    with pytest.raises(DetpactError, match="Cannot read image") as err:
+        DetectionDataset(samples, 64, train=False)[0]
+    assert "a.png" in err.value.message

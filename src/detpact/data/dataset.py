@@ -10,13 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from detpact.config import DataConfig
 from detpact.data.fingerprint import dataset_fingerprint
-from detpact.data.formats import Sample, read_class_names, read_yolo_split
+from detpact.data.formats import Sample, open_rgb, read_class_names, read_yolo_split
 from detpact.data.synthetic import ensure_synthetic
 from detpact.data.transforms import hflip, letterbox, letterbox_boxes, sample_rng
 from detpact.errors import DetpactError
@@ -45,8 +44,7 @@ class DetectionDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, dict]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         sample = self.samples[index]
-        with Image.open(sample.image_path) as image:
-            canvas, placement = letterbox(image, self.image_size)
+        canvas, placement = letterbox(open_rgb(sample.image_path), self.image_size)
         boxes = letterbox_boxes(sample.boxes, placement)
         if self.train:
             rng = sample_rng(self.seed, epoch, index)

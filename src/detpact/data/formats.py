@@ -60,17 +60,27 @@ def read_yolo_split(root: Path, split: str, num_classes: int) -> list[Sample]:
         raise DetpactError(f"Dataset split {image_dir} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
     samples = []
     for path in image_paths:
-        width, height = _image_size(path)
+        width, height = image_size(path)
         label_path = (label_dir / path.relative_to(image_dir)).with_suffix(".txt")
         boxes, labels = _read_yolo_labels(label_path, width, height, num_classes)
         samples.append(Sample(path, width, height, boxes, labels))
     return samples
 
 
-def _image_size(path: Path) -> tuple[int, int]:
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file, from its header; DetpactError when unreadable."""
     try:
         with Image.open(path) as im:
             return im.size
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DetpactError(f"Cannot read image {path}: {exc}. Remove or replace the file.") from None
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """Decode an image fully as RGB; a user-facing error names the file when it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
     except (UnidentifiedImageError, OSError) as exc:
         raise DetpactError(f"Cannot read image {path}: {exc}. Remove or replace the file.") from None
 

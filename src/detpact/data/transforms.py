@@ -34,6 +34,7 @@ def letterbox(image: Image.Image, size: int) -> tuple[np.ndarray, Letterbox]:
 
     Returns the canvas as uint8 [size, size, 3] and the placement.
     """
+    image = image.convert("RGB")  # before resizing: palette and greyscale images resize as colour
     width, height = image.size
     scale = size / max(width, height)
     new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
@@ -41,7 +42,7 @@ def letterbox(image: Image.Image, size: int) -> tuple[np.ndarray, Letterbox]:
         image = image.resize((new_w, new_h), Image.BILINEAR)
     canvas = np.full((size, size, 3), PAD_VALUE, dtype=np.uint8)
     pad_x, pad_y = (size - new_w) // 2, (size - new_h) // 2
-    canvas[pad_y : pad_y + new_h, pad_x : pad_x + new_w] = np.asarray(image.convert("RGB"))
+    canvas[pad_y : pad_y + new_h, pad_x : pad_x + new_w] = np.asarray(image)
     return canvas, Letterbox(scale, pad_x, pad_y)
 
 

@@ -9,16 +9,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import ImageDraw
+from torch.utils.data import DataLoader
 
 from detpact.config import Config, PostprocessConfig, validate_config
-from detpact.data.formats import IMAGE_SUFFIXES
-from detpact.data.transforms import letterbox
-from detpact.engine.evaluate import prepare_images
-from detpact.engine.runtime import autocast, resolve_device
+from detpact.data.dataset import DetectionDataset, collate
+from detpact.data.formats import IMAGE_SUFFIXES, Sample, image_size, open_rgb
+from detpact.engine.evaluate import predict_loader
+from detpact.engine.runtime import resolve_device
 from detpact.errors import DetpactError
+from detpact.evaluation.coco import ImageDetections
 from detpact.models.detector import Detector, build_model
-from detpact.models.postprocess import postprocess
 from detpact.run.checkpoint import inference_state_dict, load_checkpoint
 
 # Distinct colours for drawn boxes, cycled by class id.
@@ -70,46 +71,26 @@ def collect_images(inputs: list[str | Path]) -> list[Path]:
     return paths
 
 
-@torch.no_grad()
 def predict_images(loaded: LoadedModel, paths: list[Path], post_cfg: PostprocessConfig, batch_size: int = 8) -> list[dict]:
-    """Predictions per image: {"image", "width", "height", "detections": [{box_xyxy, score, class_id, class_name}]}."""
-    size = loaded.config.data.image_size
-    results = []
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        canvases, placements, sizes = [], [], []
-        for path in chunk:
-            image = _open_rgb(path)
-            canvas, placement = letterbox(image, size)
-            canvases.append(canvas)
-            placements.append(placement)
-            sizes.append(image.size)
-        batch = torch.from_numpy(np.stack(canvases)).permute(0, 3, 1, 2)
-        with autocast(loaded.device, loaded.config.run.amp):
-            out = loaded.model(prepare_images(batch, loaded.device, loaded.config.run.channels_last))
-        for path, det, placement, (width, height) in zip(chunk, postprocess(out.cls_logits, out.boxes, post_cfg), placements, sizes):
-            boxes = placement.to_original(det.boxes.cpu().numpy(), width, height)
-            results.append(_image_record(path, width, height, boxes, det.scores.cpu().numpy(),
-                                         det.labels.cpu().numpy(), loaded.class_names))
-    return results
+    """Predictions per image: {"image", "width", "height", "detections": [{box_xyxy, score, class_id, class_name}]}.
+
+    Images go through the same letterbox, precision and postprocessing as validation.
+    """
+    samples = [Sample(path, *image_size(path), np.zeros((0, 4), np.float32), np.zeros(0, np.int64)) for path in paths]
+    loader = DataLoader(DetectionDataset(samples, loaded.config.data.image_size, train=False),
+                        batch_size=batch_size, collate_fn=collate)
+    cfg = loaded.config.run
+    detections = predict_loader(loaded.model, loader, post_cfg, loaded.device, cfg.amp, cfg.channels_last)
+    return [_image_record(sample, det, loaded.class_names) for sample, det in zip(samples, detections)]
 
 
-def _open_rgb(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DetpactError(f"Cannot read image {path}: {exc}. Pass a readable image file.") from None
-
-
-def _image_record(path: Path, width: int, height: int, boxes: np.ndarray, scores: np.ndarray,
-                  labels: np.ndarray, class_names: list[str]) -> dict:
+def _image_record(sample: Sample, det: ImageDetections, class_names: list[str]) -> dict:
     detections = [
         {"box_xyxy": [round(float(v), 2) for v in box], "score": round(float(score), 5),
          "class_id": int(label), "class_name": class_names[int(label)]}
-        for box, score, label in zip(boxes, scores, labels)
+        for box, score, label in zip(det.boxes, det.scores, det.labels)
     ]
-    return {"image": str(path), "width": width, "height": height, "detections": detections}
+    return {"image": str(sample.image_path), "width": sample.width, "height": sample.height, "detections": detections}
 
 
 def write_predictions(path: Path, records: list[dict], meta: dict) -> None:
@@ -122,7 +103,7 @@ def draw_predictions(records: list[dict], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for index, record in enumerate(records):
-        image = _open_rgb(Path(record["image"]))
+        image = open_rgb(Path(record["image"]))
         draw = ImageDraw.Draw(image)
         for det in record["detections"]:
             colour = PALETTE[det["class_id"] % len(PALETTE)]
