@@ -108,3 +108,13 @@ def test_train_step_skips_non_finite_loss_and_keeps_data_order():
     assert parts.ema.updates == 0 and state_before == parts.optimizer.state_dict()["state"] == {}
     # Both micro-batches of the skipped step were consumed: exactly one is left.
     assert len(list(source)) == 1
+
+
+def test_train_step_with_grad_scaler_skips_non_finite_loss():
+    """fp16 runs use a GradScaler: a NaN loss must be skipped, not crash the scaler."""
+    real = build_criterion(HeadConfig())
+    parts = make_parts(lambda outputs, targets: {**real(outputs, targets), "loss": torch.tensor(float("nan"))})
+    parts.scaler = torch.amp.GradScaler("cpu")
+    assert train_step(parts, batches(2), lr=1e-3) is None
+    parts.criterion = real
+    assert train_step(parts, batches(2), lr=1e-3) is not None and parts.ema.updates == 1

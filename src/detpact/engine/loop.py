@@ -122,12 +122,13 @@ def train_step(parts: StepParts, batches: Iterator, lr: float, poison: bool = Fa
             parts.model.parameters(), parts.grad_clip or float("inf"), foreach=True
         ).item()
         finite = math.isfinite(grad_norm)
-    if parts.scaler:
-        # GradScaler skips the update itself on inf/NaN gradients and lowers its scale.
-        parts.scaler.step(parts.optimizer) if finite else None
-        parts.scaler.update()
-    elif finite:
-        parts.optimizer.step()
+        if parts.scaler:
+            # GradScaler skips the update itself on inf/NaN gradients and lowers its scale.
+            # (It needs gradients to have been unscaled: after a non-finite loss it is left alone.)
+            parts.scaler.step(parts.optimizer)
+            parts.scaler.update()
+        elif finite:
+            parts.optimizer.step()
     if not finite:
         parts.optimizer.zero_grad(set_to_none=True)
         return None
