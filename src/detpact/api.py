@@ -15,7 +15,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from detpact.config import (
@@ -29,6 +28,7 @@ from detpact.config import (
 )
 from detpact.data.dataset import DatasetSplits, DetectionDataset, build_datasets, eval_loader
 from detpact.engine.evaluate import evaluate as evaluate_model
+from detpact.engine.evaluate import prepare_images
 from detpact.engine.faults import parse_faults
 from detpact.engine.loop import FitResult, fit
 from detpact.engine.runtime import check_amp, resolve_device, seed_everything
@@ -158,12 +158,13 @@ def export(run_dir: str | Path, *, checkpoint: str = "best", environ: Mapping[st
                          str(ckpt_path.relative_to(run.root)))
     atomic_write_json(run.onnx_meta, meta)
 
-    dataset = DetectionDataset(data.val[: cfg.export.parity_images], cfg.data.image_size, train=False)
-    images = np.stack([dataset[i][0].numpy() for i in range(len(dataset))]).astype(np.float32) / 255.0
+    parity_samples = data.val[: cfg.export.parity_images]
+    dataset = DetectionDataset(parity_samples, cfg.data.image_size, train=False)
+    images = prepare_images(torch.stack([dataset[i][0] for i in range(len(dataset))]), torch.device("cpu"), False).numpy()
     report = check_parity(deploy, str(run.onnx_model), images, cfg.model.postprocess,
                           cfg.export.parity_rtol, cfg.export.parity_atol)
     report = {"onnx": str(run.onnx_model.relative_to(run.root)), "policy": cfg.export.parity_policy,
-              "images": [str(s.image_path) for s in data.val[: cfg.export.parity_images]],
+              "images": [str(s.image_path) for s in parity_samples],
               "export_seconds": round(time.perf_counter() - started, 2), **report}
     atomic_write_json(run.onnx_parity, report)
     write_manifest(run)

@@ -10,10 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import ImageDraw
-from torch.utils.data import DataLoader
 
 from detpact.config import Config, PostprocessConfig, validate_config
-from detpact.data.dataset import DetectionDataset, collate
+from detpact.data.dataset import eval_loader
 from detpact.data.formats import IMAGE_SUFFIXES, Sample, image_size, open_rgb
 from detpact.engine.evaluate import predict_loader
 from detpact.engine.runtime import resolve_device
@@ -71,16 +70,15 @@ def collect_images(inputs: list[str | Path]) -> list[Path]:
     return paths
 
 
-def predict_images(loaded: LoadedModel, paths: list[Path], post_cfg: PostprocessConfig, batch_size: int = 8) -> list[dict]:
+def predict_images(loaded: LoadedModel, paths: list[Path], post_cfg: PostprocessConfig) -> list[dict]:
     """Predictions per image: {"image", "width", "height", "detections": [{box_xyxy, score, class_id, class_name}]}.
 
     Images go through the same letterbox, precision and postprocessing as validation.
     """
     samples = [Sample(path, *image_size(path), np.zeros((0, 4), np.float32), np.zeros(0, np.int64)) for path in paths]
-    loader = DataLoader(DetectionDataset(samples, loaded.config.data.image_size, train=False),
-                        batch_size=batch_size, collate_fn=collate)
-    cfg = loaded.config.run
-    detections = predict_loader(loaded.model, loader, post_cfg, loaded.device, cfg.amp, cfg.channels_last)
+    cfg = loaded.config
+    loader = eval_loader(samples, cfg.data, cfg.eval.batch_size)
+    detections = predict_loader(loaded.model, loader, post_cfg, loaded.device, cfg.run.amp, cfg.run.channels_last)
     return [_image_record(sample, det, loaded.class_names) for sample, det in zip(samples, detections)]
 
 
