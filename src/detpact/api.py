@@ -6,7 +6,6 @@ narrow pieces down.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -18,13 +17,11 @@ from typing import Any
 import torch
 
 from detpact.config import (
-    HASH_EXCLUDED_KEYS,
     Config,
     config_hash,
     diff_configs,
     dump_config_yaml,
     load_config,
-    resolved_dict,
 )
 from detpact.data.dataset import DatasetSplits, DetectionDataset, build_datasets, eval_loader
 from detpact.engine.evaluate import evaluate as evaluate_model
@@ -44,7 +41,7 @@ from detpact.inference.predictor import (
     predict_images,
     write_predictions,
 )
-from detpact.run.atomic import atomic_write_json, atomic_write_text
+from detpact.run.atomic import atomic_write_json, atomic_write_text, read_json
 from detpact.run.checkpoint import load_checkpoint
 from detpact.run.contract import (
     RunDir,
@@ -105,7 +102,7 @@ def train(
     log.info("run folder: %s (dataset: %s, %s)", run.root, data.mode, data.root)
 
     result = fit(cfg, run, data, device, bundle, faults)
-    _finish_train_report(run, cfg, data, result, meta)
+    _finish_train_report(run, cfg, result, meta)
     if cfg.export.onnx:
         set_phase(run.status, "export")
         try:
@@ -231,10 +228,8 @@ def _resume_bundle(run: RunDir, cfg: Config) -> dict[str, Any]:
                            "run.output_root), or start the run without --resume.")
     bundle = load_checkpoint(run.last_ckpt)
     if bundle["config_hash"] != config_hash(cfg):
-        excluded = {".".join(k) for k in HASH_EXCLUDED_KEYS}
-        diffs = [d for d in diff_configs(bundle["config"], resolved_dict(cfg))
-                 if not any(d.startswith(e + ".") or d.startswith(e + ":") for e in excluded)]
-        listing = "\n".join(f"  - {d}" for d in diffs) or "  (no key-level difference found)"
+        listing = "\n".join(f"  - {d}" for d in diff_configs(bundle["config"], cfg)) \
+            or "  (no key-level difference found)"
         raise DetpactError(f"Cannot resume {run.root}: the config differs from the one the run was started "
                            f"with (checkpoint -> now):\n{listing}\nResume with the original config, or start a "
                            "new run with --run-id.")
@@ -244,7 +239,7 @@ def _resume_bundle(run: RunDir, cfg: Config) -> dict[str, Any]:
 def _verify_config(loaded: LoadedModel, config_path: Path) -> None:
     cfg = load_config(config_path)
     if config_hash(cfg) != loaded.bundle["config_hash"]:
-        diffs = diff_configs(loaded.bundle["config"], resolved_dict(cfg))
+        diffs = diff_configs(loaded.bundle["config"], cfg)
         log.warning("config %s does not match the checkpoint's (hash differs): %s", config_path,
                     "; ".join(diffs[:10]) or "no key-level difference")
     else:
@@ -253,7 +248,7 @@ def _verify_config(loaded: LoadedModel, config_path: Path) -> None:
 
 def _write_run_meta(run: RunDir, cfg: Config, data: DatasetSplits, device: torch.device,
                     determinism: dict, resumed: bool) -> dict[str, Any]:
-    previous = load_json_if_present(run.run_meta)
+    previous = read_json(run.run_meta)
     now = utc_now()
     meta = previous if resumed and previous else {
         "run_id": run.root.name, "start_time": now, "end_time": None, "resumes": [],
@@ -278,16 +273,7 @@ def _write_run_meta(run: RunDir, cfg: Config, data: DatasetSplits, device: torch
     return meta
 
 
-def load_json_if_present(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
-def _finish_train_report(run: RunDir, cfg: Config, data: DatasetSplits, result: FitResult, meta: dict) -> None:
+def _finish_train_report(run: RunDir, cfg: Config, result: FitResult, meta: dict) -> None:
     meta["end_time"] = utc_now()
     atomic_write_json(run.run_meta, meta)
     summary = {

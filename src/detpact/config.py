@@ -288,14 +288,19 @@ def resolved_dict(config: Config) -> dict[str, Any]:
 
 def config_hash(config: Config | dict[str, Any]) -> str:
     """sha256 of the canonical JSON of the resolved config, minus result-neutral keys."""
+    canonical = json.dumps(_hashed_view(config), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _hashed_view(config: Config | dict[str, Any]) -> dict[str, Any]:
+    """The resolved config as plain data without HASH_EXCLUDED_KEYS: what the hash covers."""
     data = resolved_dict(config) if isinstance(config, Config) else json.loads(json.dumps(config))
     for key_path in HASH_EXCLUDED_KEYS:
         node = data
         for key in key_path[:-1]:
             node = node.get(key, {})
         node.pop(key_path[-1], None)
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return data
 
 
 def dump_config_yaml(config: Config) -> str:
@@ -304,15 +309,18 @@ def dump_config_yaml(config: Config) -> str:
     return header + yaml.safe_dump(resolved_dict(config), sort_keys=False)
 
 
-def diff_configs(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dot paths whose values differ between two resolved config dicts."""
-    keys = sorted(set(old) | set(new))
+def diff_configs(old: Config | dict[str, Any], new: Config | dict[str, Any]) -> list[str]:
+    """`key.path: old -> new` for every hashed key that differs: why two configs hash apart."""
+    return _diff_dicts(_hashed_view(old), _hashed_view(new), prefix="")
+
+
+def _diff_dicts(old: dict[str, Any], new: dict[str, Any], prefix: str) -> list[str]:
     diffs: list[str] = []
-    for key in keys:
+    for key in sorted(set(old) | set(new)):
         path = f"{prefix}{key}"
         a, b = old.get(key, "<missing>"), new.get(key, "<missing>")
         if isinstance(a, dict) and isinstance(b, dict):
-            diffs.extend(diff_configs(a, b, prefix=f"{path}."))
+            diffs.extend(_diff_dicts(a, b, prefix=f"{path}."))
         elif a != b:
             diffs.append(f"{path}: {a!r} -> {b!r}")
     return diffs

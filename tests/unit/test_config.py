@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from detpact.config import config_hash, dump_config_yaml, load_config, validate_config
+from detpact.config import config_hash, diff_configs, dump_config_yaml, load_config, resolved_dict, validate_config
 from detpact.errors import DetpactError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -148,3 +148,10 @@ def test_resolved_yaml_round_trips_to_same_hash(tmp_path):
     again = load_config(path)
     assert again == cfg
     assert config_hash(again) == config_hash(cfg)
+
+
+def test_diff_lists_exactly_the_hashed_keys_that_differ():
+    old = load_config(QUICKSTART)
+    new = load_config(QUICKSTART, ["train.optimizer.lr=0.1", "run.name=renamed", "logging.progress=false"])
+    assert diff_configs(resolved_dict(old), new) == ["train.optimizer.lr: 0.002 -> 0.1"]
+    assert diff_configs(old, load_config(QUICKSTART, ["data.num_workers=0"])) == []

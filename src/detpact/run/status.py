@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-from detpact.run.atomic import atomic_write_json
+from detpact.run.atomic import atomic_write_json, read_json
 from detpact.run.contract import utc_now
 
 
@@ -32,8 +31,5 @@ class StatusWriter:
 
 def set_phase(path: Path, phase: str, **fields: Any) -> None:
     """Change the phase of an existing status.json, keeping its other fields."""
-    try:
-        current = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        current = {}
+    current = read_json(path) or {}
     atomic_write_json(path, {**current, "phase": phase, "updated": utc_now(), **fields})
