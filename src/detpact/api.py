@@ -53,7 +53,7 @@ from detpact.run.contract import (
     utc_now,
     write_manifest,
 )
-from detpact.run.report import loss_diagnostics, write_train_report
+from detpact.run.report import write_train_report
 from detpact.run.status import set_phase
 
 log = logging.getLogger(__name__)
@@ -284,7 +284,6 @@ def _finish_train_report(run: RunDir, cfg: Config, result: FitResult, meta: dict
         "best": {"map50_95": result.best.map50_95, "step": result.best.step, "epoch": result.best.epoch},
         "resumed_from_step": result.start_step or None,
         "final_val": result.last_val,
-        "loss": loss_diagnostics(result.loss_history),
         "counters": {
             "steps": result.progress.global_step, "epochs": result.progress.epoch,
             "samples_seen": result.progress.samples_seen, "nonfinite_skipped": result.nonfinite_skipped,

@@ -63,6 +63,8 @@ def test_train_crash_resume_eval_export_predict(tmp_path, env, tiny_config):
     report = json.loads((run / "reports" / "train_report.json").read_text())
     assert report["dataset"]["mode"] == "synthetic" and report["counters"]["steps"] == 6
     assert report["resumed_from_step"] == 4
+    losses = [r["loss"] for r in read_jsonl(run / "reports" / "train_metrics.jsonl")]
+    assert report["loss"]["first10"] == pytest.approx(sum(losses) / len(losses))  # both sessions, not just the last
 
     # The resumed run ends exactly (bit for bit) where an uninterrupted run ends.
     straight = run_cli(["train", str(tiny_config), "--run-id", "straight", "--set",

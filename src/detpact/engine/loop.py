@@ -82,7 +82,6 @@ class FitResult:
     start_step: int  # where this session began (non-zero after a resume)
     progress: Progress = field(default_factory=Progress)
     last_val: dict[str, Any] | None = None
-    loss_history: list[float] = field(default_factory=list)  # this session's steps
     nonfinite_skipped: int = 0
     train_seconds: float = 0.0
 
@@ -198,8 +197,6 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
                     progress.samples_seen += images_per_step
                     recorder.step(step, progress.epoch, lr, images_per_step, stats, parts.guard.skipped)
                     parts.guard.check(step)  # may abort: after the step's line is on disk
-                    if stats is not None:
-                        result.loss_history.append(stats["loss"])
                     if progress.step_in_epoch < steps_per_epoch:  # epoch ends are handled below
                         if _due(tcfg.checkpoint.every_steps, step):
                             save(improved=False)

@@ -12,7 +12,7 @@ HEADLINE = ("map50_95", "map50", "map75")
 
 
 def loss_diagnostics(losses: list[float]) -> dict[str, Any]:
-    """First/last/min of the per-step training loss (averaged over windows of 10 steps)."""
+    """First/last/min of the per-step training loss (first and last averaged over 10 steps)."""
     if not losses:
         return {"first10": None, "last10": None, "min": None}
     first, last = losses[:10], losses[-10:]
@@ -20,12 +20,14 @@ def loss_diagnostics(losses: list[float]) -> dict[str, Any]:
 
 
 def write_train_report(run: RunDir, summary: dict[str, Any]) -> dict[str, Any]:
-    """Write the report from `summary` (counters, data, best) plus the val history on disk."""
+    """Write the report from `summary` (counters, data, best) plus the run's metric logs on disk,
+    which cover every session of a resumed run."""
+    losses = [r["loss"] for r in read_jsonl(run.train_metrics) if r.get("loss") is not None]
     history = [
         {"step": r["step"], "epoch": r["epoch"], **{k: r.get(k) for k in HEADLINE}}
         for r in read_jsonl(run.val_metrics)
     ]
-    report = {**summary, "val_history": history}
+    report = {**summary, "loss": loss_diagnostics(losses), "val_history": history}
     atomic_write_json(run.train_report_json, report)
     atomic_write_text(run.train_report_md, _markdown(report))
     return report
