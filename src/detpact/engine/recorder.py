@@ -25,8 +25,8 @@ class Recorder:
         self.start_step = start_step
         self.started = self.tick = time.perf_counter()
 
-    def step(self, step: int, epoch: int, lr: float, images: int, stats: dict | None, skipped_total: int) -> dict:
-        """Record one optimizer step (stats None = skipped as non-finite); returns the JSONL record."""
+    def step(self, step: int, epoch: int, lr: float, images: int, stats: dict | None, skipped_total: int) -> None:
+        """Record one optimizer step (stats None = skipped as non-finite)."""
         now = time.perf_counter()
         speed = images / max(now - self.tick, 1e-9)
         self.tick = now
@@ -40,7 +40,6 @@ class Recorder:
         eta = (self.total_steps - step) * (now - self.started) / max(1, step - self.start_step)
         self.status.update("train", step=step, epoch=epoch, total_steps=self.total_steps,
                            loss=record["loss"], eta_s=round(eta, 1))
-        return record
 
     def validation(self, step: int, epoch: int, metrics: dict[str, Any]) -> None:
         self.val_log.write({"step": step, "epoch": epoch, **metrics})
