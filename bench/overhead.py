@@ -31,7 +31,7 @@ from detpact.data.dataset import build_datasets
 from detpact.engine.evaluate import prepare_images
 from detpact.engine.loop import _build_loaders, _build_step_parts, fit
 from detpact.engine.optim import lr_at
-from detpact.engine.runtime import autocast, resolve_device, seed_everything
+from detpact.engine.runtime import autocast, resolve_device, setup_determinism
 from detpact.run.contract import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ WARMUP = 5
 
 def bare_loop(cfg, data, device, steps: int) -> float:
     """Seconds per step of a plain loop over the same components."""
-    seed_everything(cfg.run.seed, cfg.run.deterministic)
+    setup_determinism(cfg.run.seed, cfg.run.deterministic, cfg.run.num_threads)
     loader, _, sampler = _build_loaders(cfg, data)
     parts = _build_step_parts(cfg, device, len(data.class_names), "unused")
     model, optimizer, ema = parts.model, parts.optimizer, parts.ema
@@ -66,7 +66,7 @@ def bare_loop(cfg, data, device, steps: int) -> float:
 
 def detpact_loop(cfg, data, device, steps: int, root: Path) -> float:
     """Seconds per step of `fit()`, from its own per-step log (warm-up excluded)."""
-    seed_everything(cfg.run.seed, cfg.run.deterministic)
+    setup_determinism(cfg.run.seed, cfg.run.deterministic, cfg.run.num_threads)
     run = RunDir(Path(tempfile.mkdtemp(dir=root)))
     run.create()
     fit(cfg, run, data, device, resume=None)

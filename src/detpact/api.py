@@ -28,7 +28,7 @@ from detpact.engine.evaluate import evaluate as evaluate_model
 from detpact.engine.evaluate import prepare_images
 from detpact.engine.faults import parse_faults
 from detpact.engine.loop import FitResult, fit
-from detpact.engine.runtime import check_amp, resolve_device, seed_everything
+from detpact.engine.runtime import check_amp, resolve_device, setup_determinism
 from detpact.errors import CheckFailed, DetpactError
 from detpact.evaluation.coco import format_table
 from detpact.export.onnx import DeployModel, export_onnx, onnx_metadata
@@ -42,7 +42,7 @@ from detpact.inference.predictor import (
     write_predictions,
 )
 from detpact.run.atomic import atomic_write_json, atomic_write_text, read_json
-from detpact.run.checkpoint import load_checkpoint
+from detpact.run.checkpoint import resume_checkpoint
 from detpact.run.contract import (
     RunDir,
     default_run_id,
@@ -89,7 +89,7 @@ def train(
 
     device = resolve_device(cfg.run.device)
     check_amp(cfg.run.amp, device)
-    determinism = seed_everything(cfg.run.seed, cfg.run.deterministic)
+    determinism = setup_determinism(cfg.run.seed, cfg.run.deterministic, _num_threads(cfg, bundle))
     data = build_datasets(cfg.data, _cache_dir(environ))
     if bundle is not None and bundle["dataset_fingerprint"] != data.fingerprint:
         raise DetpactError(
@@ -223,10 +223,10 @@ def _run_data(loaded: LoadedModel, environ: Mapping[str, str] | None) -> Dataset
 
 
 def _resume_bundle(run: RunDir, cfg: Config) -> dict[str, Any]:
-    if not run.last_ckpt.is_file():
+    if not run.last_ckpt.is_file() and not run.prev_ckpt.is_file():
         raise DetpactError(f"Cannot resume: no checkpoint at {run.last_ckpt}. Check --run-id (and "
                            "run.output_root), or start the run without --resume.")
-    bundle = load_checkpoint(run.last_ckpt)
+    bundle, _ = resume_checkpoint(run)
     if bundle["config_hash"] != config_hash(cfg):
         listing = "\n".join(f"  - {d}" for d in diff_configs(bundle["config"], cfg)) \
             or "  (no key-level difference found)"
@@ -234,6 +234,15 @@ def _resume_bundle(run: RunDir, cfg: Config) -> dict[str, Any]:
                            f"with (checkpoint -> now):\n{listing}\nResume with the original config, or start a "
                            "new run with --run-id.")
     return bundle
+
+
+def _num_threads(cfg: Config, bundle: dict[str, Any] | None) -> int | None:
+    """run.num_threads, else on resume the count the run was trained with (CPU bits depend on it)."""
+    recorded = (bundle or {}).get("runtime", {}).get("num_threads")
+    if cfg.run.num_threads and recorded and cfg.run.num_threads != recorded:
+        log.warning("run.num_threads is %d but the run was trained with %d threads: the resumed run will not be "
+                    "bit-identical to an uninterrupted one", cfg.run.num_threads, recorded)
+    return cfg.run.num_threads or recorded
 
 
 def _verify_config(loaded: LoadedModel, config_path: Path) -> None:

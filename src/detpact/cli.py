@@ -7,12 +7,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
 
 from detpact import __version__, api
 from detpact.console import setup_logging
-from detpact.errors import DetpactError
+from detpact.errors import DetpactError, TrainingStopped
 from detpact.evaluation.coco import format_table
 
 log = logging.getLogger("detpact")
@@ -69,11 +70,24 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def resume_command(args: argparse.Namespace, run_id: str) -> str:
+    """The command line that continues a stopped `train` command."""
+    words = ["detpact", "train", args.config, "--run-id", run_id, "--resume"]
+    for override in args.overrides:
+        words += ["--set", override]
+    return shlex.join(words)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.debug)
     try:
         return run_command(args)
+    except TrainingStopped as exc:
+        if args.debug:
+            raise
+        print(f"stopped: {exc.message}\nResume with:\n  {resume_command(args, exc.run_id)}", file=sys.stderr)
+        return exc.exit_code
     except DetpactError as exc:
         if args.debug:
             raise

@@ -23,11 +23,13 @@ from detpact.errors import DetpactError
 
 CONFIG_VERSION = 1
 
-# Keys that never change what a run computes: they are left out of the config hash,
-# so e.g. renaming a run or moving its output folder does not block `--resume`.
+# Keys that do not change what a run computes (the thread count only its last bits):
+# they are left out of the config hash, so e.g. renaming a run, moving its output
+# folder or resuming on another machine does not block `--resume`.
 HASH_EXCLUDED_KEYS = (
     ("run", "name"),
     ("run", "output_root"),
+    ("run", "num_threads"),
     ("task",),
     ("data", "num_workers"),
     ("logging",),
@@ -52,6 +54,9 @@ class RunConfig(Section):
     amp: Literal["none", "bf16", "fp16"] = "bf16"
     channels_last: bool = True
     deterministic: bool = True
+    # Intra-op CPU threads; None = torch's default for the machine. Always fixed and
+    # recorded (CPU bits depend on it); a resume reuses the checkpoint's count unless set.
+    num_threads: int | None = Field(None, ge=1)
     output_root: str | None = None
 
 

@@ -28,6 +28,18 @@ class TrainingAborted(DetpactError):
     exit_code = 3
 
 
+class TrainingStopped(DetpactError):
+    """Training stopped on a signal (SIGINT/SIGTERM) after saving its full state.
+
+    Exits with 128 + the signal number, as a shell does for a process the signal ended.
+    """
+
+    def __init__(self, message: str, signum: int, run_id: str):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+        self.run_id = run_id
+
+
 class CheckFailed(DetpactError):
     """A check the user asked for ran and failed (e.g. ONNX parity under policy 'fail')."""
 

@@ -75,8 +75,10 @@ def test_corrupt_last_checkpoint(tmp_path, env, tiny_config):
     last = tmp_path / "runs" / "c" / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[:1000])
     metrics_before = (tmp_path / "runs" / "c" / "reports" / "train_metrics.jsonl").read_bytes()
+    # One checkpoint so far (no last.prev.pt to fall back to): the resume is refused.
     assert_user_error(run_cli(["train", str(tiny_config), "--run-id", "c", "--set", "train.epochs=1", "--resume"],
-                              env, tmp_path), "corrupt or truncated", "last.pt")
+                              env, tmp_path), "no usable checkpoint", "last.pt fails its checksum",
+                      "last.prev.pt is missing")
     # Nothing written before is touched by the failed resume.
     assert (tmp_path / "runs" / "c" / "reports" / "train_metrics.jsonl").read_bytes() == metrics_before
     # eval of a corrupt checkpoint is refused the same way.

@@ -86,7 +86,7 @@ def batches(n):
 def test_train_step_updates_weights_and_ema():
     parts = make_parts(build_criterion(HeadConfig()))
     before = [p.detach().clone() for p in parts.model.parameters()]
-    stats = train_step(parts, batches(2), lr=1e-3)
+    stats = train_step(parts, batches(2), lr=1e-3, step=1)
     assert stats is not None and math.isfinite(stats["loss"]) and stats["images"] == 4
     assert any(not torch.equal(a, b) for a, b in zip(before, parts.model.parameters()))
     assert parts.ema.updates == 1
@@ -103,7 +103,7 @@ def test_train_step_skips_non_finite_loss_and_keeps_data_order():
     before = [p.detach().clone() for p in parts.model.parameters()]
     state_before = parts.optimizer.state_dict()["state"]
     source = batches(3)
-    assert train_step(parts, source, lr=1e-3) is None
+    assert train_step(parts, source, lr=1e-3, step=1) is None
     assert all(torch.equal(a, b) for a, b in zip(before, parts.model.parameters()))
     assert parts.ema.updates == 0 and state_before == parts.optimizer.state_dict()["state"] == {}
     # Both micro-batches of the skipped step were consumed: exactly one is left.
@@ -115,6 +115,6 @@ def test_train_step_with_grad_scaler_skips_non_finite_loss():
     real = build_criterion(HeadConfig())
     parts = make_parts(lambda outputs, targets: {**real(outputs, targets), "loss": torch.tensor(float("nan"))})
     parts.scaler = torch.amp.GradScaler("cpu")
-    assert train_step(parts, batches(2), lr=1e-3) is None
+    assert train_step(parts, batches(2), lr=1e-3, step=1) is None
     parts.criterion = real
-    assert train_step(parts, batches(2), lr=1e-3) is not None and parts.ema.updates == 1
+    assert train_step(parts, batches(2), lr=1e-3, step=1) is not None and parts.ema.updates == 1

@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from detpact.config import DataConfig
 from detpact.data.fingerprint import dataset_fingerprint
@@ -69,12 +70,30 @@ def resolve_num_workers(setting: int | str) -> int:
     return 0 if cpus <= 2 else min(8, cpus // 2)
 
 
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int, sampler: Sampler | None = None,
+                drop_last: bool = False) -> DataLoader:
+    """The one way detpact builds a DataLoader (training and evaluation).
+
+    Results never depend on `num_workers`: samples are seeded per (seed, epoch, index),
+    not per worker. The loader draws its worker base seed from its own generator, so
+    iterating it leaves the global torch RNG alone; workers ignore SIGINT/SIGTERM so that
+    the main process can stop gracefully (a Ctrl-C reaches the whole process group).
+    """
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
+                      collate_fn=collate, num_workers=num_workers, persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(0),
+                      worker_init_fn=_leave_stop_signals_to_main if num_workers > 0 else None)
+
+
 def eval_loader(samples: list[Sample], cfg: DataConfig, batch_size: int) -> DataLoader:
     """Batches of a split in order, untransformed but for the letterbox (validation, eval)."""
-    num_workers = resolve_num_workers(cfg.num_workers)
-    return DataLoader(DetectionDataset(samples, cfg.image_size, train=False), batch_size=batch_size,
-                      shuffle=False, collate_fn=collate, num_workers=num_workers,
-                      persistent_workers=num_workers > 0)
+    dataset = DetectionDataset(samples, cfg.image_size, train=False)
+    return make_loader(dataset, batch_size, resolve_num_workers(cfg.num_workers))
+
+
+def _leave_stop_signals_to_main(worker_id: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def collate(batch: list[tuple[Tensor, dict]]) -> tuple[Tensor, list[dict]]:

@@ -1,10 +1,16 @@
-"""Fault injection for tests: crash or poison a run at a chosen step.
+"""Fault injection for tests: crash, stop or poison a run at a chosen moment.
 
 Set through the environment variable DETPACT_FAULT (read once, at the entry layer),
 as a comma-separated list of:
-  kill@step=N        SIGKILL the process right after optimizer step N (and its checkpoint)
-  nan@step=N[..M]    make the loss NaN at steps N..M (1-based, as logged)
-Tests use it to check resume after a crash and the non-finite guard on real runs.
+  kill@step=N             SIGKILL right after optimizer step N (and its checkpoint, if any)
+  kill@step=N:micro=M     SIGKILL inside step N, after micro-batch M of its accumulation
+                          group (backward done, optimizer not stepped)
+  kill@save=N[:bytes=B]   SIGKILL while the checkpoint of step N is being written, after
+                          B bytes of it (default 1024)
+  term@step=N             send this process SIGTERM right after step N (graceful stop)
+  nan@step=N[..M]         make the loss NaN at steps N..M
+Steps are 1-based, as logged. Tests use these to check resume after a crash, the
+graceful stop and the non-finite guard on real runs, through real signals.
 """
 
 from __future__ import annotations
@@ -12,37 +18,84 @@ from __future__ import annotations
 import os
 import re
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from detpact.errors import DetpactError
 
-_FAULT = re.compile(r"(kill|nan)@step=(\d+)(?:\.\.(\d+))?")
+_PATTERNS = {
+    "kill_step": re.compile(r"kill@step=(\d+)"),
+    "kill_micro": re.compile(r"kill@step=(\d+):micro=(\d+)"),
+    "kill_save": re.compile(r"kill@save=(\d+)(?::bytes=(\d+))?"),
+    "term_step": re.compile(r"term@step=(\d+)"),
+    "nan": re.compile(r"nan@step=(\d+)(?:\.\.(\d+))?"),
+}
+_DEFAULT_SAVE_BYTES = 1024
 
 
 @dataclass(frozen=True)
 class Faults:
     kill_after_step: int | None = None
+    kill_in_step: tuple[int, int] | None = None  # (step, micro-batch)
+    kill_in_save: tuple[int, int] | None = None  # (step, bytes)
+    term_after_step: int | None = None
     nan_steps: frozenset[int] = field(default_factory=frozenset)
 
     def loss_is_poisoned(self, step: int) -> bool:
         return step in self.nan_steps
 
+    def after_microbatch(self, step: int, micro: int) -> None:
+        if self.kill_in_step == (step, micro):
+            _signal_self(signal.SIGKILL)
+
     def after_step(self, step: int) -> None:
+        if step == self.term_after_step:
+            _signal_self(signal.SIGTERM)
         if step == self.kill_after_step:
-            os.kill(os.getpid(), signal.SIGKILL)
+            _signal_self(signal.SIGKILL)
+
+    def save_monitor(self, step: int) -> Callable[[int], None] | None:
+        """For the checkpoint write of `step`: a callback given the bytes written so far."""
+        if self.kill_in_save is None or self.kill_in_save[0] != step:
+            return None
+        limit = self.kill_in_save[1]
+
+        def monitor(written: int) -> None:
+            if written >= limit:
+                _signal_self(signal.SIGKILL)
+
+        return monitor
+
+
+NO_FAULTS = Faults()
 
 
 def parse_faults(spec: str | None) -> Faults:
     if not spec:
-        return Faults()
-    kill, nan = None, set()
+        return NO_FAULTS
+    found: dict = {"nan_steps": set()}
     for item in spec.split(","):
-        match = _FAULT.fullmatch(item.strip())
-        if not match:
-            raise DetpactError(f"Bad DETPACT_FAULT entry {item!r}: use kill@step=N or nan@step=N[..M].")
-        kind, first, last = match.group(1), int(match.group(2)), int(match.group(3) or match.group(2))
-        if kind == "kill":
-            kill = first
+        item = item.strip()
+        kind, match = next(((k, m) for k, p in _PATTERNS.items() if (m := p.fullmatch(item))), (None, None))
+        if match is None:
+            raise DetpactError(
+                f"Bad DETPACT_FAULT entry {item!r}: use kill@step=N, kill@step=N:micro=M, "
+                "kill@save=N[:bytes=B], term@step=N or nan@step=N[..M]."
+            )
+        numbers = [int(g) if g is not None else None for g in match.groups()]
+        if kind == "kill_step":
+            found["kill_after_step"] = numbers[0]
+        elif kind == "kill_micro":
+            found["kill_in_step"] = (numbers[0], numbers[1])
+        elif kind == "kill_save":
+            found["kill_in_save"] = (numbers[0], numbers[1] or _DEFAULT_SAVE_BYTES)
+        elif kind == "term_step":
+            found["term_after_step"] = numbers[0]
         else:
-            nan.update(range(first, last + 1))
-    return Faults(kill, frozenset(nan))
+            found["nan_steps"].update(range(numbers[0], (numbers[1] or numbers[0]) + 1))
+    found["nan_steps"] = frozenset(found["nan_steps"])
+    return Faults(**found)
+
+
+def _signal_self(signum: int) -> None:
+    os.kill(os.getpid(), signum)

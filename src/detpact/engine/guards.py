@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+from torch import nn
+
 from detpact.errors import TrainingAborted
 
 
@@ -29,6 +32,17 @@ class NonFiniteGuard:
                 f"The last good checkpoint is {self.last_good_checkpoint}. Lower train.optimizer.lr, "
                 "check the labels for degenerate boxes, or try run.amp: none, then resume or restart."
             )
+
+    def check_weights(self, step: int, *models: nn.Module | None) -> None:
+        """Refuse to checkpoint weights that are not finite (a checkpoint is a last good state)."""
+        for model in filter(None, models):
+            for name, tensor in model.state_dict().items():
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise TrainingAborted(
+                        f"Training aborted at step {step}: the weights are no longer finite ({name}), so they "
+                        f"were not checkpointed. The last good checkpoint is {self.last_good_checkpoint}. Lower "
+                        "train.optimizer.lr or set train.grad_clip, then resume or restart."
+                    )
 
     def state_dict(self) -> dict[str, int]:
         return {"skipped": self.skipped, "consecutive": self.consecutive}

@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,21 +20,22 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from detpact.config import Config, config_hash, resolved_dict
-from detpact.data.dataset import DatasetSplits, DetectionDataset, collate, eval_loader, resolve_num_workers
+from detpact.data.dataset import DatasetSplits, DetectionDataset, eval_loader, make_loader, resolve_num_workers
 from detpact.data.sampler import ResumableSampler
 from detpact.engine.ema import ModelEMA
 from detpact.engine.evaluate import evaluate, prepare_images
-from detpact.engine.faults import Faults
+from detpact.engine.faults import NO_FAULTS, Faults
 from detpact.engine.guards import NonFiniteGuard
 from detpact.engine.optim import build_optimizer, lr_at, set_lr
 from detpact.engine.progress import train_progress
 from detpact.engine.recorder import Recorder
 from detpact.engine.runtime import autocast, rng_state, set_rng_state
-from detpact.errors import DetpactError
+from detpact.engine.stop import stop_on_signals
+from detpact.errors import DetpactError, TrainingStopped
 from detpact.models.detector import build_model, count_parameters
 from detpact.models.losses import DetectionCriterion, build_criterion
-from detpact.run.checkpoint import FORMAT_VERSION, save_checkpoint
-from detpact.run.contract import RunDir, library_versions, write_manifest
+from detpact.run.checkpoint import FORMAT_VERSION, commit_checkpoint
+from detpact.run.contract import RunDir, library_versions
 from detpact.run.metrics import truncate_jsonl
 
 log = logging.getLogger(__name__)
@@ -86,34 +88,23 @@ class FitResult:
     train_seconds: float = 0.0
 
 
-def train_step(parts: StepParts, batches: Iterator, lr: float, poison: bool = False) -> dict[str, float] | None:
-    """One optimizer step over `accumulate` micro-batches. Returns its metrics, or None
-    when the step was skipped because the loss or the gradients were not finite.
-
-    `poison` (fault injection) makes the loss NaN, to exercise the skip path."""
+def train_step(parts: StepParts, batches: Iterator, lr: float, step: int, faults: Faults = NO_FAULTS
+               ) -> dict[str, float] | None:
+    """Optimizer step number `step`, over `accumulate` micro-batches. Returns its metrics,
+    or None when the step was skipped because the loss or the gradients were not finite."""
     set_lr(parts.optimizer, lr)
     parts.optimizer.zero_grad(set_to_none=True)
     sums = {"loss": 0.0, "loss_cls": 0.0, "loss_box": 0.0, "num_pos": 0.0}
     finite = True
     images_seen = 0
-    for _ in range(parts.accumulate):
+    for micro in range(1, parts.accumulate + 1):
         images, targets = next(batches)
         images_seen += len(images)
-        if not finite:
-            continue  # still consume the group's batches so data order is unchanged
-        with autocast(parts.device, parts.amp):
-            outputs = parts.model(prepare_images(images, parts.device, parts.channels_last))
-        losses = parts.criterion(outputs, targets)  # float32, outside autocast
-        if poison:
-            losses = {**losses, "loss": losses["loss"] * float("nan")}
-        loss_value = losses["loss"].detach().item()
-        if not math.isfinite(loss_value):
-            finite = False
-            continue
-        loss = losses["loss"] / parts.accumulate
-        (parts.scaler.scale(loss) if parts.scaler else loss).backward()
-        for key in sums:
-            sums[key] += float(losses[key].detach()) / parts.accumulate
+        # After a non-finite loss the group's remaining batches are still drawn, so that
+        # the data order does not depend on it.
+        if finite:
+            finite = _accumulate_gradients(parts, images, targets, sums, faults.loss_is_poisoned(step))
+        faults.after_microbatch(step, micro)
     if finite:
         if parts.scaler:
             parts.scaler.unscale_(parts.optimizer)
@@ -136,9 +127,31 @@ def train_step(parts: StepParts, batches: Iterator, lr: float, poison: bool = Fa
     return {**sums, "grad_norm": grad_norm, "images": images_seen}
 
 
+def _accumulate_gradients(parts: StepParts, images: torch.Tensor, targets: list[dict], sums: dict[str, float],
+                          poison: bool) -> bool:
+    """Forward and backward of one micro-batch, adding its share to `sums`; False when
+    its loss is not finite (nothing is back-propagated then). `poison` (fault
+    injection) makes the loss NaN."""
+    with autocast(parts.device, parts.amp):
+        outputs = parts.model(prepare_images(images, parts.device, parts.channels_last))
+    losses = parts.criterion(outputs, targets)  # float32, outside autocast
+    if poison:
+        losses = {**losses, "loss": losses["loss"] * float("nan")}
+    if not math.isfinite(losses["loss"].detach().item()):
+        return False
+    loss = losses["loss"] / parts.accumulate
+    (parts.scaler.scale(loss) if parts.scaler else loss).backward()
+    for key in sums:
+        sums[key] += float(losses[key].detach()) / parts.accumulate
+    return True
+
+
 def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, resume: dict | None,
-        faults: Faults = Faults()) -> FitResult:
-    """Train per `cfg` into `run`; `resume` is the bundle of `last.pt` to continue from."""
+        faults: Faults = NO_FAULTS) -> FitResult:
+    """Train per `cfg` into `run`; `resume` is the checkpoint bundle to continue from.
+
+    Raises TrainingStopped (after saving last.pt) when SIGINT/SIGTERM asks it to stop.
+    """
     tcfg = cfg.train
     train_loader, val_loader, sampler = _build_loaders(cfg, data)
     images_per_step = tcfg.batch_size * tcfg.accumulate
@@ -158,11 +171,9 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
         log.info("the run is already complete (step %d of %d): nothing left to train", progress.global_step, total_steps)
 
     def save(improved: bool) -> None:
-        bundle = _bundle(cfg, data, parts, progress, sampler, best)
-        save_checkpoint(run.last_ckpt, bundle)
-        if improved:
-            save_checkpoint(run.best_ckpt, bundle)
-        write_manifest(run)
+        parts.guard.check_weights(progress.global_step, parts.model, parts.ema.module if parts.ema else None)
+        bundle = _bundle(cfg, data, run, parts, progress, sampler, best)
+        commit_checkpoint(run, bundle, best=improved, on_write=faults.save_monitor(progress.global_step))
 
     def validate() -> bool:
         recorder.phase("eval", progress.global_step, progress.epoch)
@@ -182,34 +193,40 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
         return improved
 
     started = time.perf_counter()
-    with train_progress(total_steps, progress.global_step, cfg.logging.progress) as bar:
+    with stop_on_signals() as stop, train_progress(total_steps, progress.global_step, cfg.logging.progress) as bar:
         recorder = Recorder(run, bar, cfg.logging.status_every_s, total_steps, progress.global_step)
+        batches: Iterator | None = None
         try:
             while progress.global_step < total_steps:
-                sampler.set_epoch(progress.epoch, start=progress.step_in_epoch * images_per_step)
-                batches = iter(train_loader)
-                while progress.step_in_epoch < steps_per_epoch and progress.global_step < total_steps:
-                    step = progress.global_step + 1
-                    lr = lr_at(progress.global_step, total_steps, tcfg.optimizer.lr, tcfg.scheduler)
-                    stats = train_step(parts, batches, lr, poison=faults.loss_is_poisoned(step))
-                    parts.guard.record(ok=stats is not None)
-                    progress.global_step, progress.step_in_epoch = step, progress.step_in_epoch + 1
-                    progress.samples_seen += images_per_step
-                    recorder.step(step, progress.epoch, lr, images_per_step, stats, parts.guard.skipped)
-                    parts.guard.check(step)  # may abort: after the step's line is on disk
-                    if progress.step_in_epoch < steps_per_epoch:  # epoch ends are handled below
-                        if _due(tcfg.checkpoint.every_steps, step):
-                            save(improved=False)
-                        faults.after_step(step)
+                if batches is None:  # an epoch starts, or resumes at step_in_epoch
+                    sampler.set_epoch(progress.epoch, start=progress.step_in_epoch * images_per_step)
+                    batches = iter(train_loader)
+                step = progress.global_step + 1
+                lr = lr_at(progress.global_step, total_steps, tcfg.optimizer.lr, tcfg.scheduler)
+                stats = train_step(parts, batches, lr, step, faults)
+                parts.guard.record(ok=stats is not None)
+                progress.global_step, progress.step_in_epoch = step, progress.step_in_epoch + 1
+                progress.samples_seen += images_per_step
+                recorder.step(step, progress.epoch, lr, images_per_step, stats, parts.guard.skipped)
+                parts.guard.check(step)  # may abort: after the step's line is on disk
+
+                # The step boundary: end of epoch, validation, checkpoint, stop.
                 epoch_done = progress.step_in_epoch == steps_per_epoch
                 if epoch_done:
-                    progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
+                    progress.epoch, progress.step_in_epoch, batches = progress.epoch + 1, 0, None
                 finished = progress.global_step >= total_steps
                 improved = validate() if finished or (epoch_done and _due(cfg.eval.every_epochs, progress.epoch)) else False
-                if finished or improved or _due(tcfg.checkpoint.every_steps, progress.global_step) or (
+                if improved or finished or stop.requested or _due(tcfg.checkpoint.every_steps, step) or (
                         epoch_done and _due(tcfg.checkpoint.every_epochs, progress.epoch)):
                     save(improved)
-                faults.after_step(progress.global_step)
+                faults.after_step(step)
+                if stop.requested:
+                    raise TrainingStopped(
+                        f"Training stopped by {stop.signal_name} after step {step} of {total_steps} (epoch "
+                        f"{progress.epoch}); its full state is saved in {run.last_ckpt}.", stop.signum, run.root.name)
+        except TrainingStopped:
+            recorder.phase("stopped", progress.global_step, progress.epoch)
+            raise
         except BaseException:
             recorder.phase("failed", progress.global_step, progress.epoch)
             raise
@@ -243,9 +260,8 @@ def _build_loaders(cfg: Config, data: DatasetSplits) -> tuple[DataLoader, DataLo
     dcfg = cfg.data
     train_ds = DetectionDataset(data.train, dcfg.image_size, train=True, seed=cfg.run.seed, hflip_p=dcfg.hflip_p)
     sampler = ResumableSampler(len(train_ds), cfg.run.seed)
-    num_workers = resolve_num_workers(dcfg.num_workers)
-    train_loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
-                              collate_fn=collate, num_workers=num_workers, persistent_workers=num_workers > 0)
+    train_loader = make_loader(train_ds, cfg.train.batch_size, resolve_num_workers(dcfg.num_workers), sampler,
+                               drop_last=True)
     return train_loader, eval_loader(data.val, dcfg, cfg.eval.batch_size), sampler
 
 
@@ -253,7 +269,7 @@ def _due(every: int | None, count: int) -> bool:
     return bool(every) and count > 0 and count % every == 0
 
 
-def _bundle(cfg: Config, data: DatasetSplits, parts: StepParts, progress: Progress,
+def _bundle(cfg: Config, data: DatasetSplits, run: RunDir, parts: StepParts, progress: Progress,
             sampler: ResumableSampler, best: Best) -> dict[str, Any]:
     """The checkpoint bundle (ARCHITECTURE.md): tensors and plain values only."""
     return {
@@ -268,6 +284,9 @@ def _bundle(cfg: Config, data: DatasetSplits, parts: StepParts, progress: Progre
         "rng": rng_state(),
         "sampler": sampler.state_dict(),
         "nonfinite": parts.guard.state_dict(),
+        # Where the metric logs ended when this was written: a resume cuts them back to here.
+        "metrics": {"train_bytes": _file_size(run.train_metrics), "val_bytes": _file_size(run.val_metrics)},
+        "runtime": {"num_threads": torch.get_num_threads(), "deterministic": cfg.run.deterministic},
         "config": resolved_dict(cfg),
         "config_hash": config_hash(cfg),
         "dataset_fingerprint": data.fingerprint,
@@ -289,8 +308,13 @@ def _restore(bundle: dict[str, Any], parts: StepParts, run: RunDir) -> tuple[Pro
     progress = Progress(**bundle["progress"])
     best = Best(**bundle["best_metric"])
     # Metric lines written after this checkpoint belong to the lost stretch of the run.
-    truncate_jsonl(run.train_metrics, progress.global_step)
-    truncate_jsonl(run.val_metrics, progress.global_step)
+    offsets = bundle.get("metrics") or {}
+    truncate_jsonl(run.train_metrics, progress.global_step, offsets.get("train_bytes"))
+    truncate_jsonl(run.val_metrics, progress.global_step, offsets.get("val_bytes"))
     set_rng_state(bundle["rng"])
-    log.info("resumed from %s at step %d (epoch %d)", run.last_ckpt, progress.global_step, progress.epoch)
+    log.info("resumed at step %d (epoch %d)", progress.global_step, progress.epoch)
     return progress, best
+
+
+def _file_size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else 0

@@ -35,14 +35,18 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
     return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
-def seed_everything(seed: int, deterministic: bool) -> dict:
-    """Seed python, numpy and torch; optionally force deterministic kernels.
+def setup_determinism(seed: int, deterministic: bool, num_threads: int | None) -> dict:
+    """Seed python, numpy and torch, fix the intra-op thread count and, when
+    `deterministic`, force deterministic kernels.
 
-    Returns what was set, for run_meta.json.
+    CPU results depend on the thread count (reductions split differently), so it is
+    always fixed: to `num_threads`, else to torch's default for this machine. Returns
+    what was set, for run_meta.json and the checkpoints.
     """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    torch.set_num_threads(num_threads or torch.get_num_threads())
     if deterministic:
         # cuBLAS needs a fixed workspace to be deterministic; harmless on CPU.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

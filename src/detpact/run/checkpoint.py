@@ -1,29 +1,136 @@
-"""Every checkpoint read and write: atomic saves and safe (weights_only) loads.
+"""Every checkpoint read and write: crash-safe saves, verified resumes and safe loads.
 
 A bundle is a dict of tensors and plain Python values only (see ARCHITECTURE.md,
 "Checkpoint bundle"), so it loads with `torch.load(..., weights_only=True)`:
 nothing in a checkpoint can run code when it is read.
+
+A run keeps `last.pt`, the checkpoint before it as `last.prev.pt`, and `best.pt`;
+`manifest.json` holds their sha256s. `commit_checkpoint` orders its writes so that a
+crash at any point leaves every checkpoint on disk either complete and recorded in
+the manifest, or a temporary file; `resume_checkpoint` verifies before it loads and
+falls back to `last.prev.pt` when `last.pt` is damaged.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import logging
 import pickle
+import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
-from detpact.errors import DetpactError
-from detpact.run.atomic import atomic_open
+from detpact.errors import DetpactError, TrainingAborted
+from detpact.run.atomic import remove_quietly, replace, stale_temp_files, temp_sibling
+from detpact.run.contract import RunDir, file_entry, read_manifest, write_manifest
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+# torch.load(weights_only=True) can be escaped on older torch (CVE-2025-32434 < 2.6,
+# CVE-2026-24747 < 2.10): refuse to read checkpoints there rather than trust it.
+MIN_SAFE_TORCH = (2, 10)
+CORRUPT_SUFFIX = ".corrupt"
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
-def save_checkpoint(path: Path, bundle: dict[str, Any]) -> None:
-    """Write `bundle` atomically: an interrupted save leaves the previous file intact."""
-    with atomic_open(path, "wb") as handle:
-        torch.save(bundle, handle)
+class CheckpointRefused(DetpactError):
+    """A checkpoint that would run code when loaded. Never fallen back from silently."""
+
+
+def save_checkpoint(path: Path, bundle: dict[str, Any]) -> dict[str, Any]:
+    """Write `bundle` atomically to `path` (one file, no manifest); returns its manifest entry."""
+    tmp, entry = _write_temp(Path(path), bundle)
+    replace(tmp, path)
+    return entry
+
+
+def commit_checkpoint(run: RunDir, bundle: dict[str, Any], *, best: bool,
+                      on_write: Callable[[int], None] | None = None) -> None:
+    """Write `bundle` as checkpoints/last.pt (and as best.pt when `best`), keep the previous
+    last.pt as last.prev.pt, and record every artifact's sha256 in manifest.json.
+
+    Order: (1) the bundle goes to fsynced temporary files; (2) the manifest is rewritten to
+    describe the checkpoints as they will be after the renames; (3) last.pt -> last.prev.pt,
+    then the temporary files -> last.pt / best.pt. A crash in (1) leaves a temporary file
+    (removed at the next resume); in (2) or (3), every checkpoint on disk is complete and
+    its sha256 is in the manifest, under its name or the one it is taking. `on_write`
+    (fault injection) is called with the bytes written so far.
+    """
+    temps: list[Path] = []
+    try:
+        tmp_last, entry = _write_temp(run.last_ckpt, bundle, on_write)
+        temps.append(tmp_last)
+        if best:
+            with temp_sibling(run.best_ckpt) as (handle, tmp_best), tmp_last.open("rb") as source:
+                temps.append(tmp_best)
+                shutil.copyfileobj(source, handle, 1 << 20)
+        known = {run.last_ckpt: entry, **({run.best_ckpt: entry} if best else {})}
+        if run.last_ckpt.is_file():
+            recorded = (read_manifest(run) or {}).get("checkpoints/last.pt")
+            known[run.prev_ckpt] = recorded or file_entry(run.last_ckpt)
+        write_manifest(run, known)
+        if run.last_ckpt.is_file():
+            replace(run.last_ckpt, run.prev_ckpt)
+        replace(tmp_last, run.last_ckpt)
+        if best:
+            replace(tmp_best, run.best_ckpt)
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:
+            raise TrainingAborted(
+                f"The disk is full: writing checkpoint {run.last_ckpt} failed ({exc.strerror}). The previous "
+                "checkpoints are intact. Free some space, then continue with --resume."
+            ) from exc
+        raise
+    finally:
+        for tmp in temps:
+            remove_quietly(tmp)  # already renamed on success
+
+
+def resume_checkpoint(run: RunDir) -> tuple[dict[str, Any], Path]:
+    """The newest checkpoint of `run` that is intact, verified against manifest.json.
+
+    Removes temporary files left by an interrupted write. When last.pt is missing, fails
+    its checksum or cannot be read, says so and takes last.prev.pt instead (renamed to
+    last.pt, so the rotation goes on). Any checkpoint that fails its checksum is kept
+    aside as NAME.corrupt and never loaded. A checkpoint that would run code when loaded
+    is refused outright. Returns the bundle and the file it was read from.
+    """
+    for stale in stale_temp_files(run.checkpoints):
+        log.info("removing %s, left by an interrupted checkpoint write", stale)
+        remove_quietly(stale)
+    manifest = read_manifest(run) or {}
+    recorded = {entry.get("sha256") for name, entry in manifest.items() if name.startswith("checkpoints/")}
+    if not recorded:
+        log.warning("%s records no checkpoint checksums: loading without verification", run.manifest)
+    problems: list[str] = []
+    for path in (run.last_ckpt, run.prev_ckpt):
+        try:
+            bundle = _load_verified(path, recorded)
+        except CheckpointRefused:
+            raise
+        except DetpactError as exc:
+            problems.append(exc.message)
+            continue
+        if path != run.last_ckpt:
+            log.warning("%s Resuming from %s (step %d) instead.", problems[0], path, bundle["progress"]["global_step"])
+            _set_aside(run.last_ckpt)
+            replace(path, run.last_ckpt)
+        for other in (run.prev_ckpt, run.best_ckpt):
+            if recorded and other.is_file() and file_entry(other)["sha256"] not in recorded:
+                log.warning("%s fails its checksum (damaged or altered after it was written).", other)
+                _set_aside(other)
+        write_manifest(run)  # the checkpoints as they are now, each one verified
+        return bundle, path
+    raise DetpactError(
+        "Cannot resume: no usable checkpoint.\n" + "\n".join(f"  - {p}" for p in problems)
+        + f"\nRestore {run.checkpoints} from a copy, or start a new run (another --run-id)."
+    )
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -31,6 +138,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise DetpactError(f"Checkpoint not found: {path}.")
+    _check_torch_version(torch.__version__)
     corrupt = f"Checkpoint {path} is corrupt or truncated ({{}}). Restore it from a copy, or start a new run."
     if not zipfile.is_zipfile(path):  # torch.save always writes a zip archive
         raise DetpactError(corrupt.format("not a complete torch zip archive"))
@@ -39,7 +147,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         unsafe = _unsafe_globals(path)
         if unsafe:
-            raise DetpactError(
+            raise CheckpointRefused(
                 f"Checkpoint {path} was refused: it holds objects other than tensors and plain values "
                 f"({', '.join(unsafe[:5])}), which could run code when loaded. Only load checkpoints "
                 "written by detpact or exported as plain state dicts."
@@ -61,6 +169,64 @@ def inference_state_dict(bundle: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The weights to evaluate, export and predict with: the EMA's when training kept one."""
     ema = bundle.get("ema")
     return ema["module"] if ema else bundle["model"]
+
+
+def _set_aside(path: Path) -> None:
+    """Keep a damaged checkpoint as NAME.corrupt (nothing written is deleted)."""
+    if path.is_file():
+        aside = path.with_name(path.name + CORRUPT_SUFFIX)
+        replace(path, aside)
+        log.warning("kept the damaged %s as %s", path.name, aside.name)
+
+
+def _load_verified(path: Path, recorded: set[str]) -> dict[str, Any]:
+    """Load `path` if its sha256 is one the manifest records for a checkpoint (checked
+    before anything is deserialized); with no recorded sums, load it unverified."""
+    if not path.is_file():
+        raise DetpactError(f"{path} is missing.")
+    if recorded and (digest := file_entry(path)["sha256"]) not in recorded:
+        raise DetpactError(f"{path} fails its checksum (sha256 {digest[:12]}... is not in manifest.json): "
+                           "it was damaged or altered after it was written.")
+    return load_checkpoint(path)
+
+
+class _DigestWriter:
+    """A write-only file wrapper that hashes and counts what passes through it."""
+
+    def __init__(self, handle: IO[bytes], on_write: Callable[[int], None] | None):
+        self._handle = handle
+        self._on_write = on_write
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        written = self._handle.write(data)
+        self.digest.update(memoryview(data)[:written])
+        self.size += written
+        if self._on_write is not None:
+            self._on_write(self.size)
+        return written
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+
+def _write_temp(path: Path, bundle: dict[str, Any], on_write: Callable[[int], None] | None = None
+                ) -> tuple[Path, dict[str, Any]]:
+    """Serialize `bundle` into a fsynced temporary sibling of `path`; returns it and its entry."""
+    with temp_sibling(path) as (handle, tmp):
+        writer = _DigestWriter(handle, on_write)
+        torch.save(bundle, writer)
+    return tmp, {"sha256": writer.digest.hexdigest(), "size": writer.size}
+
+
+def _check_torch_version(version: str) -> None:
+    release = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+    if release < MIN_SAFE_TORCH:
+        raise DetpactError(
+            f"torch {version} cannot load checkpoints safely (weights_only loading has known escapes "
+            f"before {'.'.join(map(str, MIN_SAFE_TORCH))}: CVE-2025-32434, CVE-2026-24747). Upgrade torch."
+        )
 
 
 def _unsafe_globals(path: Path) -> list[str]:

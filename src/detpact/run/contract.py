@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from detpact.errors import DetpactError
-from detpact.run.atomic import atomic_write_json
+from detpact.run.atomic import atomic_write_json, read_json
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 DEFAULT_OUTPUT_ROOT = "runs"
@@ -52,6 +52,7 @@ class RunDir:
         self.reports = self.root / "reports"
         self.exports = self.root / "exports"
         self.last_ckpt = self.checkpoints / "last.pt"
+        self.prev_ckpt = self.checkpoints / "last.prev.pt"  # the checkpoint before last.pt, its fallback
         self.best_ckpt = self.checkpoints / "best.pt"
         self.train_metrics = self.reports / "train_metrics.jsonl"
         self.val_metrics = self.reports / "val_metrics.jsonl"
@@ -90,7 +91,7 @@ class RunDir:
     def artifacts(self) -> list[Path]:
         """Every contract artifact that exists now (what the manifest covers)."""
         paths = [
-            self.last_ckpt, self.best_ckpt, self.train_metrics, self.val_metrics, self.config_resolved,
+            self.last_ckpt, self.prev_ckpt, self.best_ckpt, self.train_metrics, self.val_metrics, self.config_resolved,
             self.run_meta, self.train_report_json, self.train_report_md, self.onnx_parity,
             self.eval_report, self.onnx_model, self.onnx_meta,
         ]
@@ -105,15 +106,32 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(run: RunDir) -> dict[str, Any]:
-    """Record sha256 and size of every artifact present in manifest.json."""
+def write_manifest(run: RunDir, known: Mapping[Path, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """Record sha256 and size of every artifact present in manifest.json.
+
+    `known` gives entries ({"sha256", "size"}) that are not hashed from disk: files
+    the caller has just written (and hashed while writing), or is about to rename
+    into place (see `commit_checkpoint`).
+    """
+    known = {Path(path): dict(entry) for path, entry in (known or {}).items()}
     files = {
-        path.relative_to(run.root).as_posix(): {"sha256": sha256_file(path), "size": path.stat().st_size}
-        for path in run.artifacts()
+        path.relative_to(run.root).as_posix(): known.get(path) or file_entry(path)
+        for path in sorted(set(run.artifacts()) | set(known), key=lambda p: p.as_posix())
     }
     manifest = {"updated": utc_now(), "files": files}
     atomic_write_json(run.manifest, manifest)
     return manifest
+
+
+def read_manifest(run: RunDir) -> dict[str, dict[str, Any]] | None:
+    """The manifest's {relative path: {"sha256", "size"}}, or None when it is missing or unreadable."""
+    manifest = read_json(run.manifest)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    return files if isinstance(files, dict) else None
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    return {"sha256": sha256_file(path), "size": path.stat().st_size}
 
 
 def utc_now() -> str:

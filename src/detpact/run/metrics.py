@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,18 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def truncate_jsonl(path: Path, max_step: int) -> None:
-    """Keep only records with step <= max_step, so a resumed run never duplicates a line."""
+def truncate_jsonl(path: Path, max_step: int, size: int | None = None) -> None:
+    """Cut a metric log back to where it was at a checkpoint, so that a resumed run
+    neither duplicates nor loses a line: to `size` bytes when the checkpoint recorded
+    it, then to the records with step <= max_step (which also drops a torn last line)."""
     if not path.is_file():
         return
-    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= max_step]
-    atomic_write_text(path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in kept))
+    if size is not None and path.stat().st_size > size:
+        with path.open("r+b") as handle:
+            handle.truncate(size)
+            os.fsync(handle.fileno())
+    records = read_jsonl(path)
+    kept = [r for r in records if r.get("step", 0) <= max_step]
+    text = path.read_text(encoding="utf-8")
+    if len(kept) != len(records) or (text and not text.endswith("\n")):
+        atomic_write_text(path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in kept))
