@@ -39,22 +39,29 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-@pytest.fixture
-def env(tmp_path: Path, cache_dir: Path) -> dict[str, str]:
+def make_env(output_dir: Path, cache_dir: Path) -> dict[str, str]:
     """Environment for detpact subprocesses: private output folder, shared data cache."""
     return {
         **os.environ,
-        "DETPACT_OUTPUT_DIR": str(tmp_path / "runs"),
+        "DETPACT_OUTPUT_DIR": str(output_dir),
         "DETPACT_CACHE_DIR": str(cache_dir),
         "PYTHONUNBUFFERED": "1",
     }
 
 
-@pytest.fixture
-def tiny_config(tmp_path: Path) -> Path:
-    path = tmp_path / "tiny.yaml"
+def write_tiny_config(path: Path) -> Path:
     path.write_text(yaml.safe_dump(TINY_CONFIG, sort_keys=False))
     return path
+
+
+@pytest.fixture
+def env(tmp_path: Path, cache_dir: Path) -> dict[str, str]:
+    return make_env(tmp_path / "runs", cache_dir)
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    return write_tiny_config(tmp_path / "tiny.yaml")
 
 
 def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

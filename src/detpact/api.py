@@ -55,6 +55,7 @@ from detpact.run.contract import (
 )
 from detpact.run.report import write_train_report
 from detpact.run.status import set_phase
+from detpact.run.verify import Check, check_config_hashes, check_manifest
 
 log = logging.getLogger(__name__)
 
@@ -118,21 +119,39 @@ def train(
 def evaluate(run_dir: str | Path, *, checkpoint: str = "best", environ: Mapping[str, str] | None = None,
              verify_config: str | Path | None = None) -> dict[str, Any]:
     """COCO metrics of a run's checkpoint on its validation split; writes reports/eval.json."""
-    run = RunDir.existing(run_dir)
+    run = _open_run(run_dir, environ)
     loaded = load_detector(_checkpoint_path(run, checkpoint))
     if verify_config is not None:
         _verify_config(loaded, Path(verify_config))
     data = _run_data(loaded, environ)
-    cfg = loaded.config
     started = time.perf_counter()
-    metrics = evaluate_model(loaded.model, eval_loader(data.val, cfg.data, cfg.eval.batch_size), data.val, data.class_names, cfg.model.postprocess,
-                             loaded.device, cfg.run.amp, cfg.run.channels_last)
-    report = {"checkpoint": checkpoint, "split": cfg.data.val_split, "config_hash": loaded.bundle["config_hash"],
-              "dataset_fingerprint": data.fingerprint, "step": loaded.bundle["progress"]["global_step"],
-              "seconds": round(time.perf_counter() - started, 2), "time": utc_now(), "metrics": metrics}
+    metrics = _evaluate_as_trained(run, loaded, data)
+    report = {"checkpoint": checkpoint, "split": loaded.config.data.val_split,
+              "config_hash": loaded.bundle["config_hash"], "dataset_fingerprint": data.fingerprint,
+              "step": loaded.bundle["progress"]["global_step"], "seconds": round(time.perf_counter() - started, 2),
+              "time": utc_now(), "metrics": metrics}
     atomic_write_json(run.eval_report, report)
     write_manifest(run)
     return metrics
+
+
+def verify(run_dir: str | Path, *, environ: Mapping[str, str] | None = None, reevaluate: bool = True) -> list[Check]:
+    """Check a run folder against its records: every artifact against manifest.json, the
+    config hash of config_resolved.yaml against run_meta.json and the checkpoints, the
+    dataset fingerprint against the data on disk (a warning when it changed), and that
+    best.pt re-evaluated reproduces its recorded map50_95 exactly. Returns the checks;
+    the run passes when none has status "fail"."""
+    run = _open_run(run_dir, environ)
+    checks = check_manifest(run)
+    verified = {check.name for check in checks if check.status == "pass"}
+    checks += check_config_hashes(run, verified)
+    phase = (read_json(run.status) or {}).get("phase")
+    if phase != "done":
+        checks.append(Check("status.json", "warn", f"the run's phase is {phase!r}, not 'done': it is still running "
+                                                   "or was interrupted, so its files may still change"))
+    if reevaluate:
+        checks += _reevaluate_best(run, verified, environ)
+    return checks
 
 
 def export(run_dir: str | Path, *, checkpoint: str = "best", environ: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -141,7 +160,7 @@ def export(run_dir: str | Path, *, checkpoint: str = "best", environ: Mapping[st
     Writes exports/model.onnx, model.onnx.meta.json and reports/onnx_parity.json. Under
     `export.parity_policy: fail` a failed parity check raises CheckFailed.
     """
-    run = RunDir.existing(run_dir)
+    run = _open_run(run_dir, environ)
     ckpt_path = _checkpoint_path(run, checkpoint)
     # Exported and compared in float32 on the CPU, where onnxruntime runs too.
     loaded = load_detector(ckpt_path, torch.device("cpu"))
@@ -179,9 +198,9 @@ def export(run_dir: str | Path, *, checkpoint: str = "best", environ: Mapping[st
 
 def predict(run_dir: str | Path, images: Sequence[str | Path], *, out: str | Path,
             save_images: str | Path | None = None, checkpoint: str = "best",
-            score_threshold: float = 0.25) -> list[dict]:
+            score_threshold: float = 0.25, environ: Mapping[str, str] | None = None) -> list[dict]:
     """Detect objects in image files with a run's checkpoint; write predictions JSON (and drawn images)."""
-    run = RunDir.existing(run_dir)
+    run = _open_run(run_dir, environ)
     if not 0.0 <= score_threshold <= 1.0:
         raise DetpactError(f"--conf must be between 0 and 1, got {score_threshold}.")
     loaded = load_detector(_checkpoint_path(run, checkpoint))
@@ -214,12 +233,52 @@ def _checkpoint_path(run: RunDir, which: str) -> Path:
     return path
 
 
+def _open_run(run_dir: str | Path, environ: Mapping[str, str] | None) -> RunDir:
+    environ = os.environ if environ is None else environ
+    return RunDir.existing(run_dir, resolve_output_root(None, environ))
+
+
 def _run_data(loaded: LoadedModel, environ: Mapping[str, str] | None) -> DatasetSplits:
     data = build_datasets(loaded.config.data, _cache_dir(environ))
     if data.fingerprint != loaded.bundle["dataset_fingerprint"]:
         log.warning("the dataset at %s changed since training (fingerprint differs): results may not be "
                     "comparable with the run's own numbers", data.root)
     return data
+
+
+def _evaluate_as_trained(run: RunDir, loaded: LoadedModel, data: DatasetSplits) -> dict[str, Any]:
+    """Validation metrics of `loaded`, computed as training computed them: same seed,
+    determinism and thread count, so the numbers reproduce the logged ones exactly."""
+    cfg = loaded.config
+    threads = ((read_json(run.run_meta) or {}).get("determinism") or {}).get("num_threads")
+    setup_determinism(cfg.run.seed, cfg.run.deterministic, threads)
+    return evaluate_model(loaded.model, eval_loader(data.val, cfg.data, cfg.eval.batch_size), data.val,
+                          data.class_names, cfg.model.postprocess, loaded.device, cfg.run.amp, cfg.run.channels_last)
+
+
+def _reevaluate_best(run: RunDir, verified: set[str], environ: Mapping[str, str] | None) -> list[Check]:
+    name = "best.pt re-evaluated"
+    if "checkpoints/best.pt" not in verified:
+        return [Check(name, "fail", "not run: checkpoints/best.pt is missing or failed its checksum")]
+    loaded = load_detector(run.best_ckpt)
+    try:
+        data = build_datasets(loaded.config.data, _cache_dir(environ))
+    except DetpactError as exc:
+        return [Check("dataset fingerprint", "warn", f"the data cannot be read: {exc.message}"),
+                Check(name, "warn", "not run: the data cannot be read")]
+    recorded_fp = (read_json(run.run_meta) or {}).get("dataset_fingerprint")
+    checks = [Check("dataset fingerprint", "pass", f"{data.fingerprint[:12]} = run_meta.json")
+              if data.fingerprint == recorded_fp else
+              Check("dataset fingerprint", "warn", f"the data at {data.root} changed since training "
+                                                   f"({data.fingerprint[:12]}, recorded {str(recorded_fp)[:12]})")]
+    metrics = _evaluate_as_trained(run, loaded, data)
+    score = metrics["map50_95"] if metrics["map50_95"] is not None else -1.0
+    recorded = loaded.bundle["best_metric"]["map50_95"]
+    if score == recorded:
+        checks.append(Check(name, "pass", f"map50_95 {score!r} = recorded (step {loaded.bundle['best_metric']['step']})"))
+    else:
+        checks.append(Check(name, "fail", f"map50_95 {score!r} differs from the recorded {recorded!r} (on {loaded.device})"))
+    return checks
 
 
 def _resume_bundle(run: RunDir, cfg: Config) -> dict[str, Any]:

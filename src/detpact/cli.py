@@ -7,14 +7,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
+
+from rich.console import Console
+from rich.table import Table
 
 from detpact import __version__, api
 from detpact.console import setup_logging
 from detpact.errors import DetpactError, TrainingStopped
 from detpact.evaluation.coco import format_table
+from detpact.run.verify import Check
 
 log = logging.getLogger("detpact")
 
@@ -49,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--save-images", metavar="DIR", help="also save the images with boxes drawn into DIR")
     predict.add_argument("--conf", type=float, default=0.25, help="score threshold (default 0.25)")
     predict.add_argument("--checkpoint", choices=api.CHECKPOINT_CHOICES, default="best")
+
+    runs = commands.add_parser("runs", help="inspect run folders")
+    runs_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="RUNS_COMMAND")
+    verify = runs_commands.add_parser(
+        "verify", help="check a run's artifacts, config hash, data and best.pt metric against its records")
+    verify.add_argument("run_dir", help="run folder (e.g. runs/exp01) or run id")
+    verify.add_argument("--no-eval", action="store_true", help="skip re-evaluating best.pt (the slow check)")
+    verify.add_argument("--json", action="store_true", help="print the checks as JSON instead of a table")
     return parser
 
 
@@ -67,7 +81,29 @@ def run_command(args: argparse.Namespace) -> int:
                               checkpoint=args.checkpoint, score_threshold=args.conf)
         found = sum(len(r["detections"]) for r in records)
         print(f"{found} detections in {len(records)} images -> {args.out}")
+    elif args.command == "runs":
+        checks = api.verify(args.run_dir, reevaluate=not args.no_eval)
+        failed = [check for check in checks if check.status == "fail"]
+        if args.json:
+            print(json.dumps({"passed": not failed, "checks": [asdict(check) for check in checks]}, indent=2))
+        else:
+            print_checks(checks)
+        return 1 if failed else 0
     return 0
+
+
+def print_checks(checks: list[Check]) -> None:
+    table = Table(show_header=True, header_style="bold", box=None)
+    for column in ("check", "result", "detail"):
+        table.add_column(column)
+    styles = {"pass": "green", "warn": "yellow", "fail": "bold red"}
+    for check in checks:
+        table.add_row(check.name, f"[{styles[check.status]}]{check.status.upper()}[/]", check.detail)
+    failed = [check.name for check in checks if check.status == "fail"]
+    out = Console(width=max(120, Console().width))
+    out.print(table)
+    out.print(f"verify: [bold red]FAIL[/] ({len(failed)} of {len(checks)} checks failed: {', '.join(failed)})"
+              if failed else f"verify: [green]PASS[/] ({len(checks)} checks)")
 
 
 def resume_command(args: argparse.Namespace, run_id: str) -> str:
@@ -96,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout was piped into a reader that exited (e.g. `| head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,14 +1,29 @@
-"""Checkpoint writes are atomic; loads are weights_only and fail with clear messages."""
+"""Checkpoint writes are atomic and rotate last.pt -> last.prev.pt with checksums in the
+manifest; resumes verify and fall back; loads are weights_only and fail with clear messages."""
 
 from __future__ import annotations
 
+import errno
+import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
 
-from detpact.errors import DetpactError
-from detpact.run.checkpoint import FORMAT_VERSION, inference_state_dict, load_checkpoint, save_checkpoint
+import detpact.run.checkpoint as checkpoint_module
+from detpact.errors import DetpactError, TrainingAborted
+from detpact.run.atomic import stale_temp_files
+from detpact.run.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointRefused,
+    commit_checkpoint,
+    inference_state_dict,
+    load_checkpoint,
+    resume_checkpoint,
+    save_checkpoint,
+)
+from detpact.run.contract import RunDir, file_entry, read_manifest, write_manifest
 
 
 def bundle(value: float = 1.0) -> dict:
@@ -80,3 +95,147 @@ def test_foreign_and_future_files(tmp_path):
         load_checkpoint(path)
     with pytest.raises(DetpactError, match="Checkpoint not found"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+# --- the run's checkpoint rotation: last.pt, last.prev.pt, best.pt and manifest.json ---
+
+
+def make_run(tmp_path) -> RunDir:
+    run = RunDir(tmp_path / "run")
+    run.create()
+    return run
+
+
+def step_bundle(step: int) -> dict:
+    return {**bundle(float(step)), "progress": {"global_step": step}}
+
+
+def test_rotation_keeps_previous_and_records_every_checksum(tmp_path):
+    run = make_run(tmp_path)
+    commit_checkpoint(run, step_bundle(1), best=True)
+    commit_checkpoint(run, step_bundle(2), best=False)
+    commit_checkpoint(run, step_bundle(3), best=False)
+    steps = {p.name: load_checkpoint(p)["progress"]["global_step"] for p in run.checkpoints.iterdir()}
+    assert steps == {"last.pt": 3, "last.prev.pt": 2, "best.pt": 1}
+    manifest = read_manifest(run)
+    for path in (run.last_ckpt, run.prev_ckpt, run.best_ckpt):
+        assert manifest[f"checkpoints/{path.name}"] == file_entry(path)
+
+
+def test_fsync_then_rename_then_directory_fsync(tmp_path, monkeypatch):
+    run = make_run(tmp_path)
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}"))),
+                                                   real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", Path(b).name)), real_replace(a, b))[1])
+    commit_checkpoint(run, step_bundle(1), best=False)
+    checkpoint_rename = events.index(("replace", "last.pt"))
+    assert ("fsync", False) in events[:checkpoint_rename]  # the file's data reached the disk before the rename
+    assert events[checkpoint_rename + 1] == ("fsync", True)  # then the rename itself (the folder)
+    assert events.index(("replace", "manifest.json")) < checkpoint_rename  # checksums recorded first
+
+
+def test_crash_between_manifest_and_rename_still_resumes(tmp_path, monkeypatch):
+    run = make_run(tmp_path)
+    commit_checkpoint(run, step_bundle(1), best=False)
+    commit_checkpoint(run, step_bundle(2), best=False)
+    real_replace = checkpoint_module.replace
+
+    def crash_on_rotation(src, dst):
+        if Path(dst) == run.prev_ckpt:
+            raise KeyboardInterrupt  # stands for the kill: manifest written, files not renamed yet
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint_module, "replace", crash_on_rotation)
+    with pytest.raises(KeyboardInterrupt):
+        commit_checkpoint(run, step_bundle(3), best=False)
+    monkeypatch.setattr(checkpoint_module, "replace", real_replace)
+    assert not stale_temp_files(run.checkpoints)
+    loaded, path = resume_checkpoint(run)  # last.pt (step 2) matches the manifest's entry for last.prev.pt
+    assert path == run.last_ckpt and loaded["progress"]["global_step"] == 2
+    assert read_manifest(run)["checkpoints/last.pt"] == file_entry(run.last_ckpt)  # rewritten as it is now
+
+
+def test_missing_last_falls_back_to_prev(tmp_path, caplog):
+    run = make_run(tmp_path)
+    commit_checkpoint(run, step_bundle(1), best=False)
+    commit_checkpoint(run, step_bundle(2), best=False)
+    run.last_ckpt.unlink()  # e.g. killed between the two renames
+    loaded, path = resume_checkpoint(run)
+    assert path == run.prev_ckpt and loaded["progress"]["global_step"] == 1
+    assert run.last_ckpt.is_file() and not run.prev_ckpt.exists()  # the rotation goes on from last.pt
+    assert "last.pt is missing" in caplog.text and "last.prev.pt (step 1) instead" in caplog.text
+
+
+def test_damaged_prev_and_best_are_set_aside_on_resume(tmp_path):
+    run = make_run(tmp_path)
+    commit_checkpoint(run, step_bundle(1), best=True)
+    commit_checkpoint(run, step_bundle(2), best=False)
+    for path in (run.prev_ckpt, run.best_ckpt):
+        path.write_bytes(path.read_bytes()[:-10])
+    loaded, _ = resume_checkpoint(run)
+    assert loaded["progress"]["global_step"] == 2
+    names = sorted(p.name for p in run.checkpoints.iterdir())
+    assert names == ["best.pt.corrupt", "last.prev.pt.corrupt", "last.pt"]
+    assert list(read_manifest(run)) == ["checkpoints/last.pt"]  # never records a damaged file as good
+
+
+def test_no_usable_checkpoint_names_both_files(tmp_path):
+    run = make_run(tmp_path)
+    commit_checkpoint(run, step_bundle(1), best=False)
+    commit_checkpoint(run, step_bundle(2), best=False)
+    for path in (run.last_ckpt, run.prev_ckpt):
+        path.write_bytes(b"garbage")
+    with pytest.raises(DetpactError, match="no usable checkpoint") as err:
+        resume_checkpoint(run)
+    assert "last.pt fails its checksum" in err.value.message and "last.prev.pt fails its checksum" in err.value.message
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["last.prev.pt", "last.pt"]  # nothing moved
+
+
+def test_unsafe_checkpoint_with_forged_checksum_is_refused_not_skipped(tmp_path):
+    run = make_run(tmp_path)
+    commit_checkpoint(run, step_bundle(1), best=False)
+    commit_checkpoint(run, step_bundle(2), best=False)
+    sentinel = tmp_path / "pwned"
+    torch.save({"format_version": 1, "model": Payload(sentinel)}, run.last_ckpt)
+    write_manifest(run)  # forged: the manifest now vouches for the payload
+    with pytest.raises(CheckpointRefused, match="was refused"):
+        resume_checkpoint(run)
+    assert not sentinel.exists()
+
+
+def test_pickled_module_is_refused_naming_its_globals(tmp_path):
+    path = tmp_path / "module.pt"
+    torch.save({"format_version": 1, "model": torch.nn.Linear(2, 2)}, path)
+    with pytest.raises(CheckpointRefused) as err:
+        load_checkpoint(path)
+    assert "torch.nn.modules.linear.Linear" in err.value.message
+
+
+def test_old_torch_is_refused():
+    checkpoint_module._check_torch_version("2.13.0+cpu")
+    for version in ("2.5.1", "2.9.0"):
+        with pytest.raises(DetpactError, match="CVE-2026-24747"):
+            checkpoint_module._check_torch_version(version)
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"), RuntimeError("boom")])
+def test_failed_write_keeps_previous_checkpoints(tmp_path, error):
+    run = make_run(tmp_path)
+    commit_checkpoint(run, step_bundle(1), best=True)
+    commit_checkpoint(run, step_bundle(2), best=False)
+    before = {p.name: p.read_bytes() for p in run.checkpoints.iterdir()}
+    manifest_before = run.manifest.read_bytes()
+
+    def fail(written: int) -> None:
+        if written > 1000:
+            raise error
+
+    expected = TrainingAborted if isinstance(error, OSError) else RuntimeError
+    with pytest.raises(expected) as err:
+        commit_checkpoint(run, step_bundle(3), best=True, on_write=fail)
+    if expected is TrainingAborted:
+        assert "disk is full" in err.value.message and "--resume" in err.value.message
+    assert {p.name: p.read_bytes() for p in run.checkpoints.iterdir()} == before  # no temp file, nothing touched
+    assert run.manifest.read_bytes() == manifest_before

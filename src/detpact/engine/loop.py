@@ -170,10 +170,14 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
     if progress.global_step >= total_steps:
         log.info("the run is already complete (step %d of %d): nothing left to train", progress.global_step, total_steps)
 
+    saved_at = -1
+
     def save(improved: bool) -> None:
+        nonlocal saved_at
         parts.guard.check_weights(progress.global_step, parts.model, parts.ema.module if parts.ema else None)
         bundle = _bundle(cfg, data, run, parts, progress, sampler, best)
         commit_checkpoint(run, bundle, best=improved, on_write=faults.save_monitor(progress.global_step))
+        saved_at = progress.global_step
 
     def validate() -> bool:
         recorder.phase("eval", progress.global_step, progress.epoch)
@@ -216,11 +220,13 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
                     progress.epoch, progress.step_in_epoch, batches = progress.epoch + 1, 0, None
                 finished = progress.global_step >= total_steps
                 improved = validate() if finished or (epoch_done and _due(cfg.eval.every_epochs, progress.epoch)) else False
-                if improved or finished or stop.requested or _due(tcfg.checkpoint.every_steps, step) or (
+                if improved or finished or _due(tcfg.checkpoint.every_steps, step) or (
                         epoch_done and _due(tcfg.checkpoint.every_epochs, progress.epoch)):
                     save(improved)
                 faults.after_step(step)
-                if stop.requested:
+                if stop.requested:  # the signal may have come at any point of the step: save it now
+                    if saved_at != step:
+                        save(improved=False)
                     raise TrainingStopped(
                         f"Training stopped by {stop.signal_name} after step {step} of {total_steps} (epoch "
                         f"{progress.epoch}); its full state is saved in {run.last_ckpt}.", stop.signum, run.root.name)

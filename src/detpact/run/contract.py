@@ -72,11 +72,16 @@ class RunDir:
         return cls(Path(output_root) / validate_run_id(run_id))
 
     @classmethod
-    def existing(cls, path: str | Path) -> RunDir:
-        """Open a finished or running run's folder, checking it is one."""
-        run = cls(Path(path))
+    def existing(cls, path: str | Path, output_root: Path | None = None) -> RunDir:
+        """Open a finished or running run's folder, checking it is one. `path` is a run
+        folder, or else the id of a run under `output_root` (e.g. `exp01`)."""
+        root = Path(path)
+        if not root.is_dir() and output_root is not None and RUN_ID_PATTERN.fullmatch(str(path)):
+            root = Path(output_root) / str(path) if (Path(output_root) / str(path)).is_dir() else root
+        run = cls(root)
         if not run.root.is_dir():
-            raise DetpactError(f"Run folder not found: {run.root}. Pass the folder printed by 'detpact train' (e.g. runs/exp01).")
+            raise DetpactError(f"Run folder not found: {run.root}. Pass the folder printed by 'detpact train' "
+                               "(e.g. runs/exp01), or a run id under the output root.")
         if not run.config_resolved.is_file():
             raise DetpactError(
                 f"{run.root} is not a detpact run folder (no {run.config_resolved.relative_to(run.root)}). "

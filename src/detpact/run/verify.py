@@ -1,0 +1,84 @@
+"""`detpact runs verify`: checks that a run folder is what its records say it is.
+
+Each check yields a `Check` row (pass / warn / fail, with the file it is about).
+This module holds the checks that need only the run folder: artifacts against
+manifest.json, and the config hash in config_resolved.yaml, run_meta.json and the
+checkpoints. The API adds the ones that need the data (fingerprint, re-evaluation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from detpact.config import config_hash, load_config
+from detpact.errors import DetpactError
+from detpact.run.atomic import read_json, stale_temp_files
+from detpact.run.checkpoint import CORRUPT_SUFFIX, load_checkpoint
+from detpact.run.contract import RunDir, file_entry, read_manifest
+
+Status = Literal["pass", "warn", "fail"]
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    detail: str = ""
+
+
+def check_manifest(run: RunDir) -> list[Check]:
+    """Every artifact against its recorded sha256 and size; artifacts the manifest lacks fail."""
+    manifest = read_manifest(run)
+    if manifest is None:
+        return [Check("manifest.json", "fail", f"{run.manifest} is missing or unreadable: nothing can be verified")]
+    checks = []
+    for name, recorded in manifest.items():
+        path = run.root / name
+        if not path.is_file():
+            checks.append(Check(name, "fail", "missing (recorded in manifest.json)"))
+            continue
+        actual = file_entry(path)
+        if actual["sha256"] != recorded.get("sha256"):
+            checks.append(Check(name, "fail", f"sha256 differs from manifest.json (size {actual['size']}, recorded "
+                                              f"{recorded.get('size')}): altered after it was written"))
+        else:
+            checks.append(Check(name, "pass", f"sha256 {actual['sha256'][:12]}, {actual['size']} bytes"))
+    for path in run.artifacts():
+        if path.relative_to(run.root).as_posix() not in manifest:
+            checks.append(Check(path.relative_to(run.root).as_posix(), "fail", "not recorded in manifest.json"))
+    leftovers = stale_temp_files(run.checkpoints) + sorted(run.checkpoints.glob(f"*{CORRUPT_SUFFIX}"))
+    for path in leftovers:
+        checks.append(Check(path.relative_to(run.root).as_posix(), "warn",
+                            "left by an interrupted write or set aside as damaged; not part of the run"))
+    return checks
+
+
+def check_config_hashes(run: RunDir, verified: set[str]) -> list[Check]:
+    """config_resolved.yaml hashes to the config_hash of run_meta.json and of each checkpoint
+    (only checkpoints named in `verified`, i.e. whose sha256 matched, are opened)."""
+    try:
+        expected = config_hash(load_config(run.config_resolved))
+    except DetpactError as exc:
+        return [Check("config hash", "fail", exc.message)]
+    meta = read_json(run.run_meta) or {}
+    checks = [_hash_check("reports/run_meta.json", meta.get("config_hash"), expected)]
+    for path in (run.last_ckpt, run.prev_ckpt, run.best_ckpt):
+        name = path.relative_to(run.root).as_posix()
+        if not path.is_file():
+            continue
+        if name not in verified:
+            checks.append(Check(f"config hash in {name}", "fail", "not checked: the file failed its checksum"))
+            continue
+        try:
+            checks.append(_hash_check(name, load_checkpoint(path)["config_hash"], expected))
+        except DetpactError as exc:
+            checks.append(Check(f"config hash in {name}", "fail", exc.message))
+    return checks
+
+
+def _hash_check(name: str, recorded: str | None, expected: str) -> Check:
+    if recorded == expected:
+        return Check(f"config hash in {name}", "pass", f"{expected[:12]} = config_resolved.yaml")
+    return Check(f"config hash in {name}", "fail",
+                 f"{str(recorded)[:12]} differs from config_resolved.yaml ({expected[:12]})")

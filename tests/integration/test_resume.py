@@ -1,0 +1,244 @@
+"""Exact resume (issue 3): runs killed, stopped or damaged at different moments and
+resumed end bit for bit where an uninterrupted run ends; fresh runs are identical;
+the DataLoader worker count changes nothing. Real subprocesses and real signals.
+
+Every run here trains the tiny config with batch 4 x accumulate 2 (3 optimizer steps
+per epoch, 6 in all) and a checkpoint every 2 steps, so checkpoints land at steps
+2, 3 (epoch end), 4 and 6.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_env, run_cli, write_tiny_config
+from detpact import api
+from detpact.run.checkpoint import save_checkpoint
+from detpact.run.contract import RunDir, write_manifest
+
+SETS = ["--set", "train.batch_size=4", "--set", "train.accumulate=2", "--set", "train.checkpoint.every_steps=2"]
+TIMING_FIELDS = {"time_s", "samples_per_s"}
+
+pytestmark = pytest.mark.slow
+
+
+def state_digests(checkpoint: Path) -> dict[str, str]:
+    """sha256 of every model, EMA and optimizer tensor (and plain value) in a checkpoint."""
+    bundle = torch.load(checkpoint, weights_only=True)
+    digests: dict[str, str] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            raw = f"{value.dtype}{tuple(value.shape)}".encode() + value.numpy().tobytes()
+            digests[prefix] = hashlib.sha256(raw).hexdigest()
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}", item)
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                walk(f"{prefix}.{index}", item)
+        else:
+            digests[prefix] = repr(value)
+
+    for key in ("model", "ema", "optimizer"):
+        walk(key, bundle[key])
+    return digests
+
+
+def metric_lines(run: Path, name: str) -> list[dict]:
+    lines = (run / "reports" / name).read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS} for line in lines]
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    ours, theirs = state_digests(run / "checkpoints" / "last.pt"), state_digests(reference / "checkpoints" / "last.pt")
+    assert len(ours) > 100 and ours.keys() == theirs.keys()
+    assert [name for name in ours if ours[name] != theirs[name]] == []
+    for name in ("train_metrics.jsonl", "val_metrics.jsonl"):
+        assert metric_lines(run, name) == metric_lines(reference, name), name
+
+
+class Runner:
+    """Runs `detpact train` on the tiny config in one folder."""
+
+    def __init__(self, root: Path, cache_dir: Path):
+        self.root = root
+        self.env = make_env(root / "runs", cache_dir)
+        self.config = write_tiny_config(root / "tiny.yaml")
+
+    def train(self, run_id: str, *extra: str, fault: str | None = None):
+        env = {**self.env, "DETPACT_FAULT": fault} if fault else self.env
+        return run_cli(["train", str(self.config), "--run-id", run_id, *SETS, *extra], env, self.root)
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.root / "runs" / run_id
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory, cache_dir) -> Runner:
+    return Runner(tmp_path_factory.mktemp("resume"), cache_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(runner) -> Path:
+    """The uninterrupted run every other run is compared with."""
+    result = runner.train("straight")
+    assert result.returncode == 0, result.stderr
+    return runner.run_dir("straight")
+
+
+def damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    else:  # one flipped bit in the middle of the tensor data
+        data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("case", "fault", "resumed_at"),
+    [
+        ("mid-epoch", "kill@step=5", 4),
+        ("inside an accumulation group", "kill@step=5:micro=1", 4),
+        ("while a checkpoint is written", "kill@save=4:bytes=65536", 3),
+        ("at an epoch boundary", "kill@step=3", 3),
+        ("truncated last.pt", "kill@step=5", 3),
+        ("bit-flipped last.pt", "kill@step=5", 3),
+    ],
+)
+def test_killed_run_resumes_to_the_same_bits(runner, reference, case, fault, resumed_at):
+    run_id = case.replace(" ", "-").replace(".", "")
+    run = runner.run_dir(run_id)
+    crashed = runner.train(run_id, fault=fault)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    if case == "while a checkpoint is written":
+        assert list((run / "checkpoints").glob(".last.pt.*.tmp")), "the kill left a partial temporary file"
+    if case.endswith("last.pt"):
+        damage(run / "checkpoints" / "last.pt", case.split()[0])
+
+    # Resume with a different DataLoader worker count: results must not depend on it.
+    resumed = runner.train(run_id, "--resume", "--set", "data.num_workers=2")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed at step {resumed_at} " in resumed.stderr
+    if case.endswith("last.pt"):
+        assert "last.pt fails its checksum" in resumed.stderr and "last.prev.pt (step 3) instead" in resumed.stderr
+        assert (run / "checkpoints" / "last.pt.corrupt").is_file()  # set aside, not deleted
+    assert not list((run / "checkpoints").glob(".*.tmp"))
+    assert_same_run(run, reference)
+
+
+def test_sigterm_stops_at_a_step_boundary_with_a_resume_hint(runner, reference):
+    run = runner.run_dir("sigterm")
+    stopped = runner.train("sigterm", fault="term@step=5")  # a real SIGTERM, mid-epoch
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    assert "Training stopped by SIGTERM after step 5" in stopped.stderr and "Traceback" not in stopped.stderr
+    hint = stopped.stderr.split("Resume with:")[1].strip().splitlines()[0]
+    assert hint.startswith("detpact train ") and "--run-id sigterm --resume" in hint
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["progress"]["global_step"] == 5
+    assert json.loads((run / "status.json").read_text())["phase"] == "stopped"
+
+    resumed = runner.train("sigterm", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed at step 5 " in resumed.stderr
+    assert_same_run(run, reference)
+
+
+def test_fresh_runs_are_identical_whatever_the_worker_count(runner, reference):
+    for run_id, extra in (("again", []), ("workers", ["--set", "data.num_workers=2"])):
+        result = runner.train(run_id, *extra)
+        assert result.returncode == 0, result.stderr
+        assert_same_run(runner.run_dir(run_id), reference)
+    other_seed = runner.train("seed1", "--set", "run.seed=1")
+    assert other_seed.returncode == 0, other_seed.stderr
+    with pytest.raises(AssertionError):
+        assert_same_run(runner.run_dir("seed1"), reference)
+    meta = json.loads((reference / "reports" / "run_meta.json").read_text())
+    assert meta["determinism"]["deterministic"] is True and meta["determinism"]["num_threads"] == torch.get_num_threads()
+
+
+class Payload:
+    """Unpickling this writes a file: proof that a payload ran."""
+
+    def __init__(self, sentinel: Path):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (open, (str(self.sentinel), "w"))
+
+
+@pytest.mark.parametrize("manifest_forged", [False, True])
+def test_malicious_last_pt_never_runs(runner, reference, tmp_path, manifest_forged):
+    run = tmp_path / "runs" / "evil"
+    shutil.copytree(reference, run)
+    sentinel = tmp_path / "pwned"
+    last = run / "checkpoints" / "last.pt"
+    torch.save({"format_version": 1, "model": Payload(sentinel)}, last)
+    if manifest_forged:  # the attacker also rewrote the checksum: the load itself must refuse
+        manifest = json.loads((run / "manifest.json").read_text())
+        manifest["files"]["checkpoints/last.pt"]["sha256"] = hashlib.sha256(last.read_bytes()).hexdigest()
+        (run / "manifest.json").write_text(json.dumps(manifest))
+    env = make_env(tmp_path / "runs", Path(runner.env["DETPACT_CACHE_DIR"]))
+    result = run_cli(["train", str(runner.config), "--run-id", "evil", "--resume", *SETS], env, tmp_path)
+    if manifest_forged:
+        assert result.returncode == 2 and "was refused" in result.stderr and "Traceback" not in result.stderr
+    else:  # fails its checksum before anything is unpickled: falls back to last.prev.pt
+        assert result.returncode == 0, result.stderr
+        assert "last.pt fails its checksum" in result.stderr
+    assert not sentinel.exists()
+
+
+def test_runs_verify_passes_then_names_the_altered_file(runner, reference, tmp_path):
+    env = runner.env
+    passed = run_cli(["runs", "verify", str(reference)], env, tmp_path)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert "verify: PASS" in passed.stdout and "best.pt re-evaluated" in passed.stdout
+    by_id = run_cli(["runs", "verify", "straight", "--no-eval", "--json"], env, tmp_path)  # a run id works too
+    assert by_id.returncode == 0 and json.loads(by_id.stdout)["passed"] is True
+
+    altered = tmp_path / "altered"
+    shutil.copytree(reference, altered)
+    metrics = altered / "reports" / "val_metrics.jsonl"
+    metrics.write_text(metrics.read_text().replace('"map50"', '"map50" ', 1))
+    failed = run_cli(["runs", "verify", str(altered), "--no-eval"], env, tmp_path)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "verify: FAIL" in failed.stdout and "reports/val_metrics.jsonl" in failed.stdout
+
+
+def test_runs_verify_fails_on_any_altered_artifact(runner, reference, tmp_path):
+    recorded = json.loads((reference / "manifest.json").read_text())["files"]
+    assert {"checkpoints/last.pt", "checkpoints/last.prev.pt", "checkpoints/best.pt",
+            "reports/train_metrics.jsonl", "reports/run_meta.json"} <= set(recorded)
+    for name in recorded:
+        run = tmp_path / name.replace("/", "_")
+        shutil.copytree(reference, run)
+        with (run / name).open("r+b") as handle:  # one flipped bit, in place
+            handle.seek(handle.seek(0, 2) // 2)
+            byte = handle.read(1)
+            handle.seek(-1, 1)
+            handle.write(bytes([byte[0] ^ 0x01]))
+        failed = [c.name for c in api.verify(run, environ=runner.env, reevaluate=False) if c.status == "fail"]
+        assert name in failed, name
+
+
+def test_runs_verify_reevaluates_best_exactly(runner, reference, tmp_path):
+    run = tmp_path / "rerecorded"
+    shutil.copytree(reference, run)
+    best = run / "checkpoints" / "best.pt"
+    bundle = torch.load(best, weights_only=True)
+    recorded = bundle["best_metric"]["map50_95"]
+    bundle["best_metric"]["map50_95"] = float(np.nextafter(recorded, 1.0))  # off by one ulp
+    save_checkpoint(best, bundle)
+    write_manifest(RunDir(run))  # with a consistent manifest, only the re-evaluation can tell
+    checks = {c.name: c for c in api.verify(run, environ=runner.env)}
+    assert checks["checkpoints/best.pt"].status == "pass" and checks["dataset fingerprint"].status == "pass"
+    assert checks["best.pt re-evaluated"].status == "fail"
+    assert f"map50_95 {recorded!r} differs" in checks["best.pt re-evaluated"].detail
