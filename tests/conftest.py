@@ -46,6 +46,7 @@ def make_env(output_dir: Path, cache_dir: Path) -> dict[str, str]:
         "DETPACT_OUTPUT_DIR": str(output_dir),
         "DETPACT_CACHE_DIR": str(cache_dir),
         "PYTHONUNBUFFERED": "1",
+        "COLUMNS": "250",  # rich wraps log lines at the terminal width; keep each on one line
     }
 
 

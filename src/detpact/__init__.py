@@ -5,11 +5,12 @@
     detpact.evaluate(run.root)
     detpact.export(run.root)
     detpact.predict(run.root, ["photos/"], out="preds.json")
+    detpact.verify(run.root)
 """
 
-from detpact.api import evaluate, export, predict, train
+from detpact.api import evaluate, export, predict, train, verify
 from detpact.config import Config, config_hash, load_config
 from detpact.errors import DetpactError
 
-__all__ = ["Config", "DetpactError", "config_hash", "evaluate", "export", "load_config", "predict", "train"]
+__all__ = ["Config", "DetpactError", "config_hash", "evaluate", "export", "load_config", "predict", "train", "verify"]
 __version__ = "0.1.0"

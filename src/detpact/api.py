@@ -22,6 +22,7 @@ from detpact.config import (
     diff_configs,
     dump_config_yaml,
     load_config,
+    resolved_dict,
 )
 from detpact.data.dataset import DatasetSplits, DetectionDataset, build_datasets, eval_loader
 from detpact.engine.evaluate import evaluate as evaluate_model
@@ -53,6 +54,7 @@ from detpact.run.contract import (
     utc_now,
     write_manifest,
 )
+from detpact.run.metrics import truncate_jsonl
 from detpact.run.report import write_train_report
 from detpact.run.status import set_phase
 from detpact.run.verify import Check, check_config_hashes, check_manifest
@@ -99,7 +101,7 @@ def train(
         )
     run.create()
     atomic_write_text(run.config_resolved, dump_config_yaml(cfg))
-    meta = _write_run_meta(run, cfg, data, device, determinism, resumed=bundle is not None)
+    meta = _write_run_meta(run, cfg, data, device, determinism, resumed=resume)
     log.info("run folder: %s (dataset: %s, %s)", run.root, data.mode, data.root)
 
     result = fit(cfg, run, data, device, bundle, faults)
@@ -281,18 +283,30 @@ def _reevaluate_best(run: RunDir, verified: set[str], environ: Mapping[str, str]
     return checks
 
 
-def _resume_bundle(run: RunDir, cfg: Config) -> dict[str, Any]:
+def _resume_bundle(run: RunDir, cfg: Config) -> dict[str, Any] | None:
+    """The bundle to resume `run` from; None for a run stopped before its first checkpoint,
+    which then restarts from step 0 in the same folder."""
     if not run.last_ckpt.is_file() and not run.prev_ckpt.is_file():
-        raise DetpactError(f"Cannot resume: no checkpoint at {run.last_ckpt}. Check --run-id (and "
-                           "run.output_root), or start the run without --resume.")
+        if not run.config_resolved.is_file():
+            raise DetpactError(f"Cannot resume: no checkpoint at {run.last_ckpt}. Check --run-id (and "
+                               "run.output_root), or start the run without --resume.")
+        _refuse_config_drift(run, resolved_dict(load_config(run.config_resolved)), cfg)
+        log.warning("%s has no checkpoint yet (the run stopped before its first one): training restarts "
+                    "from step 0", run.root)
+        for path in (run.train_metrics, run.val_metrics):
+            truncate_jsonl(path, 0)
+        return None
     bundle, _ = resume_checkpoint(run)
-    if bundle["config_hash"] != config_hash(cfg):
-        listing = "\n".join(f"  - {d}" for d in diff_configs(bundle["config"], cfg)) \
-            or "  (no key-level difference found)"
-        raise DetpactError(f"Cannot resume {run.root}: the config differs from the one the run was started "
-                           f"with (checkpoint -> now):\n{listing}\nResume with the original config, or start a "
-                           "new run with --run-id.")
+    _refuse_config_drift(run, bundle["config"], cfg)
     return bundle
+
+
+def _refuse_config_drift(run: RunDir, started_with: dict[str, Any], cfg: Config) -> None:
+    if config_hash(started_with) != config_hash(cfg):
+        listing = "\n".join(f"  - {d}" for d in diff_configs(started_with, cfg)) or "  (no key-level difference found)"
+        raise DetpactError(f"Cannot resume {run.root}: the config differs from the one the run was started "
+                           f"with (then -> now):\n{listing}\nResume with the original config, or start a "
+                           "new run with --run-id.")
 
 
 def _num_threads(cfg: Config, bundle: dict[str, Any] | None) -> int | None:

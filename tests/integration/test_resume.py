@@ -4,7 +4,7 @@ the DataLoader worker count changes nothing. Real subprocesses and real signals.
 
 Every run here trains the tiny config with batch 4 x accumulate 2 (3 optimizer steps
 per epoch, 6 in all) and a checkpoint every 2 steps, so checkpoints land at steps
-2, 3 (epoch end), 4 and 6.
+2, 3 (epoch end, with best.pt), 4 and 6.
 """
 
 from __future__ import annotations
@@ -107,10 +107,12 @@ def damage(path: Path, how: str) -> None:
 @pytest.mark.parametrize(
     ("case", "fault", "resumed_at"),
     [
+        ("before the first checkpoint", "kill@step=1", 0),
         ("mid-epoch", "kill@step=5", 4),
         ("inside an accumulation group", "kill@step=5:micro=1", 4),
         ("while a checkpoint is written", "kill@save=4:bytes=65536", 3),
         ("at an epoch boundary", "kill@step=3", 3),
+        ("while the epoch-end checkpoint is written", "kill@save=3", 2),
         ("truncated last.pt", "kill@step=5", 3),
         ("bit-flipped last.pt", "kill@step=5", 3),
     ],
@@ -120,7 +122,7 @@ def test_killed_run_resumes_to_the_same_bits(runner, reference, case, fault, res
     run = runner.run_dir(run_id)
     crashed = runner.train(run_id, fault=fault)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
-    if case == "while a checkpoint is written":
+    if case.startswith("while"):
         assert list((run / "checkpoints").glob(".last.pt.*.tmp")), "the kill left a partial temporary file"
     if case.endswith("last.pt"):
         damage(run / "checkpoints" / "last.pt", case.split()[0])
@@ -128,7 +130,10 @@ def test_killed_run_resumes_to_the_same_bits(runner, reference, case, fault, res
     # Resume with a different DataLoader worker count: results must not depend on it.
     resumed = runner.train(run_id, "--resume", "--set", "data.num_workers=2")
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed at step {resumed_at} " in resumed.stderr
+    if resumed_at:
+        assert f"resumed at step {resumed_at} " in resumed.stderr
+    else:
+        assert "training restarts from step 0" in resumed.stderr
     if case.endswith("last.pt"):
         assert "last.pt fails its checksum" in resumed.stderr and "last.prev.pt (step 3) instead" in resumed.stderr
         assert (run / "checkpoints" / "last.pt.corrupt").is_file()  # set aside, not deleted

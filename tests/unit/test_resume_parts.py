@@ -90,6 +90,6 @@ def test_non_finite_weights_are_never_checkpointed():
     guard = NonFiniteGuard(3, "runs/x/checkpoints/last.pt")
     guard.check_weights(7, model, None)
     with torch.no_grad():
-        model.weight[0, 0] = float("inf")
+        model.weight[0, 0] = float("nan")
     with pytest.raises(TrainingAborted, match="step 7.*weight.*runs/x/checkpoints/last.pt"):
         guard.check_weights(7, model)

@@ -70,10 +70,16 @@ def commit_checkpoint(run: RunDir, bundle: dict[str, Any], *, best: bool,
             with temp_sibling(run.best_ckpt) as (handle, tmp_best), tmp_last.open("rb") as source:
                 temps.append(tmp_best)
                 shutil.copyfileobj(source, handle, 1 << 20)
-        known = {run.last_ckpt: entry, **({run.best_ckpt: entry} if best else {})}
+        # Checkpoints only change through here, so the manifest's entries for the ones
+        # not rewritten still hold: reuse them rather than hash those files again.
+        recorded = read_manifest(run) or {}
+        known = {run.last_ckpt: entry}
         if run.last_ckpt.is_file():
-            recorded = (read_manifest(run) or {}).get("checkpoints/last.pt")
-            known[run.prev_ckpt] = recorded or file_entry(run.last_ckpt)
+            known[run.prev_ckpt] = recorded.get("checkpoints/last.pt") or file_entry(run.last_ckpt)
+        if best:
+            known[run.best_ckpt] = entry
+        elif run.best_ckpt.is_file() and "checkpoints/best.pt" in recorded:
+            known[run.best_ckpt] = recorded["checkpoints/best.pt"]
         write_manifest(run, known)
         if run.last_ckpt.is_file():
             replace(run.last_ckpt, run.prev_ckpt)
