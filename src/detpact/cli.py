@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from detpact import __version__, api
@@ -98,11 +99,11 @@ def print_checks(checks: list[Check]) -> None:
         table.add_column(column)
     styles = {"pass": "green", "warn": "yellow", "fail": "bold red"}
     for check in checks:
-        table.add_row(check.name, f"[{styles[check.status]}]{check.status.upper()}[/]", check.detail)
+        table.add_row(escape(check.name), f"[{styles[check.status]}]{check.status.upper()}[/]", escape(check.detail))
     failed = [check.name for check in checks if check.status == "fail"]
     out = Console(width=max(120, Console().width))
     out.print(table)
-    out.print(f"verify: [bold red]FAIL[/] ({len(failed)} of {len(checks)} checks failed: {', '.join(failed)})"
+    out.print(f"verify: [bold red]FAIL[/] ({len(failed)} of {len(checks)} checks failed: {escape(', '.join(failed))})"
               if failed else f"verify: [green]PASS[/] ({len(checks)} checks)")
 
 

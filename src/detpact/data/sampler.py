@@ -37,5 +37,8 @@ class ResumableSampler(Sampler[tuple[int, int]]):
     def __len__(self) -> int:
         return max(0, self.num_samples - self.start)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "start": self.start, "seed": self.seed, "num_samples": self.num_samples}
+    def state_at(self, epoch: int, start: int) -> dict[str, int]:
+        """The sampler's state for a checkpoint whose next batch begins at `start` of `epoch`
+        (the loader prefetches, so only the loop knows how far training has consumed)."""
+        return {"seed": self.seed, "num_samples": self.num_samples, "shuffle": int(self.shuffle),
+                "epoch": epoch, "start": start}

@@ -288,7 +288,7 @@ def _bundle(cfg: Config, data: DatasetSplits, run: RunDir, parts: StepParts, pro
         "ema": parts.ema.state_dict() if parts.ema else None,
         "progress": asdict(progress),
         "rng": rng_state(),
-        "sampler": sampler.state_dict(),
+        "sampler": sampler.state_at(progress.epoch, progress.step_in_epoch * cfg.train.batch_size * cfg.train.accumulate),
         "nonfinite": parts.guard.state_dict(),
         # Where the metric logs ended when this was written: a resume cuts them back to here.
         "metrics": {"train_bytes": _file_size(run.train_metrics), "val_bytes": _file_size(run.val_metrics)},
