@@ -26,6 +26,7 @@ $(STAMP): pyproject.toml | $(PY)
 demo: $(STAMP)
 	$(VENV)/bin/detpact train configs/quickstart.yaml --run-id $(RUN_ID)
 	$(VENV)/bin/detpact eval runs/$(RUN_ID)
+	$(VENV)/bin/detpact runs verify runs/$(RUN_ID)
 	@echo "run directory: runs/$(RUN_ID)"
 	@echo "next: $(VENV)/bin/detpact predict runs/$(RUN_ID) <images...> --out preds.json --save-images preds/"
 
@@ -37,6 +38,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/overhead.py
+	$(PY) bench/checkpoint.py
 
 clean-venv:
 	rm -rf $(VENV)
