@@ -69,13 +69,15 @@ def train(
     *,
     run_id: str | None = None,
     resume: bool = False,
+    allow_drift: bool = False,
     overrides: Sequence[str] = (),
     environ: Mapping[str, str] | None = None,
 ) -> RunDir:
     """Train a detector per `config` into `<output_root>/<run_id>`; returns the run folder.
 
     With `resume=True`, continue the run from its `checkpoints/last.pt`; the config must
-    hash the same as the one the run was started with.
+    hash the same as the one the run was started with, and the dataset must be unchanged,
+    unless `allow_drift` (then the differences are logged and recorded in run_meta.json).
     """
     environ = os.environ if environ is None else environ
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
@@ -85,7 +87,8 @@ def train(
         raise DetpactError("--resume needs the --run-id of the run to continue (its folder name under "
                            f"{output_root}).")
     run = RunDir.for_run_id(output_root, run_id or default_run_id(cfg.run.name, datetime.now()))
-    bundle = _resume_bundle(run, cfg) if resume else None
+    drift: dict[str, Any] = {}
+    bundle = _resume_bundle(run, cfg, drift, allow_drift) if resume else None
     if not resume and run.root.exists() and any(run.root.iterdir()):
         raise DetpactError(f"Run folder {run.root} already exists. Add --resume to continue it, or pass "
                            "another --run-id.")
@@ -95,13 +98,17 @@ def train(
     determinism = setup_determinism(cfg.run.seed, cfg.run.deterministic, _num_threads(cfg, bundle))
     data = build_datasets(cfg.data, _cache_dir(environ))
     if bundle is not None and bundle["dataset_fingerprint"] != data.fingerprint:
-        raise DetpactError(
-            f"Cannot resume {run.root}: the dataset at {data.root} changed since the checkpoint was written "
-            "(fingerprint differs). Restore the data, or start a new run."
-        )
+        if not allow_drift:
+            raise DetpactError(
+                f"Cannot resume {run.root}: the dataset at {data.root} changed since the checkpoint was written "
+                "(fingerprint differs). Restore the data, start a new run, or pass --allow-drift to continue "
+                "on the new data anyway (recorded in run_meta.json)."
+            )
+        log.warning("resuming on changed data (--allow-drift): the dataset fingerprint differs from the checkpoint's")
+        drift["dataset_fingerprint"] = {"checkpoint": bundle["dataset_fingerprint"], "now": data.fingerprint}
     run.create()
     atomic_write_text(run.config_resolved, dump_config_yaml(cfg))
-    meta = _write_run_meta(run, cfg, data, device, determinism, resumed=resume)
+    meta = _write_run_meta(run, cfg, data, device, determinism, resumed=resume, drift=drift)
     log.info("run folder: %s (dataset: %s, %s)", run.root, data.mode, data.root)
 
     result = fit(cfg, run, data, device, bundle, faults)
@@ -278,35 +285,47 @@ def _reevaluate_best(run: RunDir, verified: set[str], environ: Mapping[str, str]
     recorded = loaded.bundle["best_metric"]["map50_95"]
     if score == recorded:
         checks.append(Check(name, "pass", f"map50_95 {score!r} = recorded (step {loaded.bundle['best_metric']['step']})"))
+    elif data.fingerprint != loaded.bundle["dataset_fingerprint"]:
+        checks.append(Check(name, "warn", f"map50_95 {score!r}, recorded {recorded!r}: not comparable, best.pt was "
+                                          "validated on other data"))
     else:
         checks.append(Check(name, "fail", f"map50_95 {score!r} differs from the recorded {recorded!r} (on {loaded.device})"))
     return checks
 
 
-def _resume_bundle(run: RunDir, cfg: Config) -> dict[str, Any] | None:
+def _resume_bundle(run: RunDir, cfg: Config, drift: dict[str, Any], allow_drift: bool) -> dict[str, Any] | None:
     """The bundle to resume `run` from; None for a run stopped before its first checkpoint,
-    which then restarts from step 0 in the same folder."""
+    which then restarts from step 0 in the same folder. Config drift is refused, or with
+    `allow_drift` recorded into `drift`."""
     if not run.last_ckpt.is_file() and not run.prev_ckpt.is_file():
         if not run.config_resolved.is_file():
             raise DetpactError(f"Cannot resume: no checkpoint at {run.last_ckpt}. Check --run-id (and "
                                "run.output_root), or start the run without --resume.")
-        _refuse_config_drift(run, resolved_dict(load_config(run.config_resolved)), cfg)
+        _check_config_drift(run, resolved_dict(load_config(run.config_resolved)), cfg, drift, allow_drift)
         log.warning("%s has no checkpoint yet (the run stopped before its first one): training restarts "
                     "from step 0", run.root)
         for path in (run.train_metrics, run.val_metrics):
             truncate_jsonl(path, 0)
         return None
     bundle, _ = resume_checkpoint(run)
-    _refuse_config_drift(run, bundle["config"], cfg)
+    _check_config_drift(run, bundle["config"], cfg, drift, allow_drift)
     return bundle
 
 
-def _refuse_config_drift(run: RunDir, started_with: dict[str, Any], cfg: Config) -> None:
-    if config_hash(started_with) != config_hash(cfg):
-        listing = "\n".join(f"  - {d}" for d in diff_configs(started_with, cfg)) or "  (no key-level difference found)"
+def _check_config_drift(run: RunDir, started_with: dict[str, Any], cfg: Config, drift: dict[str, Any],
+                        allow_drift: bool) -> None:
+    before, now = config_hash(started_with), config_hash(cfg)
+    if before == now:
+        return
+    diffs = diff_configs(started_with, cfg)
+    if not allow_drift:
+        listing = "\n".join(f"  - {d}" for d in diffs) or "  (no key-level difference found)"
         raise DetpactError(f"Cannot resume {run.root}: the config differs from the one the run was started "
-                           f"with (then -> now):\n{listing}\nResume with the original config, or start a "
-                           "new run with --run-id.")
+                           f"with (then -> now):\n{listing}\nResume with the original config, start a new run "
+                           "with --run-id, or pass --allow-drift to continue with the new config anyway "
+                           "(recorded in run_meta.json).")
+    log.warning("resuming with a changed config (--allow-drift): %s", "; ".join(diffs))
+    drift["config"] = {"changes": diffs, "config_hash_before": before, "config_hash_now": now}
 
 
 def _num_threads(cfg: Config, bundle: dict[str, Any] | None) -> int | None:
@@ -329,14 +348,15 @@ def _verify_config(loaded: LoadedModel, config_path: Path) -> None:
 
 
 def _write_run_meta(run: RunDir, cfg: Config, data: DatasetSplits, device: torch.device,
-                    determinism: dict, resumed: bool) -> dict[str, Any]:
+                    determinism: dict, resumed: bool, drift: dict[str, Any]) -> dict[str, Any]:
     previous = read_json(run.run_meta)
     now = utc_now()
     meta = previous if resumed and previous else {
         "run_id": run.root.name, "start_time": now, "end_time": None, "resumes": [],
     }
     if resumed:
-        meta.setdefault("resumes", []).append({"time": now, "argv": host_info()["argv"]})
+        meta.setdefault("resumes", []).append({"time": now, "argv": host_info()["argv"],
+                                               **({"allowed_drift": drift} if drift else {})})
     meta.update({
         "config_hash": config_hash(cfg),
         "dataset": {"mode": data.mode, "root": str(data.root), "num_train": len(data.train),

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config file, e.g. configs/quickstart.yaml")
     train.add_argument("--run-id", help="run folder name under the output root (default: <time>_<run.name>)")
     train.add_argument("--resume", action="store_true", help="continue the run from its checkpoints/last.pt")
+    train.add_argument("--allow-drift", action="store_true",
+                       help="with --resume: continue even though the config or the data changed (recorded in run_meta.json)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.epochs=5 (repeatable)")
 
@@ -69,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_command(args: argparse.Namespace) -> int:
     if args.command == "train":
-        run = api.train(args.config, run_id=args.run_id, resume=args.resume, overrides=args.overrides)
+        if args.allow_drift and not args.resume:
+            raise DetpactError("--allow-drift only applies to --resume.")
+        run = api.train(args.config, run_id=args.run_id, resume=args.resume, allow_drift=args.allow_drift,
+                        overrides=args.overrides)
         print(f"run directory: {run.root}")
     elif args.command == "eval":
         metrics = api.evaluate(args.run_dir, checkpoint=args.checkpoint, verify_config=args.verify_config)

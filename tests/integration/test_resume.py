@@ -247,3 +247,20 @@ def test_runs_verify_reevaluates_best_exactly(runner, reference, tmp_path):
     assert checks["checkpoints/best.pt"].status == "pass" and checks["dataset fingerprint"].status == "pass"
     assert checks["best.pt re-evaluated"].status == "fail"
     assert f"map50_95 {recorded!r} differs" in checks["best.pt re-evaluated"].detail
+
+
+def test_config_drift_is_refused_unless_allowed_and_then_recorded(runner, reference, tmp_path):
+    shutil.copytree(reference, tmp_path / "runs" / "longer")
+    env = make_env(tmp_path / "runs", Path(runner.env["DETPACT_CACHE_DIR"]))
+    longer = ["train", str(runner.config), "--run-id", "longer", "--resume", *SETS, "--set", "train.epochs=3"]
+    refused = run_cli(longer, env, tmp_path)
+    assert refused.returncode == 2 and "train.epochs: 2 -> 3" in refused.stderr and "--allow-drift" in refused.stderr
+
+    extended = run_cli([*longer, "--allow-drift"], env, tmp_path)
+    assert extended.returncode == 0, extended.stderr
+    run = tmp_path / "runs" / "longer"
+    assert [r["step"] for r in metric_lines(run, "train_metrics.jsonl")] == list(range(1, 10))
+    drift = json.loads((run / "reports" / "run_meta.json").read_text())["resumes"][-1]["allowed_drift"]
+    assert drift["config"]["changes"] == ["train.epochs: 2 -> 3"]
+    checks = api.verify(run, environ=env, reevaluate=False)
+    assert [c.name for c in checks if c.status == "fail"] == []

@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -239,3 +241,35 @@ def test_failed_write_keeps_previous_checkpoints(tmp_path, error):
         assert "disk is full" in err.value.message and "--resume" in err.value.message
     assert {p.name: p.read_bytes() for p in run.checkpoints.iterdir()} == before  # no temp file, nothing touched
     assert run.manifest.read_bytes() == manifest_before
+
+
+DISK_FULL_SCRIPT = """
+import resource, signal, sys
+from pathlib import Path
+import torch
+from detpact.errors import TrainingAborted
+from detpact.run.checkpoint import commit_checkpoint
+from detpact.run.contract import RunDir
+
+run = RunDir(Path(sys.argv[1]))
+run.create()
+commit_checkpoint(run, {"format_version": 1, "model": {"w": torch.ones(1000)}, "progress": {"global_step": 1}},
+                  best=False)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the kernel then fails the write with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+try:
+    commit_checkpoint(run, {"format_version": 1, "model": {"w": torch.ones(100_000)}, "progress": {"global_step": 2}},
+                      best=False)
+except TrainingAborted as exc:
+    print(exc.message)
+"""
+
+
+def test_a_real_file_size_limit_is_reported_as_a_full_disk(tmp_path):
+    run = RunDir(tmp_path / "run")
+    result = subprocess.run([sys.executable, "-c", DISK_FULL_SCRIPT, str(run.root)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "The disk is full" in result.stdout and "previous checkpoints are intact" in result.stdout
+    assert load_checkpoint(run.last_ckpt)["progress"]["global_step"] == 1
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["last.pt"]

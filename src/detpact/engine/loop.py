@@ -164,6 +164,8 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
     total_steps = min(tcfg.epochs * steps_per_epoch, tcfg.max_steps or math.inf)
     parts = _build_step_parts(cfg, device, len(data.class_names), str(run.last_ckpt))
     progress, best = _restore(resume, parts, run) if resume is not None else (Progress(), Best())
+    if progress.step_in_epoch >= steps_per_epoch:  # epochs got shorter (a resume with --allow-drift)
+        progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
     result = FitResult(best=best, num_params=count_parameters(parts.model), start_step=progress.global_step)
     log.info("model: %.2fM parameters; %d train / %d val images; %d steps per epoch, %d steps in all",
              result.num_params / 1e6, len(data.train), len(data.val), steps_per_epoch, total_steps)
@@ -304,12 +306,17 @@ def _bundle(cfg: Config, data: DatasetSplits, run: RunDir, parts: StepParts, pro
 
 def _restore(bundle: dict[str, Any], parts: StepParts, run: RunDir) -> tuple[Progress, Best]:
     """Load a bundle into freshly built objects; RNG streams are restored last."""
-    parts.model.load_state_dict(bundle["model"])
-    parts.optimizer.load_state_dict(bundle["optimizer"])
-    if parts.ema is not None and bundle.get("ema"):
-        parts.ema.load_state_dict(bundle["ema"])
-    if parts.scaler is not None and bundle.get("scaler"):
-        parts.scaler.load_state_dict(bundle["scaler"])
+    try:
+        parts.model.load_state_dict(bundle["model"])
+        parts.optimizer.load_state_dict(bundle["optimizer"])
+        if parts.ema is not None and bundle.get("ema"):
+            parts.ema.load_state_dict(bundle["ema"])
+        if parts.scaler is not None and bundle.get("scaler"):
+            parts.scaler.load_state_dict(bundle["scaler"])
+    except (RuntimeError, ValueError, KeyError) as exc:  # only after a resume with --allow-drift
+        raise DetpactError(f"Cannot resume from {run.last_ckpt}: its training state does not fit the model and "
+                           f"optimizer of the current config ({str(exc).strip().splitlines()[0]}). Resume with "
+                           "the model and optimizer settings the run was started with.") from None
     parts.guard.load_state_dict(bundle["nonfinite"])
     progress = Progress(**bundle["progress"])
     best = Best(**bundle["best_metric"])

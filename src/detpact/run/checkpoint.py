@@ -86,10 +86,11 @@ def commit_checkpoint(run: RunDir, bundle: dict[str, Any], *, best: bool,
         replace(tmp_last, run.last_ckpt)
         if best:
             replace(tmp_best, run.best_ckpt)
-    except OSError as exc:
-        if exc.errno in _DISK_FULL:
+    except Exception as exc:
+        full = _disk_full_error(exc)
+        if full is not None:
             raise TrainingAborted(
-                f"The disk is full: writing checkpoint {run.last_ckpt} failed ({exc.strerror}). The previous "
+                f"The disk is full: writing checkpoint {run.last_ckpt} failed ({full.strerror}). The previous "
                 "checkpoints are intact. Free some space, then continue with --resume."
             ) from exc
         raise
@@ -175,6 +176,16 @@ def inference_state_dict(bundle: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The weights to evaluate, export and predict with: the EMA's when training kept one."""
     ema = bundle.get("ema")
     return ema["module"] if ema else bundle["model"]
+
+
+def _disk_full_error(exc: BaseException | None) -> OSError | None:
+    """The out-of-space OSError behind `exc`, if any (torch.save reports a failed write as
+    a RuntimeError raised while the OSError is being handled)."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _set_aside(path: Path) -> None:
