@@ -233,6 +233,14 @@ def test_runs_verify_fails_on_any_altered_artifact(runner, reference, tmp_path):
         failed = [c.name for c in api.verify(run, environ=runner.env, reevaluate=False) if c.status == "fail"]
         assert name in failed, name
 
+    forged = tmp_path / "forged"
+    shutil.copytree(reference, forged)
+    manifest = json.loads((forged / "manifest.json").read_text())
+    manifest["files"]["../../etc/passwd"] = {"sha256": "0" * 64, "size": 1}
+    (forged / "manifest.json").write_text(json.dumps(manifest))
+    checks = {c.name: c for c in api.verify(forged, environ=runner.env, reevaluate=False)}
+    assert checks["../../etc/passwd"].status == "fail" and "altered" in checks["../../etc/passwd"].detail
+
 
 def test_runs_verify_reevaluates_best_exactly(runner, reference, tmp_path):
     run = tmp_path / "rerecorded"

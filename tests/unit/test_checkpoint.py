@@ -140,8 +140,9 @@ def test_fsync_then_rename_then_directory_fsync(tmp_path, monkeypatch):
 
 def test_crash_between_manifest_and_rename_still_resumes(tmp_path, monkeypatch):
     run = make_run(tmp_path)
-    commit_checkpoint(run, step_bundle(1), best=False)
+    commit_checkpoint(run, step_bundle(1), best=True)
     commit_checkpoint(run, step_bundle(2), best=False)
+    commit_checkpoint(run, step_bundle(3), best=False)
     real_replace = checkpoint_module.replace
 
     def crash_on_rotation(src, dst):
@@ -151,11 +152,15 @@ def test_crash_between_manifest_and_rename_still_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint_module, "replace", crash_on_rotation)
     with pytest.raises(KeyboardInterrupt):
-        commit_checkpoint(run, step_bundle(3), best=False)
+        commit_checkpoint(run, step_bundle(4), best=True)
     monkeypatch.setattr(checkpoint_module, "replace", real_replace)
     assert not stale_temp_files(run.checkpoints)
-    loaded, path = resume_checkpoint(run)  # last.pt (step 2) matches the manifest's entry for last.prev.pt
-    assert path == run.last_ckpt and loaded["progress"]["global_step"] == 2
+    # The manifest already describes step 4, but every file on disk is a complete older
+    # checkpoint it vouches for: none is mistaken for a damaged one.
+    loaded, path = resume_checkpoint(run)
+    assert path == run.last_ckpt and loaded["progress"]["global_step"] == 3
+    steps = {p.name: load_checkpoint(p)["progress"]["global_step"] for p in run.checkpoints.iterdir()}
+    assert steps == {"last.pt": 3, "last.prev.pt": 2, "best.pt": 1}
     assert read_manifest(run)["checkpoints/last.pt"] == file_entry(run.last_ckpt)  # rewritten as it is now
 
 

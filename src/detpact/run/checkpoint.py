@@ -27,7 +27,7 @@ import torch
 
 from detpact.errors import DetpactError, TrainingAborted
 from detpact.run.atomic import remove_quietly, replace, stale_temp_files, temp_sibling
-from detpact.run.contract import RunDir, file_entry, read_manifest, write_manifest
+from detpact.run.contract import RunDir, checkpoint_sums, file_entry, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,11 @@ def commit_checkpoint(run: RunDir, bundle: dict[str, Any], *, best: bool,
     last.pt as last.prev.pt, and record every artifact's sha256 in manifest.json.
 
     Order: (1) the bundle goes to fsynced temporary files; (2) the manifest is rewritten to
-    describe the checkpoints as they will be after the renames; (3) last.pt -> last.prev.pt,
-    then the temporary files -> last.pt / best.pt. A crash in (1) leaves a temporary file
-    (removed at the next resume); in (2) or (3), every checkpoint on disk is complete and
-    its sha256 is in the manifest, under its name or the one it is taking. `on_write`
-    (fault injection) is called with the bytes written so far.
+    describe the checkpoints as they will be after the renames, and lists the sums of the
+    ones being replaced; (3) last.pt -> last.prev.pt, then the temporary files -> last.pt /
+    best.pt. A crash in (1) leaves a temporary file (removed at the next resume); in (2)
+    or (3), every checkpoint on disk is complete and its sha256 is in the manifest.
+    `on_write` (fault injection) is called with the bytes written so far.
     """
     temps: list[Path] = []
     try:
@@ -80,7 +80,8 @@ def commit_checkpoint(run: RunDir, bundle: dict[str, Any], *, best: bool,
             known[run.best_ckpt] = entry
         elif run.best_ckpt.is_file() and "checkpoints/best.pt" in recorded:
             known[run.best_ckpt] = recorded["checkpoints/best.pt"]
-        write_manifest(run, known)
+        replaced = [entry["sha256"] for name, entry in recorded.items() if name.startswith("checkpoints/")]
+        write_manifest(run, known, replacing=replaced)
         if run.last_ckpt.is_file():
             replace(run.last_ckpt, run.prev_ckpt)
         replace(tmp_last, run.last_ckpt)
@@ -111,8 +112,7 @@ def resume_checkpoint(run: RunDir) -> tuple[dict[str, Any], Path]:
     for stale in stale_temp_files(run.checkpoints):
         log.info("removing %s, left by an interrupted checkpoint write", stale)
         remove_quietly(stale)
-    manifest = read_manifest(run) or {}
-    recorded = {entry.get("sha256") for name, entry in manifest.items() if name.startswith("checkpoints/")}
+    recorded = checkpoint_sums(run)
     if not recorded:
         log.warning("%s records no checkpoint checksums: loading without verification", run.manifest)
     problems: list[str] = []

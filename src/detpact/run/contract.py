@@ -11,7 +11,7 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -75,10 +75,10 @@ class RunDir:
     def existing(cls, path: str | Path, output_root: Path | None = None) -> RunDir:
         """Open a finished or running run's folder, checking it is one. `path` is a run
         folder, or else the id of a run under `output_root` (e.g. `exp01`)."""
-        root = Path(path)
-        if not root.is_dir() and output_root is not None and RUN_ID_PATTERN.fullmatch(str(path)):
-            root = Path(output_root) / str(path) if (Path(output_root) / str(path)).is_dir() else root
-        run = cls(root)
+        run = cls(Path(path))
+        if not run.root.is_dir() and output_root is not None and RUN_ID_PATTERN.fullmatch(str(path)):
+            by_id = cls(Path(output_root) / str(path))
+            run = by_id if by_id.root.is_dir() else run
         if not run.root.is_dir():
             raise DetpactError(f"Run folder not found: {run.root}. Pass the folder printed by 'detpact train' "
                                "(e.g. runs/exp01), or a run id under the output root.")
@@ -111,19 +111,23 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(run: RunDir, known: Mapping[Path, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+def write_manifest(run: RunDir, known: Mapping[Path, Mapping[str, Any]] | None = None,
+                   replacing: Iterable[str] = ()) -> dict[str, Any]:
     """Record sha256 and size of every artifact present in manifest.json.
 
     `known` gives entries ({"sha256", "size"}) that are not hashed from disk: files
     the caller has just written (and hashed while writing), or is about to rename
-    into place (see `commit_checkpoint`).
+    into place. `replacing` lists the sha256s of checkpoints that those renames are
+    about to replace, which stay valid until they are done (see `commit_checkpoint`).
     """
     known = {Path(path): dict(entry) for path, entry in (known or {}).items()}
     files = {
         path.relative_to(run.root).as_posix(): known.get(path) or file_entry(path)
         for path in sorted(set(run.artifacts()) | set(known), key=lambda p: p.as_posix())
     }
-    manifest = {"updated": utc_now(), "files": files}
+    manifest: dict[str, Any] = {"updated": utc_now(), "files": files}
+    if replacing:
+        manifest["replacing"] = sorted(set(replacing))
     atomic_write_json(run.manifest, manifest)
     return manifest
 
@@ -133,6 +137,15 @@ def read_manifest(run: RunDir) -> dict[str, dict[str, Any]] | None:
     manifest = read_json(run.manifest)
     files = manifest.get("files") if isinstance(manifest, dict) else None
     return files if isinstance(files, dict) else None
+
+
+def checkpoint_sums(run: RunDir) -> set[str]:
+    """The sha256s manifest.json vouches for as complete checkpoints (empty when it has none)."""
+    manifest = read_json(run.manifest)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return set()
+    sums = {entry.get("sha256") for name, entry in manifest["files"].items() if name.startswith("checkpoints/")}
+    return (sums | set(manifest.get("replacing", []))) - {None}
 
 
 def file_entry(path: Path) -> dict[str, Any]:

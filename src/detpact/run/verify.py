@@ -9,6 +9,7 @@ checkpoints. The API adds the ones that need the data (fingerprint, re-evaluatio
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from detpact.config import config_hash, load_config
@@ -35,6 +36,9 @@ def check_manifest(run: RunDir) -> list[Check]:
     checks = []
     for name, recorded in manifest.items():
         path = run.root / name
+        if Path(name).is_absolute() or ".." in Path(name).parts or not isinstance(recorded, dict):
+            checks.append(Check(name, "fail", "not a file entry of this run folder: manifest.json was altered"))
+            continue
         if not path.is_file():
             checks.append(Check(name, "fail", "missing (recorded in manifest.json)"))
             continue
