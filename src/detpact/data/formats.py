@@ -20,13 +20,16 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 @dataclass(frozen=True)
 class Sample:
-    """One labelled image. boxes: [N, 4] float32 xyxy in original-image pixels; labels: [N] int64."""
+    """One labelled image. boxes: [N, 4] float32 xyxy in original-image pixels; labels: [N]
+    int64; ignore: [N] bool, set for regions to neither train on nor count as misses
+    (COCO crowd, VOC difficult), None when there are none."""
 
     image_path: Path
     width: int
     height: int
     boxes: np.ndarray
     labels: np.ndarray
+    ignore: np.ndarray | None = None
 
 
 def read_class_names(root: Path, names: list[str] | None) -> list[str]:
