@@ -24,6 +24,7 @@ from detpact.evaluation.coco import (
     evaluate_coco_json,
     evaluate_detections,
     format_table,
+    to_coco_gt,
 )
 
 FIXTURES = Path("/work/shared/datasets/coco_eval_fixtures")
@@ -361,6 +362,20 @@ def test_boxes_are_converted_from_xyxy():
     assert out["map_medium"] is None  # no GT between 32**2 and 96**2
     assert out["map_large"] == pytest.approx(0.4)
     assert out["map50"] == pytest.approx(1.0)
+
+
+def test_crowd_ground_truth_is_an_ignore_region():
+    # One real cat and one crowd region of cats. A detection on the crowd region is
+    # neither a TP nor an FP: AP stays 1.0; the crowd box is not counted in num_gt.
+    boxes = np.array([[10.0, 10.0, 60.0, 60.0], [200, 200, 400, 400]])
+    gts = [ImageGT(1, 640, 480, boxes, np.array([0, 0]), np.array([False, True]))]
+    assert [a["iscrowd"] for a in to_coco_gt(gts, ["cat"])["annotations"]] == [0, 1]
+    dets = [ImageDetections(1, np.array([[10.0, 10.0, 60.0, 60.0], [250, 250, 350, 350]]), np.array([0.5, 0.9]),
+                            np.array([0, 0]))]
+    out = evaluate_detections(gts, dets, ["cat"])
+    assert out["map50_95"] == pytest.approx(1.0) and out["num_gt"] == 1
+    plain = evaluate_detections([ImageGT(1, 640, 480, boxes, np.array([0, 0]))], dets, ["cat"])
+    assert plain["map50_95"] < 1.0  # the same boxes without the flag: a miss and an FP
 
 
 def test_class_without_gt_is_none():

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from detpact.config import DataConfig
 from detpact.data.dataset import DetectionDataset, build_datasets, collate
-from detpact.data.formats import read_class_names, read_yolo_split
+from detpact.data.formats import Sample, read_class_names, read_yolo_split
 from detpact.data.sampler import ResumableSampler
 from detpact.data.transforms import hflip, letterbox, letterbox_boxes
 from detpact.errors import DetpactError
@@ -153,3 +153,12 @@ def test_unreadable_image_is_a_user_error(tmp_path):
     with pytest.raises(DetpactError, match="Cannot read image") as err:
         DetectionDataset(samples, 64, train=False)[0]
     assert "a.png" in err.value.message
+
+
+def test_ignore_regions_are_not_training_targets(tmp_path):
+    image = tmp_path / "a.png"
+    Image.new("RGB", (64, 64)).save(image)
+    boxes = np.array([[0, 0, 10, 10], [20, 20, 40, 40]], np.float32)
+    sample = Sample(image, 64, 64, boxes, np.array([1, 2]), np.array([False, True]))
+    _, target = DetectionDataset([sample], 64, train=False)[0]
+    assert target["labels"].tolist() == [1] and target["boxes"].tolist() == [[0, 0, 10, 10]]

@@ -46,14 +46,18 @@ class DetectionDataset(Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         sample = self.samples[index]
         canvas, placement = letterbox(open_rgb(sample.image_path), self.image_size)
-        boxes = letterbox_boxes(sample.boxes, placement)
+        # Ignore regions (crowd, difficult) are not trained on: for now they are simply
+        # background, as in most YOLO-style trainers. Evaluation still ignores them.
+        keep = slice(None) if sample.ignore is None else ~sample.ignore
+        boxes = letterbox_boxes(sample.boxes[keep], placement)
+        labels = sample.labels[keep]
         if self.train:
             rng = sample_rng(self.seed, epoch, index)
             if rng.random() < self.hflip_p:
                 canvas, boxes = hflip(canvas, boxes)
         target = {
             "boxes": torch.from_numpy(boxes),
-            "labels": torch.from_numpy(sample.labels),
+            "labels": torch.from_numpy(labels),
             "image_id": index,
             "orig_size": (sample.height, sample.width),
             "scale": placement.scale,

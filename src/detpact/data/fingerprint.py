@@ -23,4 +23,6 @@ def dataset_fingerprint(root: Path, splits: Iterable[tuple[str, list[Sample]]], 
             digest.update(f"{rel}\0{sample.image_path.stat().st_size}\0".encode())
             digest.update(sample.labels.tobytes())
             digest.update(sample.boxes.tobytes())
+            if sample.ignore is not None and sample.ignore.any():  # YOLO/synthetic fingerprints unchanged
+                digest.update(b"ignore" + sample.ignore.tobytes())
     return digest.hexdigest()

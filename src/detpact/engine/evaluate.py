@@ -43,7 +43,7 @@ def evaluate(
     """COCO metrics of `model` on the split behind `loader` (whose image_id = index in `samples`)."""
     detections = predict_loader(model, loader, post_cfg, device, amp, channels_last)
     gts = [
-        ImageGT(i, s.width, s.height, s.boxes.astype(np.float64), s.labels) for i, s in enumerate(samples)
+        ImageGT(i, s.width, s.height, s.boxes.astype(np.float64), s.labels, s.ignore) for i, s in enumerate(samples)
     ]
     return evaluate_detections(gts, detections, class_names, max_det=post_cfg.max_det)
 

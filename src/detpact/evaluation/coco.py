@@ -53,6 +53,7 @@ class ImageGT:
     height: int
     boxes: np.ndarray  # [N, 4] float xyxy pixels
     labels: np.ndarray  # [N] int, contiguous class ids 0..C-1
+    iscrowd: np.ndarray | None = None  # [N] bool: ignore regions (COCO crowd, VOC difficult)
 
 
 @dataclass
@@ -129,14 +130,18 @@ def evaluate_coco_json(gt: dict, results: list[dict], max_det: int = 100) -> dic
 
 
 def to_coco_gt(gts: list[ImageGT], class_names: list[str]) -> dict:
-    """COCO GT dict: category id = class id + 1, bbox xywh, area = w * h, iscrowd 0."""
+    """COCO GT dict: category id = class id + 1, bbox xywh, area = w * h, iscrowd from
+    `ImageGT.iscrowd` (0 when it is None)."""
     if len(set(class_names)) != len(class_names):
         raise DetpactError(f"class names must be unique, got {class_names}")
     images, annotations = [], []
     for g in gts:
         boxes, labels = _checked_boxes(g.image_id, g.boxes, g.labels, len(class_names), "ground truth")
         images.append({"id": int(g.image_id), "width": int(g.width), "height": int(g.height)})
-        for (x1, y1, x2, y2), label in zip(boxes.tolist(), labels.tolist(), strict=True):
+        crowd = np.zeros(len(boxes), bool) if g.iscrowd is None else np.asarray(g.iscrowd, bool).reshape(-1)
+        if len(crowd) != len(boxes):
+            raise DetpactError(f"image {g.image_id}: ground truth needs one iscrowd flag per box")
+        for (x1, y1, x2, y2), label, is_crowd in zip(boxes.tolist(), labels.tolist(), crowd.tolist(), strict=True):
             w, h = x2 - x1, y2 - y1
             annotations.append({
                 "id": len(annotations) + 1,  # ids start at 1: pycocotools reads id 0 as "unmatched"
@@ -144,7 +149,7 @@ def to_coco_gt(gts: list[ImageGT], class_names: list[str]) -> dict:
                 "category_id": label + 1,
                 "bbox": [x1, y1, w, h],
                 "area": w * h,
-                "iscrowd": 0,
+                "iscrowd": int(is_crowd),
             })
     _check_unique([img["id"] for img in images], "ground-truth image ids")
     categories = [{"id": c + 1, "name": name} for c, name in enumerate(class_names)]
