@@ -80,7 +80,7 @@ def commit_checkpoint(run: RunDir, bundle: dict[str, Any], *, best: bool,
             known[run.best_ckpt] = entry
         elif run.best_ckpt.is_file() and "checkpoints/best.pt" in recorded:
             known[run.best_ckpt] = recorded["checkpoints/best.pt"]
-        replaced = [entry["sha256"] for name, entry in recorded.items() if name.startswith("checkpoints/")]
+        replaced = [old["sha256"] for name, old in recorded.items() if name.startswith("checkpoints/")]
         write_manifest(run, known, replacing=replaced)
         if run.last_ckpt.is_file():
             replace(run.last_ckpt, run.prev_ckpt)
@@ -115,10 +115,11 @@ def resume_checkpoint(run: RunDir) -> tuple[dict[str, Any], Path]:
     recorded = checkpoint_sums(run)
     if not recorded:
         log.warning("%s records no checkpoint checksums: loading without verification", run.manifest)
+    entries: dict[Path, dict[str, Any]] = {}  # each checkpoint is hashed once: to verify it, then for the manifest
     problems: list[str] = []
     for path in (run.last_ckpt, run.prev_ckpt):
         try:
-            bundle = _load_verified(path, recorded)
+            bundle = _load_verified(path, recorded, entries)
         except CheckpointRefused:
             raise
         except DetpactError as exc:
@@ -128,11 +129,13 @@ def resume_checkpoint(run: RunDir) -> tuple[dict[str, Any], Path]:
             log.warning("%s Resuming from %s (step %d) instead.", problems[0], path, bundle["progress"]["global_step"])
             _set_aside(run.last_ckpt)
             replace(path, run.last_ckpt)
+            entries[run.last_ckpt] = entries.pop(path)
         for other in (run.prev_ckpt, run.best_ckpt):
-            if recorded and other.is_file() and file_entry(other)["sha256"] not in recorded:
+            if other.is_file() and not _is_recorded(other, recorded, entries):
                 log.warning("%s fails its checksum (damaged or altered after it was written).", other)
                 _set_aside(other)
-        write_manifest(run)  # the checkpoints as they are now, each one verified
+        # The checkpoints as they are now, each one verified.
+        write_manifest(run, {p: entry for p, entry in entries.items() if p.is_file()})
         return bundle, path
     raise DetpactError(
         "Cannot resume: no usable checkpoint.\n" + "\n".join(f"  - {p}" for p in problems)
@@ -196,14 +199,21 @@ def _set_aside(path: Path) -> None:
         log.warning("kept the damaged %s as %s", path.name, aside.name)
 
 
-def _load_verified(path: Path, recorded: set[str]) -> dict[str, Any]:
+def _is_recorded(path: Path, recorded: set[str], entries: dict[Path, dict[str, Any]]) -> bool:
+    """Whether the sha256 of `path` is one the manifest vouches for (True when it vouches
+    for none); the file's entry is kept in `entries`."""
+    entries[path] = file_entry(path)
+    return not recorded or entries[path]["sha256"] in recorded
+
+
+def _load_verified(path: Path, recorded: set[str], entries: dict[Path, dict[str, Any]]) -> dict[str, Any]:
     """Load `path` if its sha256 is one the manifest records for a checkpoint (checked
     before anything is deserialized); with no recorded sums, load it unverified."""
     if not path.is_file():
         raise DetpactError(f"{path} is missing.")
-    if recorded and (digest := file_entry(path)["sha256"]) not in recorded:
-        raise DetpactError(f"{path} fails its checksum (sha256 {digest[:12]}... is not in manifest.json): "
-                           "it was damaged or altered after it was written.")
+    if not _is_recorded(path, recorded, entries):
+        raise DetpactError(f"{path} fails its checksum (sha256 {entries[path]['sha256'][:12]}... is not in "
+                           "manifest.json): it was damaged or altered after it was written.")
     return load_checkpoint(path)
 
 

@@ -28,15 +28,7 @@ class JsonlLog:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """All complete records of a JSONL file (a torn last line from a crash is ignored)."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    return _parse_jsonl(path.read_text(encoding="utf-8")) if path.is_file() else []
 
 
 def truncate_jsonl(path: Path, max_step: int, size: int | None = None) -> None:
@@ -49,8 +41,18 @@ def truncate_jsonl(path: Path, max_step: int, size: int | None = None) -> None:
         with path.open("r+b") as handle:
             handle.truncate(size)
             os.fsync(handle.fileno())
-    records = read_jsonl(path)
-    kept = [r for r in records if r.get("step", 0) <= max_step]
     text = path.read_text(encoding="utf-8")
+    records = _parse_jsonl(text)
+    kept = [r for r in records if r.get("step", 0) <= max_step]
     if len(kept) != len(records) or (text and not text.endswith("\n")):
         atomic_write_text(path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in kept))
+
+
+def _parse_jsonl(text: str) -> list[dict[str, Any]]:
+    records = []
+    for line in text.splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
