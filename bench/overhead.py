@@ -27,7 +27,7 @@ import torch
 
 from detpact.api import _cache_dir
 from detpact.config import load_config
-from detpact.data.dataset import build_datasets
+from detpact.data.build import build_datasets
 from detpact.engine.evaluate import prepare_images
 from detpact.engine.loop import _build_loaders, _build_step_parts, fit
 from detpact.engine.optim import lr_at

@@ -18,7 +18,8 @@ import torch
 
 from detpact.api import _cache_dir
 from detpact.config import load_config
-from detpact.data.dataset import DetectionDataset, build_datasets, collate
+from detpact.data.build import build_datasets
+from detpact.data.dataset import DetectionDataset, collate
 from detpact.engine.evaluate import prepare_images
 from detpact.engine.runtime import autocast
 from detpact.models.detector import build_model

@@ -24,7 +24,8 @@ from detpact.config import (
     load_config,
     resolved_dict,
 )
-from detpact.data.dataset import DatasetSplits, DetectionDataset, build_datasets, eval_loader
+from detpact.data.build import DatasetSplits, build_datasets
+from detpact.data.dataset import DetectionDataset, eval_loader
 from detpact.engine.evaluate import evaluate as evaluate_model
 from detpact.engine.evaluate import prepare_images
 from detpact.engine.faults import parse_faults
@@ -135,7 +136,7 @@ def evaluate(run_dir: str | Path, *, checkpoint: str = "best", environ: Mapping[
     data = _run_data(loaded, environ)
     started = time.perf_counter()
     metrics = _evaluate_as_trained(run, loaded, data)
-    report = {"checkpoint": checkpoint, "split": loaded.config.data.val_split,
+    report = {"checkpoint": checkpoint, "split": "val",
               "config_hash": loaded.bundle["config_hash"], "dataset_fingerprint": data.fingerprint,
               "step": loaded.bundle["progress"]["global_step"], "seconds": round(time.perf_counter() - started, 2),
               "time": utc_now(), "metrics": metrics}

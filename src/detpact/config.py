@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +33,7 @@ HASH_EXCLUDED_KEYS = (
     ("run", "num_threads"),
     ("task",),
     ("data", "num_workers"),
+    ("data", "cache"),
     ("logging",),
 )
 
@@ -71,17 +73,69 @@ class SyntheticConfig(Section):
     seed: int = 0
 
 
+class SplitSource(Section):
+    """Where one split's files are, relative to `data.path`. A plain string is `images`."""
+
+    # Folder of images (yolo: also a .txt file listing image paths, one per line).
+    images: str
+    # yolo only: the label folder. Default: `images` with its last `images` path
+    # component swapped for `labels` (the Ultralytics convention).
+    labels: str | None = None
+    # coco: the annotation JSON file; voc: the folder of XML files.
+    annotations: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"images": value} if isinstance(value, str) else value
+
+
+class AugmentConfig(Section):
+    """Training-time augmentation; every random choice is seeded by (run.seed, epoch, index)."""
+
+    # Probability that a training sample is a 2x2 mosaic of itself and 3 other samples.
+    mosaic_p: float = Field(1.0, ge=0.0, le=1.0)
+    # Random zoom in [1 - scale, 1 + scale] and shift of up to `translate` x image size.
+    scale: float = Field(0.5, ge=0.0, lt=1.0)
+    translate: float = Field(0.1, ge=0.0, le=0.5)
+    hflip_p: float = Field(0.5, ge=0.0, le=1.0)
+    # HSV jitter: hue shift as a fraction of the hue circle, saturation/value gains (0 = off).
+    hsv_h: float = Field(0.015, ge=0.0, le=0.5)
+    hsv_s: float = Field(0.7, ge=0.0, le=1.0)
+    hsv_v: float = Field(0.4, ge=0.0, le=1.0)
+    # A box cut by a transform is kept when at least this fraction of its area remains
+    # and both sides are at least `min_box_size` pixels on the training canvas.
+    min_visibility: float = Field(0.25, ge=0.0, le=1.0)
+    min_box_size: float = Field(2.0, ge=0.0)
+
+
 class DataConfig(Section):
-    # yolo: `path` holds images/<split>/ and labels/<split>/ (+ classes.txt or `classes`).
+    # yolo: images/ + labels/ txt folders, or `path` naming an Ultralytics dataset YAML.
+    # coco: a COCO JSON per split; voc: a folder of Pascal VOC XML per split.
     # synthetic: the built-in shapes dataset, generated into `path` (default: a cache
     # folder). Only chosen when named here: a missing real dataset is always an error.
-    format: Literal["yolo", "synthetic"] = "yolo"
+    format: Literal["yolo", "coco", "voc", "synthetic"] = "yolo"
     path: str | None = None
     classes: list[str] | None = None
-    train_split: str = "train"
-    val_split: str = "val"
+    # Split sources, relative to `path`. yolo default: images/train and images/val.
+    train: SplitSource | None = None
+    val: SplitSource | None = None
+    # Without a `val` source: hold out this fraction of `train` (seeded by split_seed,
+    # optionally stratified by box-count bucket 0 / 1 / 2+).
+    val_ratio: float | None = Field(None, gt=0.0, lt=1.0)
+    split_seed: int = 0
+    stratify: bool = False
+    # A JSON file recording which images went to which split: written on first use,
+    # reused (and checked) afterwards. Relative paths are relative to the config's folder.
+    split_manifest: str | None = None
+    # Preflight findings that are errors: `fail` stops before training with the report;
+    # `skip` drops the affected images and records them in reports/train_report.json.
+    on_error: Literal["fail", "skip"] = "fail"
     image_size: int = Field(640, ge=32)
-    hflip_p: float = Field(0.5, ge=0.0, le=1.0)
+    augment: AugmentConfig = AugmentConfig()
+    # Decoded-image cache: none, ram (per worker process), or disk (.npy files in the
+    # cache folder, shared by workers and runs).
+    cache: Literal["none", "ram", "disk"] = "none"
     # DataLoader worker processes; "auto" = 0 on machines with <= 2 cores (a worker
     # would compete with the training threads), else half the cores, at most 8.
     num_workers: int | Literal["auto"] = "auto"
@@ -102,12 +156,22 @@ class DataConfig(Section):
         return v
 
     @model_validator(mode="after")
-    def _path_for_real_data(self) -> DataConfig:
+    def _consistent_sources(self) -> DataConfig:
         if self.format != "synthetic" and not self.path:
             raise ValueError(
                 f"data.path is required for data.format '{self.format}' "
-                "(the folder holding images/ and labels/)"
+                "(the dataset folder, or for yolo an Ultralytics dataset YAML)"
             )
+        if self.val is not None and self.val_ratio is not None:
+            raise ValueError("set either data.val (a validation source) or data.val_ratio (hold out part of train)")
+        if self.format in ("coco", "voc"):
+            for name, source in (("train", self.train), ("val", self.val)):
+                if source is not None and source.annotations is None:
+                    raise ValueError(f"data.{name}.annotations is required for format '{self.format}' "
+                                     f"({'the JSON file' if self.format == 'coco' else 'the XML folder'})")
+            if self.train is None:
+                raise ValueError(f"data.train is required for format '{self.format}' "
+                                 "(images: and annotations: relative to data.path)")
         return self
 
 
@@ -395,10 +459,12 @@ def _section_fields(loc: list[str]) -> list[str]:
     model: type[BaseModel] = Config
     for part in loc:
         field = model.model_fields.get(part)
-        annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        # `Section | None` fields: the section is the union's model member
+        candidates = typing.get_args(field.annotation) or (field.annotation,) if field else ()
+        sections = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not sections:
             return []
-        model = annotation
+        model = sections[0]
     return list(model.model_fields)
 
 

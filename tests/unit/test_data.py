@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from detpact.config import DataConfig
-from detpact.data.dataset import DetectionDataset, build_datasets, collate
+from detpact.config import AugmentConfig, DataConfig
+from detpact.data.build import build_datasets
+from detpact.data.dataset import DetectionDataset, collate
 from detpact.data.formats import Sample, read_class_names, read_yolo_split
 from detpact.data.sampler import ResumableSampler
 from detpact.data.transforms import hflip, letterbox, letterbox_boxes
@@ -114,12 +115,12 @@ def test_sampler_order_is_pure_and_resumable():
 def flip_dataset(tmp_path):
     root = make_yolo(tmp_path, {f"im{i}": "0 0.3 0.5 0.2 0.4\n" for i in range(6)})
     samples = read_yolo_split(root, "train", 2)
-    return DetectionDataset(samples, 64, train=True, seed=7, hflip_p=0.5)
+    return DetectionDataset(samples, 64, train=True, seed=7, augment=AugmentConfig(hflip_p=0.5))
 
 
 def test_samples_are_a_function_of_seed_epoch_index(tmp_path):
     ds = flip_dataset(tmp_path)
-    again = DetectionDataset(ds.samples, 64, train=True, seed=7, hflip_p=0.5)
+    again = DetectionDataset(ds.samples, 64, train=True, seed=7, augment=AugmentConfig(hflip_p=0.5))
     flips = []
     for epoch in range(4):
         for index in range(len(ds)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -14,9 +15,12 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 def schema_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            keys += schema_keys(annotation, f"{prefix}{name}.")
+        sections = [a for a in typing.get_args(field.annotation) or (field.annotation,)
+                    if isinstance(a, type) and issubclass(a, BaseModel)]
+        if sections and not typing.get_args(field.annotation):
+            keys += schema_keys(sections[0], f"{prefix}{name}.")
+        elif sections:  # an optional section: documented itself and key by key
+            keys += [f"{prefix}{name}", *schema_keys(sections[0], f"{prefix}{name}.")]
         else:
             keys.append(f"{prefix}{name}")
     return keys

@@ -1,25 +1,18 @@
-"""The detection Dataset and the builder that turns `cfg.data` into train/val splits."""
+"""The detection Dataset (sample i of epoch e, augmented deterministically) and its DataLoader."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import signal
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from detpact.config import DataConfig
-from detpact.data.fingerprint import dataset_fingerprint
-from detpact.data.formats import Sample, open_rgb, read_class_names, read_yolo_split
-from detpact.data.synthetic import ensure_synthetic
+from detpact.config import AugmentConfig, DataConfig
+from detpact.data.formats import Sample, open_rgb
 from detpact.data.transforms import hflip, letterbox, letterbox_boxes, sample_rng
-from detpact.errors import DetpactError
 
 
 class DetectionDataset(Dataset):
@@ -32,12 +25,13 @@ class DetectionDataset(Dataset):
     "orig_size" (h, w), "scale" and "pad" (x, y) of the letterbox.
     """
 
-    def __init__(self, samples: list[Sample], image_size: int, train: bool, seed: int = 0, hflip_p: float = 0.5):
+    def __init__(self, samples: list[Sample], image_size: int, train: bool, seed: int = 0,
+                 augment: AugmentConfig | None = None):
         self.samples = samples
         self.image_size = image_size
         self.train = train
         self.seed = seed
-        self.hflip_p = hflip_p
+        self.augment = augment or AugmentConfig()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -53,7 +47,7 @@ class DetectionDataset(Dataset):
         labels = sample.labels[keep]
         if self.train:
             rng = sample_rng(self.seed, epoch, index)
-            if rng.random() < self.hflip_p:
+            if rng.random() < self.augment.hflip_p:
                 canvas, boxes = hflip(canvas, boxes)
         target = {
             "boxes": torch.from_numpy(boxes),
@@ -103,49 +97,3 @@ def _leave_stop_signals_to_main(worker_id: int) -> None:
 def collate(batch: list[tuple[Tensor, dict]]) -> tuple[Tensor, list[dict]]:
     images, targets = zip(*batch)
     return torch.stack(images), list(targets)
-
-
-@dataclass
-class DatasetSplits:
-    """Everything the run needs to know about its data."""
-
-    root: Path
-    mode: str  # "real" or "synthetic"
-    class_names: list[str]
-    train: list[Sample]
-    val: list[Sample]
-    fingerprint: str
-
-
-def build_datasets(cfg: DataConfig, cache_dir: Path) -> DatasetSplits:
-    """Resolve the dataset folder (generating the synthetic one if named), read both splits.
-
-    cache_dir: where the synthetic dataset goes when `data.path` is not set.
-    """
-    if cfg.format == "synthetic":
-        spec = cfg.synthetic
-        root = Path(cfg.path) if cfg.path else cache_dir / f"synthetic-{_synthetic_key(cfg)}"
-        ensure_synthetic(
-            root, num_train=spec.num_train, num_val=spec.num_val, image_size=spec.image_size,
-            seed=spec.seed, max_objects=spec.max_objects,
-        )
-        mode = "synthetic"
-    else:
-        root = Path(cfg.path)
-        if not root.is_dir():
-            raise DetpactError(
-                f"Dataset folder not found: {root} (data.path). Point data.path at your dataset "
-                "folder; detpact never substitutes built-in data for a missing dataset "
-                "(use data.format: synthetic to train on the built-in shapes explicitly)."
-            )
-        mode = "real"
-    class_names = read_class_names(root, cfg.classes)
-    train = read_yolo_split(root, cfg.train_split, len(class_names))
-    val = read_yolo_split(root, cfg.val_split, len(class_names))
-    fingerprint = dataset_fingerprint(root, [(cfg.train_split, train), (cfg.val_split, val)], class_names)
-    return DatasetSplits(root, mode, class_names, train, val, fingerprint)
-
-
-def _synthetic_key(cfg: DataConfig) -> str:
-    spec = json.dumps(cfg.synthetic.model_dump(), sort_keys=True)
-    return hashlib.sha256(spec.encode()).hexdigest()[:12]

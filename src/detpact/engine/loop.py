@@ -20,7 +20,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from detpact.config import Config, config_hash, resolved_dict
-from detpact.data.dataset import DatasetSplits, DetectionDataset, eval_loader, make_loader, resolve_num_workers
+from detpact.data.build import DatasetSplits
+from detpact.data.dataset import DetectionDataset, eval_loader, make_loader, resolve_num_workers
 from detpact.data.sampler import ResumableSampler
 from detpact.engine.ema import ModelEMA
 from detpact.engine.evaluate import evaluate, prepare_images
@@ -266,7 +267,7 @@ def _build_step_parts(cfg: Config, device: torch.device, num_classes: int, last_
 
 def _build_loaders(cfg: Config, data: DatasetSplits) -> tuple[DataLoader, DataLoader, ResumableSampler]:
     dcfg = cfg.data
-    train_ds = DetectionDataset(data.train, dcfg.image_size, train=True, seed=cfg.run.seed, hflip_p=dcfg.hflip_p)
+    train_ds = DetectionDataset(data.train, dcfg.image_size, train=True, seed=cfg.run.seed, augment=dcfg.augment)
     sampler = ResumableSampler(len(train_ds), cfg.run.seed)
     train_loader = make_loader(train_ds, cfg.train.batch_size, resolve_num_workers(dcfg.num_workers), sampler,
                                drop_last=True)
