@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from detpact.errors import DetpactError
 
+ORIENTATION_TAG = 0x0112  # EXIF "Orientation"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -71,20 +72,34 @@ def read_yolo_split(root: Path, split: str, num_classes: int) -> list[Sample]:
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) of an image file, from its header; DetpactError when unreadable."""
+    """(width, height) of an image as displayed, i.e. after its EXIF orientation is applied
+    (what labels refer to), from the header alone; DetpactError when unreadable."""
     try:
         with Image.open(path) as im:
-            return im.size
-    except (UnidentifiedImageError, OSError) as exc:
+            return upright_size(im)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DetpactError(f"Cannot read image {path}: {exc}. Remove or replace the file.") from None
 
 
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """The size of `image` once its EXIF orientation is applied (orientations 5-8 swap the sides)."""
+    width, height = image.size
+    return (height, width) if exif_orientation(image) in (5, 6, 7, 8) else (width, height)
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1 = upright, the default when absent or invalid)."""
+    value = image.getexif().get(ORIENTATION_TAG, 1)
+    return value if value in range(1, 9) else 1
+
+
 def open_rgb(path: Path) -> Image.Image:
-    """Decode an image fully as RGB; a user-facing error names the file when it cannot be read."""
+    """Decode an image fully as upright RGB (EXIF orientation applied, as everywhere in
+    detpact); a user-facing error names the file when it cannot be read."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
+            return ImageOps.exif_transpose(image).convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DetpactError(f"Cannot read image {path}: {exc}. Remove or replace the file.") from None
 
 
