@@ -15,17 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from detpact.config import (
     Config,
+    DataConfig,
     config_hash,
     diff_configs,
     dump_config_yaml,
     load_config,
     resolved_dict,
 )
-from detpact.data.build import DatasetSplits, build_datasets
+from detpact.data.build import DatasetSplits, Sources, build_datasets, read_sources, read_yolo_folder
 from detpact.data.dataset import DetectionDataset, eval_loader
+from detpact.data.preflight import PreflightReport, run_preflight, write_report_json
 from detpact.engine.evaluate import evaluate as evaluate_model
 from detpact.engine.evaluate import prepare_images
 from detpact.engine.faults import parse_faults
@@ -228,6 +231,35 @@ def predict(run_dir: str | Path, images: Sequence[str | Path], *, out: str | Pat
 # --- helpers of the entry layer ------------------------------------------------------
 
 
+def preflight(target: str | Path, *, output_json: str | Path | None = None, overrides: Sequence[str] = (),
+              environ: Mapping[str, str] | None = None) -> PreflightReport:
+    """Check every image and label of a dataset without training; writes `output_json` if given.
+
+    target: a detpact config, an Ultralytics dataset YAML, or a YOLO folder (images/<split>/).
+    """
+    cache_dir = _cache_dir(environ)
+    sources = _dataset_sources(Path(target), overrides, cache_dir)
+    report = run_preflight(sources.root, sources.format, sources.splits, cache_dir)
+    if output_json is not None:
+        write_report_json(report, Path(output_json))
+    return report
+
+
+def _dataset_sources(target: Path, overrides: Sequence[str], cache_dir: Path) -> Sources:
+    """The dataset a `data` command names: a detpact config, a dataset YAML or a YOLO folder."""
+    if target.is_dir():
+        return read_yolo_folder(target)
+    if target.suffix in (".yaml", ".yml") and target.is_file():
+        try:
+            raw = yaml.safe_load(target.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError):
+            raw = {"config_version": None}  # load_config explains what is wrong with it
+        if isinstance(raw, dict) and "config_version" in raw:
+            return read_sources(load_config(target, overrides).data, cache_dir)
+        return read_sources(DataConfig(format="yolo", path=str(target)), cache_dir)
+    raise DetpactError(f"{target} is neither a config / dataset YAML file nor a dataset folder.")
+
+
 def _cache_dir(environ: Mapping[str, str] | None) -> Path:
     environ = os.environ if environ is None else environ
     return Path(environ.get("DETPACT_CACHE_DIR") or Path.home() / ".cache" / "detpact")
@@ -360,8 +392,7 @@ def _write_run_meta(run: RunDir, cfg: Config, data: DatasetSplits, device: torch
                                                **({"allowed_drift": drift} if drift else {})})
     meta.update({
         "config_hash": config_hash(cfg),
-        "dataset": {"mode": data.mode, "root": str(data.root), "num_train": len(data.train),
-                    "num_val": len(data.val), "class_names": data.class_names},
+        "dataset": data.summary(),
         "dataset_fingerprint": data.fingerprint,
         "seed": cfg.run.seed,
         "determinism": determinism,

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from detpact import __version__, api
 from detpact.console import setup_logging
+from detpact.data.preflight import PreflightReport
 from detpact.errors import DetpactError, TrainingStopped
 from detpact.evaluation.coco import format_table
 from detpact.run.verify import Check
@@ -59,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--conf", type=float, default=0.25, help="score threshold (default 0.25)")
     predict.add_argument("--checkpoint", choices=api.CHECKPOINT_CHOICES, default="best")
 
+    data = commands.add_parser("data", help="check and inspect datasets")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    preflight = data_commands.add_parser(
+        "preflight", help="check every image and label of a dataset; exit 1 when it has errors")
+    preflight.add_argument("target", metavar="CONFIG_OR_DATASET",
+                           help="a detpact config, an Ultralytics dataset YAML, or a YOLO folder (images/<split>/)")
+    preflight.add_argument("--output-json", metavar="FILE", help="also write every finding and the counts as JSON")
+    preflight.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                           help="override a config value (with a config), e.g. --set data.path=/data/x")
+
     runs = commands.add_parser("runs", help="inspect run folders")
     runs_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="RUNS_COMMAND")
     verify = runs_commands.add_parser(
@@ -87,6 +98,10 @@ def run_command(args: argparse.Namespace) -> int:
                               checkpoint=args.checkpoint, score_threshold=args.conf)
         found = sum(len(r["detections"]) for r in records)
         print(f"{found} detections in {len(records)} images -> {args.out}")
+    elif args.command == "data":
+        report = api.preflight(args.target, output_json=args.output_json, overrides=args.overrides)
+        print_preflight(report)
+        return 1 if report.errors else 0
     elif args.command == "runs":
         checks = api.verify(args.run_dir, reevaluate=not args.no_eval)
         failed = [check for check in checks if check.status == "fail"]
@@ -110,6 +125,31 @@ def print_checks(checks: list[Check]) -> None:
     out.print(table)
     out.print(f"verify: [bold red]FAIL[/] ({len(failed)} of {len(checks)} checks failed: {escape(', '.join(failed))})"
               if failed else f"verify: [green]PASS[/] ({len(checks)} checks)")
+
+
+def print_preflight(report: PreflightReport, limit: int = 50) -> None:
+    out = Console(width=max(120, Console().width))
+    splits = Table(title=f"preflight: {escape(str(report.root))} ({report.format}, {len(report.class_names)} classes)",
+                   header_style="bold", box=None, title_justify="left")
+    columns = ("images", "boxes", "ignored_boxes", "backgrounds", "exif_rotated")
+    for column in ("split", *columns):
+        splits.add_column(column, justify="left" if column == "split" else "right")
+    for name, stats in report.splits.items():
+        splits.add_row(escape(name), *(str(getattr(stats, c)) for c in columns))
+    out.print(splits)
+    if report.findings:
+        findings = Table(header_style="bold", box=None)
+        for column in ("severity", "kind", "file", "where", "message"):
+            findings.add_column(column, overflow="fold")
+        styles = {"error": "bold red", "warning": "yellow"}
+        for f in report.findings[:limit]:
+            findings.add_row(f"[{styles[f.severity]}]{f.severity}[/]", f.kind, escape(report.relative(f.path)),
+                             escape(f.where or ""), escape(f.message))
+        out.print(findings)
+        if len(report.findings) > limit:
+            out.print(f"... and {len(report.findings) - limit} more findings (all of them: --output-json FILE)")
+    verdict = "[bold red]FAIL[/]" if report.errors else "[green]PASS[/]"
+    out.print(f"preflight: {verdict} ({escape(report.summary())})")
 
 
 def resume_command(args: argparse.Namespace, run_id: str) -> str:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from detpact.data.coco_voc import read_coco, read_voc
-from detpact.data.formats import read_yolo_split
+from detpact.data.formats import read_yolo
 from detpact.errors import DetpactError
 
 # The shared datasets sit next to the checkout (../shared/datasets); a clone elsewhere
@@ -118,12 +118,18 @@ def test_coco128_json_agrees_with_its_yolo_labels():
     root = SHARED / "coco128"
     coco = read_coco(root / "annotations" / "instances_train2017.json", root / "images" / "train2017")
     assert (len(coco.samples), len(coco.class_names), coco.findings) == (128, 80, [])
-    assert sum(int(s.ignore.sum()) for s in coco.samples) == 10  # the crowd regions
-    yolo = {s.image_path.name: s for s in read_yolo_split(root, "train2017", 80)}
+    assert sum(int(s.ignore.sum()) for s in coco.samples if s.ignore is not None) == 10  # the crowd regions
+    yolo_read = read_yolo(root / "images" / "train2017", root / "labels" / "train2017", coco.class_names)
+    # the dataset's known quirks, and nothing else
+    assert sorted((f.kind, f.path.name) for f in yolo_read.findings) == [
+        ("image_without_label", "000000000250.jpg"), ("image_without_label", "000000000508.jpg"),
+        ("label_without_image", "000000000656.txt"), ("label_without_image", "000000000659.txt")]
+    yolo = {s.image_path.name: s for s in yolo_read.samples}
     for sample in coco.samples:
         theirs = yolo[sample.image_path.name]
-        ours = sample.boxes[~sample.ignore]
-        assert sample.labels[~sample.ignore].tolist() == theirs.labels.tolist()
+        keep = ~sample.ignore if sample.ignore is not None else slice(None)
+        ours = sample.boxes[keep]
+        assert sample.labels[keep].tolist() == theirs.labels.tolist()
         np.testing.assert_allclose(ours, theirs.boxes, atol=1e-3 * max(sample.width, sample.height))
 
 

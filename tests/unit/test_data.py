@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from detpact.config import AugmentConfig, DataConfig
 from detpact.data.build import build_datasets
 from detpact.data.dataset import DetectionDataset, collate
-from detpact.data.formats import Sample, read_class_names, read_yolo_split
+from detpact.data.formats import Sample, read_yolo_split
 from detpact.data.sampler import ResumableSampler
 from detpact.data.transforms import hflip, letterbox, letterbox_boxes
 from detpact.errors import DetpactError
@@ -34,48 +34,12 @@ def make_yolo(root: Path, labels: dict[str, str], size=(80, 60)) -> Path:
     return root
 
 
-def test_yolo_reader_converts_to_pixel_xyxy(tmp_path):
-    root = make_yolo(tmp_path, {"a": "1 0.5 0.5 0.5 0.5\n0 0.25 0.25 0.1 0.2\n", "b": None, "c": ""})
-    names = read_class_names(root, None)
-    samples = read_yolo_split(root, "train", len(names))
-    assert names == ["cat", "dog"] and [s.image_path.stem for s in samples] == ["a", "b", "c"]
-    a = samples[0]
-    assert (a.width, a.height) == (80, 60)
-    np.testing.assert_allclose(a.boxes, [[20, 15, 60, 45], [16, 9, 24, 21]], atol=1e-4)
-    assert a.labels.tolist() == [1, 0]
-    assert len(samples[1].labels) == 0 and len(samples[2].labels) == 0  # background images
-
-
-@pytest.mark.parametrize(
-    ("line", "message"),
-    [("2 0.5 0.5 0.1 0.1", "class id 2 is not an integer in 0..1"),
-     ("0.5 0.5 0.5 0.1 0.1", "class id 0.5"),
-     ("0 0.5 0.5 0.1", "expected 'class cx cy w h'"),
-     ("0 0.5 0.5 0 0.1", "w, h > 0"),
-     ("0 nan 0.5 0.1 0.1", "finite")],
-)
-def test_yolo_reader_names_file_and_line_of_bad_labels(tmp_path, line, message):
-    root = make_yolo(tmp_path, {"a": f"0 0.5 0.5 0.2 0.2\n{line}\n"})
-    with pytest.raises(DetpactError, match=message) as err:
-        read_yolo_split(root, "train", 2)
-    assert "a.txt:2" in err.value.message
-
-
 def test_missing_dataset_never_falls_back_to_synthetic(tmp_path):
     cfg = DataConfig(format="yolo", path=str(tmp_path / "nowhere"))
     with pytest.raises(DetpactError, match="Dataset folder not found") as err:
         build_datasets(cfg, tmp_path / "cache")
     assert "nowhere" in err.value.message
     assert not (tmp_path / "cache").exists()  # nothing was generated instead
-
-
-def test_missing_split_and_class_names(tmp_path):
-    root = make_yolo(tmp_path, {"a": ""})
-    with pytest.raises(DetpactError, match="split folder not found"):
-        read_yolo_split(root, "test", 2)
-    (root / "classes.txt").unlink()
-    with pytest.raises(DetpactError, match="set data.classes"):
-        read_class_names(root, None)
 
 
 def test_fingerprint_tracks_labels(tmp_path):
@@ -114,7 +78,7 @@ def test_sampler_order_is_pure_and_resumable():
 
 def flip_dataset(tmp_path):
     root = make_yolo(tmp_path, {f"im{i}": "0 0.3 0.5 0.2 0.4\n" for i in range(6)})
-    samples = read_yolo_split(root, "train", 2)
+    samples = read_yolo_split(root, "train", ["cat", "dog"])
     return DetectionDataset(samples, 64, train=True, seed=7, augment=AugmentConfig(hflip_p=0.5))
 
 
@@ -149,7 +113,7 @@ def test_loader_batches_do_not_depend_on_worker_count(tmp_path):
 def test_unreadable_image_is_a_user_error(tmp_path):
     root = make_yolo(tmp_path, {"a": "0 0.5 0.5 0.2 0.2\n"})
     image = root / "images" / "train" / "a.png"
-    samples = read_yolo_split(root, "train", 2)  # the header is fine ...
+    samples = read_yolo_split(root, "train", ["cat", "dog"])  # the header is fine ...
     image.write_bytes(image.read_bytes()[:100])  # ... then the pixel data is cut off
     with pytest.raises(DetpactError, match="Cannot read image") as err:
         DetectionDataset(samples, 64, train=False)[0]

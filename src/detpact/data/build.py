@@ -1,17 +1,33 @@
-"""`cfg.data` -> the run's train and val samples: read the format, preflight, split."""
+"""`cfg.data` -> the run's train and val samples: read the format, preflight, split.
+
+    read_sources  the configured format -> {split: Annotations} (samples + findings)
+    preflight     + image checks -> a report; on_error: fail raises, skip drops images
+    split         val_ratio (+ manifest) when there is no validation source
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from detpact.config import DataConfig
+import yaml
+
+from detpact.config import DataConfig, SplitSource
+from detpact.data.coco_voc import read_coco, read_voc
 from detpact.data.fingerprint import dataset_fingerprint
-from detpact.data.formats import Sample, read_class_names, read_yolo_split
+from detpact.data.formats import Annotations, Sample, read_class_names, read_yolo, yolo_label_dir
+from detpact.data.preflight import PreflightReport, run_preflight
+from detpact.data.split import resolve_split
 from detpact.data.synthetic import ensure_synthetic
 from detpact.errors import DetpactError
+
+# The keys detpact reads from an Ultralytics dataset YAML. Anything else is refused:
+# in particular `download`, which Ultralytics may execute as Python or shell.
+DATASET_YAML_KEYS = ("path", "train", "val", "test", "names", "nc")
+MAX_LISTED_FINDINGS = 20
 
 
 @dataclass
@@ -24,35 +40,207 @@ class DatasetSplits:
     train: list[Sample]
     val: list[Sample]
     fingerprint: str
+    preflight: PreflightReport | None = None
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # on_error: skip
+    split: dict[str, Any] | None = None  # how val was held out (val_ratio)
+
+    def summary(self) -> dict[str, Any]:
+        """The data facts for run_meta.json and train_report.json."""
+        out: dict[str, Any] = {"mode": self.mode, "root": str(self.root), "num_train": len(self.train),
+                               "num_val": len(self.val), "class_names": self.class_names}
+        if self.preflight is not None:
+            out["preflight"] = self.preflight.counts()
+        if self.skipped:
+            out["skipped"] = {"images": len(self.skipped), "files": self.skipped}
+        if self.split is not None:
+            out["split"] = self.split
+        return out
 
 
-def build_datasets(cfg: DataConfig, cache_dir: Path) -> DatasetSplits:
-    """Resolve the dataset folder (generating the synthetic one if named), read both splits.
+@dataclass
+class Sources:
+    """A dataset read but not yet checked: its root, format and each split's annotations."""
 
-    cache_dir: where the synthetic dataset goes when `data.path` is not set.
+    root: Path
+    format: str
+    class_names: list[str]
+    splits: dict[str, Annotations]
+
+
+def build_datasets(cfg: DataConfig, cache_dir: Path, progress: bool = True) -> DatasetSplits:
+    """Read, preflight and split the dataset `cfg` names.
+
+    cache_dir: where the synthetic dataset goes when `data.path` is not set, and where
+    preflight caches its image checks.
     """
+    sources = read_sources(cfg, cache_dir)
+    report = run_preflight(sources.root, sources.format, sources.splits, cache_dir, progress)
+    if report.errors and cfg.on_error == "fail":
+        raise DetpactError(failure_message(report))
+    dropped = {f.image for f in report.errors if f.image is not None}
+    skipped = [{"image": report.relative(image), "reasons": sorted({f.kind for f in report.errors if f.image == image})}
+               for image in sorted(dropped)]
+    split_info = None
+    train = sources.splits["train"].samples
+    if "val" in sources.splits:
+        val = sources.splits["val"].samples
+    else:  # val_ratio: split the pool, bad images included, so fixing one later keeps the split
+        manifest = Path(cfg.split_manifest) if cfg.split_manifest else None
+        train_idx, val_idx, split_info = resolve_split(train, sources.root, cfg.val_ratio, cfg.split_seed,
+                                                       cfg.stratify, manifest)
+        train, val = [train[i] for i in train_idx], [train[i] for i in val_idx]
+    train = [s for s in train if s.image_path not in dropped]
+    val = [s for s in val if s.image_path not in dropped]
+    for name, samples in (("train", train), ("val", val)):
+        if not samples:
+            raise DetpactError(f"The {name} split of {sources.root} has no usable image"
+                               f"{' after skipping bad ones' if dropped else ''}. Add images or fix the "
+                               f"data.{name} source{' / data.val_ratio' if name == 'val' else ''}.")
+    fingerprint = dataset_fingerprint(sources.root, [("train", train), ("val", val)], sources.class_names)
+    mode = "synthetic" if cfg.format == "synthetic" else "real"
+    return DatasetSplits(sources.root, mode, sources.class_names, train, val, fingerprint, report, skipped,
+                         split_info)
+
+
+def failure_message(report: PreflightReport) -> str:
+    listed = "\n".join(f"  - [{f.kind}] {f}" for f in report.errors[:MAX_LISTED_FINDINGS])
+    more = len(report.errors) - MAX_LISTED_FINDINGS
+    return (f"Dataset preflight of {report.root} found {report.summary()}:\n{listed}"
+            f"{f'{chr(10)}  ... and {more} more' if more > 0 else ''}\n"
+            "Fix the files (run `detpact data preflight CONFIG --output-json F` for the full report), or set "
+            "data.on_error: skip to train without the affected images (they are listed in train_report.json).")
+
+
+def read_sources(cfg: DataConfig, cache_dir: Path) -> Sources:
+    """Read each split of the configured dataset (no image decoding, no checks beyond the
+    readers' findings)."""
     if cfg.format == "synthetic":
         spec = cfg.synthetic
         root = Path(cfg.path) if cfg.path else cache_dir / f"synthetic-{_synthetic_key(cfg)}"
-        ensure_synthetic(
-            root, num_train=spec.num_train, num_val=spec.num_val, image_size=spec.image_size,
-            seed=spec.seed, max_objects=spec.max_objects,
+        ensure_synthetic(root, num_train=spec.num_train, num_val=spec.num_val, image_size=spec.image_size,
+                         seed=spec.seed, max_objects=spec.max_objects)
+        return _read_yolo_sources(root, {"train": SplitSource(images="images/train"),
+                                              "val": SplitSource(images="images/val")}, None, "synthetic")
+    path = Path(cfg.path).resolve()
+    if cfg.format == "yolo" and path.is_file() and path.suffix in (".yaml", ".yml"):
+        if cfg.train or cfg.val:
+            raise DetpactError(f"data.path names a dataset YAML ({path}), which sets the splits itself: remove "
+                               "data.train / data.val from the config.")
+        root, splits, names = read_dataset_yaml(path)
+        if cfg.val_ratio is not None:
+            splits.pop("val", None)
+        return _read_yolo_sources(root, splits, cfg.classes or names, "yolo")
+    if not path.is_dir():
+        raise DetpactError(
+            f"Dataset folder not found: {path} (data.path). Point data.path at your dataset folder; detpact never "
+            "substitutes built-in data for a missing dataset (use data.format: synthetic to train on the built-in "
+            "shapes explicitly)."
         )
-        mode = "synthetic"
-    else:
-        root = Path(cfg.path)
-        if not root.is_dir():
-            raise DetpactError(
-                f"Dataset folder not found: {root} (data.path). Point data.path at your dataset "
-                "folder; detpact never substitutes built-in data for a missing dataset "
-                "(use data.format: synthetic to train on the built-in shapes explicitly)."
-            )
-        mode = "real"
-    class_names = read_class_names(root, cfg.classes)
-    train = read_yolo_split(root, "train", len(class_names))
-    val = read_yolo_split(root, "val", len(class_names))
-    fingerprint = dataset_fingerprint(root, [("train", train), ("val", val)], class_names)
-    return DatasetSplits(root, mode, class_names, train, val, fingerprint)
+    splits = {"train": cfg.train or SplitSource(images="images/train")}
+    if cfg.val is not None or (cfg.val_ratio is None and cfg.format == "yolo"):
+        splits["val"] = cfg.val or SplitSource(images="images/val")
+    if "val" not in splits and cfg.val_ratio is None:
+        raise DetpactError(f"No validation data for {path}: set data.val (images and annotations of a validation "
+                           "split) or data.val_ratio (hold out part of data.train).")
+    if cfg.format == "yolo":
+        return _read_yolo_sources(path, splits, cfg.classes, "yolo")
+    if cfg.format == "coco":
+        read = {name: read_coco(_inside(path, s.annotations, f"data.{name}.annotations"),
+                                _inside(path, s.images, f"data.{name}.images")) for name, s in splits.items()}
+        names = _same_classes(read, cfg.classes, "categories")
+        return Sources(path, "coco", names, read)
+    voc_dirs = {name: (_inside(path, s.annotations, f"data.{name}.annotations"),
+                       _inside(path, s.images, f"data.{name}.images")) for name, s in splits.items()}
+    names = cfg.classes
+    if not names:  # the union of the names in every split, so that class ids agree
+        names = sorted({n for xml, img in voc_dirs.values() for n in read_voc(xml, img).class_names})
+    return Sources(path, "voc", list(names), {name: read_voc(xml, img, names) for name, (xml, img) in voc_dirs.items()})
+
+
+def read_yolo_folder(root: Path) -> Sources:
+    """A YOLO dataset folder without a config, for preflight: every subfolder of `images/`
+    holding images is a split, with class names from `classes.txt`."""
+    image_root = root / "images"
+    if not image_root.is_dir():
+        raise DetpactError(f"{root} has no images/ folder: pass a detpact config, an Ultralytics dataset YAML, or a "
+                           "YOLO folder with images/<split>/ and labels/<split>/.")
+    splits = {sub.name: SplitSource(images=f"images/{sub.name}") for sub in sorted(image_root.iterdir())
+              if sub.is_dir()} or {"images": SplitSource(images="images", labels="labels")}
+    return _read_yolo_sources(root, splits, None, "yolo")
+
+
+def _read_yolo_sources(root: Path, splits: dict[str, SplitSource], names: list[str] | None,
+                       fmt: str) -> Sources:
+    class_names = read_class_names(root, names)
+    read = {}
+    for name, source in splits.items():
+        images = _inside(root, source.images, f"data.{name}.images")
+        if not images.exists():
+            hint = " or set data.val_ratio to hold out part of train" if name == "val" else ""
+            raise DetpactError(f"The {name} images of {root} are not at {images}: fix data.{name}{hint}.")
+        labels = _inside(root, source.labels, f"data.{name}.labels") if source.labels else \
+            yolo_label_dir(images) if images.is_dir() else images
+        read[name] = read_yolo(images, labels, class_names)
+    return Sources(root, fmt, class_names, read)
+
+
+def read_dataset_yaml(path: Path) -> tuple[Path, dict[str, SplitSource], list[str]]:
+    """An Ultralytics dataset YAML: (root, split sources, class names). Only plain keys are
+    read; `download` scripts and any other key are refused, never run."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise DetpactError(f"Dataset YAML {path} cannot be read: {exc}.") from None
+    if not isinstance(data, dict):
+        raise DetpactError(f"Dataset YAML {path} must be a mapping with path, train, val and names.")
+    unknown = sorted(str(k) for k in data if k not in DATASET_YAML_KEYS)
+    if unknown:
+        raise DetpactError(f"Dataset YAML {path} has keys detpact does not read: {', '.join(unknown)}. Valid keys: "
+                           f"{', '.join(DATASET_YAML_KEYS)}. Remove them (detpact never runs a 'download' script; "
+                           "fetch the data yourself).")
+    root = (path.parent / str(data.get("path") or ".")).resolve()
+    splits = {}
+    for name in ("train", "val"):
+        value = data.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise DetpactError(f"Dataset YAML {path}: '{name}' must be one folder or .txt list (got {value!r}).")
+        splits[name] = SplitSource(images=value)
+    if "train" not in splits:
+        raise DetpactError(f"Dataset YAML {path} has no 'train' entry.")
+    names = data.get("names")
+    if isinstance(names, dict):
+        if sorted(names) != list(range(len(names))):
+            raise DetpactError(f"Dataset YAML {path}: 'names' keys must be the class ids 0..{len(names) - 1}.")
+        names = [names[i] for i in range(len(names))]
+    if not isinstance(names, list) or not names:
+        raise DetpactError(f"Dataset YAML {path} needs 'names': the class names, as a list or {{id: name}}.")
+    if data.get("nc") is not None and data["nc"] != len(names):
+        raise DetpactError(f"Dataset YAML {path}: nc is {data['nc']} but 'names' has {len(names)} entries.")
+    return root, splits, [str(n) for n in names]
+
+
+def _inside(root: Path, relative: str | None, key: str) -> Path:
+    """`root / relative`, refusing absolute paths and `..` escapes out of the dataset folder."""
+    if relative is None:
+        raise DetpactError(f"{key} is required for this data.format.")
+    path = root / relative
+    if Path(relative).is_absolute() or ".." in Path(relative).parts:
+        raise DetpactError(f"{key} must be a path inside the dataset folder {root} (no absolute paths or '..'), "
+                           f"got {relative!r}.")
+    return path
+
+
+def _same_classes(read: dict[str, Annotations], configured: list[str] | None, what: str) -> list[str]:
+    names = {name: a.class_names for name, a in read.items()}
+    first = next(iter(names.values()))
+    if any(n != first for n in names.values()):
+        raise DetpactError(f"The splits' {what} differ ({names}): train and val must use the same classes.")
+    if configured and list(configured) != first:
+        raise DetpactError(f"data.classes {configured} differs from the dataset's {what} {first}: remove "
+                           "data.classes or make it match.")
+    return first
 
 
 def _synthetic_key(cfg: DataConfig) -> str:

@@ -1,10 +1,5 @@
-"""COCO JSON and Pascal VOC XML annotations, read into `Sample` records plus `Finding`s.
-
-A reader never stops at the first defect and never drops one silently: each
-malformed, out-of-range or duplicate annotation becomes a `Finding` (file, place,
-kind, message) and is left out of the samples, so that preflight can report all of
-them at once and `data.on_error` can decide. Only a file that cannot be read as the
-format at all raises `DetpactError`.
+"""COCO JSON and Pascal VOC XML annotations, read into `Sample` records plus `Finding`s
+(see formats.py for the rules every reader follows).
 
 Coordinates: COCO boxes are `[x, y, w, h]` in pixels and map to xyxy directly. VOC
 boxes are 1-based pixel indices (`xmin = 1` is the first column); like Detectron2 we
@@ -17,42 +12,19 @@ from __future__ import annotations
 
 import json
 import math
-import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from xml.etree.ElementTree import ParseError
 
-import numpy as np
+import defusedxml.ElementTree
+from defusedxml import DefusedXmlException
 
-from detpact.data.formats import Sample
+from detpact.data.formats import Annotations, Finding, dedup_rows, sample_from_rows
 from detpact.errors import DetpactError
 
 # A box may poke out of its image by this many pixels (annotation tools round) before
 # it counts as outside; it is clipped either way.
 OUTSIDE_TOLERANCE_PX = 1.0
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One defect in a dataset file. `where` locates it inside the file (a line, an
-    annotation id, an object index); None when the whole file is concerned."""
-
-    kind: str  # e.g. "bad_box", "box_outside_image", "unknown_class", "duplicate_box", "image_missing"
-    path: Path
-    where: str | None
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}{f' ({self.where})' if self.where else ''}: {self.message}"
-
-
-@dataclass
-class Annotations:
-    """What a reader found: class names in class-id order, the samples, and the defects."""
-
-    class_names: list[str]
-    samples: list[Sample] = field(default_factory=list)
-    findings: list[Finding] = field(default_factory=list)
 
 
 def read_coco(json_path: Path, image_root: Path) -> Annotations:
@@ -77,6 +49,7 @@ def read_coco(json_path: Path, image_root: Path) -> Annotations:
             continue
         images[image.get("id")] = image
     rows: dict[Any, list[tuple[float, float, float, float, int, bool]]] = {image_id: [] for image_id in images}
+    paths = {image_id: Path(image_root) / str(image["file_name"]) for image_id, image in images.items()}
     for ann in data["annotations"]:
         where = f"annotation id {ann.get('id')}"
         image = images.get(ann.get("image_id"))
@@ -84,25 +57,25 @@ def read_coco(json_path: Path, image_root: Path) -> Annotations:
             result.findings.append(Finding("unknown_image", json_path, where,
                                            f"image_id {ann.get('image_id')!r} is not in 'images'"))
             continue
+        path = paths[ann["image_id"]]
         if ann.get("category_id") not in class_of:
             result.findings.append(Finding("unknown_class", json_path, where,
-                                           f"category_id {ann.get('category_id')!r} is not in 'categories'"))
+                                           f"category_id {ann.get('category_id')!r} is not in 'categories'", path))
             continue
         box = _coco_box(ann.get("bbox"))
         if box is None:
             result.findings.append(Finding("bad_box", json_path, where,
-                                           f"bbox {ann.get('bbox')!r} is not [x, y, w, h] with w, h > 0"))
+                                           f"bbox {ann.get('bbox')!r} is not [x, y, w, h] with w, h > 0", path))
             continue
-        box = _inside(box, image["width"], image["height"], json_path, where, result.findings)
+        box = _inside(box, image["width"], image["height"], json_path, where, path, result.findings)
         if box is None:
             continue
         rows[ann["image_id"]].append((*box, class_of[ann["category_id"]], bool(ann.get("iscrowd", 0))))
 
     for image_id in sorted(images, key=lambda i: (str(type(i)), i)):
         image = images[image_id]
-        path = Path(image_root) / str(image["file_name"])
-        kept = _dedup(rows[image_id], json_path, f"image {image['file_name']}", result.findings)
-        result.samples.append(_sample(path, int(image["width"]), int(image["height"]), kept))
+        kept = dedup_rows(rows[image_id], json_path, f"image {image['file_name']}", paths[image_id], result.findings)
+        result.samples.append(sample_from_rows(paths[image_id], int(image["width"]), int(image["height"]), kept))
     return result
 
 
@@ -121,23 +94,25 @@ def read_voc(annotation_dir: Path, image_dir: Path, class_names: list[str] | Non
     class_of = {name: index for index, name in enumerate(names)}
     result = Annotations(names)
     for path, doc in parsed:
+        image = Path(image_dir) / doc["filename"]
         rows = []
         for index, obj in enumerate(doc["objects"], start=1):
             where = f"object {index}"
             if obj["name"] not in class_of:
                 result.findings.append(Finding("unknown_class", path, where,
-                                               f"class {obj['name']!r} is not one of the dataset's classes"))
+                                               f"class {obj['name']!r} is not one of the dataset's classes", image))
                 continue
             box = obj["box"]
             if box is None:
-                result.findings.append(Finding("bad_box", path, where, "bndbox needs numeric xmin < xmax, ymin < ymax"))
+                result.findings.append(Finding("bad_box", path, where, "bndbox needs numeric xmin < xmax, ymin < ymax",
+                                               image))
                 continue
-            box = _inside(box, doc["width"], doc["height"], path, where, result.findings)
+            box = _inside(box, doc["width"], doc["height"], path, where, image, result.findings)
             if box is None:
                 continue
             rows.append((*box, class_of[obj["name"]], obj["difficult"]))
-        kept = _dedup(rows, path, None, result.findings)
-        result.samples.append(_sample(Path(image_dir) / doc["filename"], doc["width"], doc["height"], kept))
+        kept = dedup_rows(rows, path, None, image, result.findings)
+        result.samples.append(sample_from_rows(image, doc["width"], doc["height"], kept))
     return result
 
 
@@ -173,8 +148,9 @@ def _coco_box(bbox: Any) -> tuple[float, float, float, float] | None:
 
 def _parse_voc_xml(path: Path) -> dict:
     try:
-        root = ET.parse(path).getroot()
-    except (ET.ParseError, OSError) as exc:
+        # defusedxml: annotation files are untrusted input (no entity expansion, no DTDs)
+        root = defusedxml.ElementTree.parse(path).getroot()
+    except (ParseError, DefusedXmlException, OSError) as exc:
         raise DetpactError(f"{path} is not readable Pascal VOC XML ({exc}). Fix or remove the file.") from None
     try:
         filename = root.findtext("filename", "").strip()
@@ -198,36 +174,17 @@ def _parse_voc_xml(path: Path) -> dict:
 
 
 def _inside(box: tuple[float, float, float, float], width: float, height: float, path: Path, where: str | None,
-            findings: list[Finding]) -> tuple[float, float, float, float] | None:
+            image: Path, findings: list[Finding]) -> tuple[float, float, float, float] | None:
     """`box` clipped to the image, with a finding when it was outside by more than the
     tolerance; None (and a finding) when nothing of it is inside."""
     x1, y1, x2, y2 = box
     clipped = max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height))
     shown = [round(v, 2) for v in box]
     if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
-        findings.append(Finding("bad_box", path, where, f"box {shown} lies outside the {width}x{height} image"))
+        findings.append(Finding("bad_box", path, where, f"box {shown} lies outside the {width}x{height} image", image))
         return None
     tol = OUTSIDE_TOLERANCE_PX
     if x1 < -tol or y1 < -tol or x2 > width + tol or y2 > height + tol:
         findings.append(Finding("box_outside_image", path, where,
-                                f"box {shown} extends outside the {width}x{height} image; clipped"))
+                                f"box {shown} extends outside the {width}x{height} image; clipped", image))
     return clipped
-
-
-def _dedup(rows: list[tuple], path: Path, where: str | None, findings: list[Finding]) -> list[tuple]:
-    """Rows without exact repeats (same box, class and ignore flag); each repeat is a finding."""
-    kept, seen = [], set()
-    for row in rows:
-        if row in seen:
-            findings.append(Finding("duplicate_box", path, where, f"box {list(row[:4])} class {row[4]} appears twice; "
-                                                                  "the copy is dropped"))
-            continue
-        seen.add(row)
-        kept.append(row)
-    return kept
-
-
-def _sample(path: Path, width: int, height: int, rows: list[tuple]) -> Sample:
-    table = np.asarray([row[:5] for row in rows], dtype=np.float64).reshape(-1, 5)
-    return Sample(path, width, height, table[:, :4].astype(np.float32), table[:, 4].astype(np.int64),
-                  np.asarray([row[5] for row in rows], dtype=bool))

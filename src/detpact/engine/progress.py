@@ -1,4 +1,4 @@
-"""The training progress bar (rich): step, loss, lr, speed and ETA on one line."""
+"""Progress bars (rich): training (step, loss, lr, speed and ETA on one line) and plain counted work."""
 
 from __future__ import annotations
 
@@ -42,3 +42,23 @@ def train_progress(total: int, completed: int, enabled: bool) -> Iterator[TrainP
     with Progress(*columns, console=CONSOLE, refresh_per_second=2) as progress:
         task = progress.add_task("train", total=total, completed=completed, loss=float("nan"), lr=0.0, speed=0.0, epoch=0)
         yield TrainProgress(progress, task)
+
+
+class _Bar:
+    def __init__(self, progress: Progress | None, task_id: int | None):
+        self._progress, self._task = progress, task_id
+
+    def advance(self, amount: int = 1) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, amount)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator[_Bar]:
+    """A plain counted bar for long non-training work (preflight, conversion)."""
+    if not enabled or not CONSOLE.is_terminal:
+        yield _Bar(None, None)
+        return
+    columns = (TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=CONSOLE, refresh_per_second=4, transient=True) as progress:
+        yield _Bar(progress, progress.add_task(description, total=total))
