@@ -32,7 +32,7 @@ from detpact.data.preflight import PreflightReport, run_preflight, write_report_
 from detpact.engine.evaluate import evaluate as evaluate_model
 from detpact.engine.evaluate import prepare_images
 from detpact.engine.faults import parse_faults
-from detpact.engine.loop import FitResult, fit
+from detpact.engine.loop import FitResult, check_steps_per_epoch, fit
 from detpact.engine.runtime import check_amp, resolve_device, setup_determinism
 from detpact.errors import CheckFailed, DetpactError
 from detpact.evaluation.coco import format_table
@@ -110,6 +110,7 @@ def train(
             )
         log.warning("resuming on changed data (--allow-drift): the dataset fingerprint differs from the checkpoint's")
         drift["dataset_fingerprint"] = {"checkpoint": bundle["dataset_fingerprint"], "now": data.fingerprint}
+    check_steps_per_epoch(cfg.train, len(data.train))  # before the run folder exists
     run.create()
     atomic_write_text(run.config_resolved, dump_config_yaml(cfg))
     meta = _write_run_meta(run, cfg, data, device, determinism, resumed=resume, drift=drift)

@@ -26,21 +26,24 @@ def box_bucket(sample: Sample) -> int:
 
 
 def split_by_ratio(samples: list[Sample], ratio: float, seed: int, stratify: bool) -> tuple[list[int], list[int]]:
-    """(train indices, val indices), both ascending. Each stratum (or the whole pool)
-    sends round(ratio * n) of its images to val, at least one image to each side overall."""
+    """(train indices, val indices), both ascending. round(ratio * n) images go to val
+    (at least one to each side); stratified, each box-count bucket gives its share
+    (largest remainders get the rounding), drawn at random within the bucket."""
     if len(samples) < 2:
         raise DetpactError(f"data.val_ratio needs at least 2 images to split, the training source has {len(samples)}.")
     rng = np.random.default_rng([seed, 0x5B1D])
     groups = [[i for i, s in enumerate(samples) if box_bucket(s) == b] for b in range(3)] if stratify \
         else [list(range(len(samples)))]
+    target = min(max(int(ratio * len(samples) + 0.5), 1), len(samples) - 1)
+    shares = [ratio * len(group) for group in groups]
+    quotas = [int(share) for share in shares]
+    by_remainder = sorted(range(len(groups)), key=lambda g: (-(shares[g] - quotas[g]), g))
+    for g in by_remainder[: target - sum(quotas)]:
+        quotas[g] += 1
     val: list[int] = []
-    for group in groups:
+    for group, quota in zip(groups, quotas):
         order = rng.permutation(len(group))
-        val += [group[j] for j in order[: round(ratio * len(group))]]
-    if not val:  # tiny pools: round() gave nothing
-        val = [int(rng.integers(len(samples)))]
-    if len(val) == len(samples):
-        val = val[1:]
+        val += [group[j] for j in order[:quota]]
     chosen = set(val)
     return [i for i in range(len(samples)) if i not in chosen], sorted(val)
 

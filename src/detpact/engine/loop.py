@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from detpact.config import Config, config_hash, resolved_dict
+from detpact.config import Config, TrainConfig, config_hash, resolved_dict
 from detpact.data.build import DatasetSplits
 from detpact.data.dataset import DetectionDataset, eval_loader, make_loader, resolve_num_workers
 from detpact.data.sampler import ResumableSampler
@@ -156,12 +156,7 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
     tcfg = cfg.train
     train_loader, val_loader, sampler = _build_loaders(cfg, data)
     images_per_step = tcfg.batch_size * tcfg.accumulate
-    steps_per_epoch = len(data.train) // images_per_step
-    if steps_per_epoch == 0:
-        raise DetpactError(
-            f"The training split has {len(data.train)} images, fewer than train.batch_size x "
-            f"train.accumulate = {images_per_step}. Lower train.batch_size or add images."
-        )
+    steps_per_epoch = check_steps_per_epoch(tcfg, len(data.train))
     total_steps = min(tcfg.epochs * steps_per_epoch, tcfg.max_steps or math.inf)
     parts = _build_step_parts(cfg, device, len(data.class_names), str(run.last_ckpt))
     progress, best = _restore(resume, parts, run) if resume is not None else (Progress(), Best())
@@ -263,6 +258,17 @@ def _build_step_parts(cfg: Config, device: torch.device, num_classes: int, last_
         device=device, amp=cfg.run.amp, channels_last=cfg.run.channels_last,
         grad_clip=tcfg.grad_clip, accumulate=tcfg.accumulate,
     )
+
+
+def check_steps_per_epoch(tcfg: TrainConfig, num_train: int) -> int:
+    """Optimizer steps per epoch; a user error when the split cannot fill one step."""
+    images_per_step = tcfg.batch_size * tcfg.accumulate
+    if num_train < images_per_step:
+        raise DetpactError(
+            f"The training split has {num_train} images, fewer than train.batch_size x "
+            f"train.accumulate = {images_per_step}. Lower train.batch_size or add images."
+        )
+    return num_train // images_per_step
 
 
 def _build_loaders(cfg: Config, data: DatasetSplits) -> tuple[DataLoader, DataLoader, ResumableSampler]:
