@@ -62,7 +62,7 @@ def resolve_split(samples: list[Sample], root: Path, ratio: float, seed: int, st
         source = "computed"
         if manifest is not None:
             manifest.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(manifest, {"version": MANIFEST_VERSION, **settings, "root": str(root),
+            atomic_write_json(manifest, {"version": MANIFEST_VERSION, **settings,
                                          "train": [names[i] for i in train], "val": [names[i] for i in val]})
             source = "written"
     info = {**settings, "source": source, "manifest": str(manifest) if manifest else None,
