@@ -131,21 +131,29 @@ def train(
 
 
 def evaluate(run_dir: str | Path, *, checkpoint: str = "best", environ: Mapping[str, str] | None = None,
-             verify_config: str | Path | None = None) -> dict[str, Any]:
-    """COCO metrics of a run's checkpoint on its validation split; writes reports/eval.json."""
+             verify_config: str | Path | None = None, data_config: str | Path | None = None,
+             out: str | Path | None = None) -> dict[str, Any]:
+    """COCO metrics of a run's checkpoint on its validation split; writes reports/eval.json.
+
+    data_config: evaluate on the validation split of this config's dataset instead (same
+    classes required); the run folder is then left untouched and the report goes to `out`.
+    """
     run = _open_run(run_dir, environ)
     loaded = load_detector(_checkpoint_path(run, checkpoint))
     if verify_config is not None:
         _verify_config(loaded, Path(verify_config))
-    data = _run_data(loaded, environ)
+    data = _run_data(loaded, environ) if data_config is None else _other_data(loaded, Path(data_config), environ)
     started = time.perf_counter()
     metrics = _evaluate_as_trained(run, loaded, data)
-    report = {"checkpoint": checkpoint, "split": "val",
+    report = {"checkpoint": checkpoint, "split": "val", "data_config": str(data_config) if data_config else None,
               "config_hash": loaded.bundle["config_hash"], "dataset_fingerprint": data.fingerprint,
               "step": loaded.bundle["progress"]["global_step"], "seconds": round(time.perf_counter() - started, 2),
               "time": utc_now(), "metrics": metrics}
-    atomic_write_json(run.eval_report, report)
-    write_manifest(run)
+    if data_config is None:
+        atomic_write_json(run.eval_report, report)
+        write_manifest(run)
+    if out is not None:
+        atomic_write_json(Path(out), report)
     return metrics
 
 
@@ -286,6 +294,17 @@ def _run_data(loaded: LoadedModel, environ: Mapping[str, str] | None) -> Dataset
     if data.fingerprint != loaded.bundle["dataset_fingerprint"]:
         log.warning("the dataset at %s changed since training (fingerprint differs): results may not be "
                     "comparable with the run's own numbers", data.root)
+    return data
+
+
+def _other_data(loaded: LoadedModel, data_config: Path, environ: Mapping[str, str] | None) -> DatasetSplits:
+    """The dataset of another config, for evaluating a run on it: its classes must be the run's."""
+    data = build_datasets(load_config(data_config).data, _cache_dir(environ))
+    if data.class_names != loaded.class_names:
+        raise DetpactError(f"The dataset of {data_config} has other classes than the run ({len(data.class_names)}: "
+                           f"{', '.join(data.class_names[:4])}, ... vs {len(loaded.class_names)}: "
+                           f"{', '.join(loaded.class_names[:4])}, ...). Evaluate on a dataset with the same class list, "
+                           "in the same order.")
     return data
 
 

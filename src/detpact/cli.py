@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir", help="run folder, e.g. runs/exp01")
     evaluate.add_argument("--checkpoint", choices=api.CHECKPOINT_CHOICES, default="best")
     evaluate.add_argument("--verify-config", metavar="CONFIG", help="warn if CONFIG does not hash like the checkpoint's")
+    evaluate.add_argument("--data", metavar="CONFIG",
+                          help="evaluate on the validation split of CONFIG's dataset instead (same classes); "
+                               "the run folder is left as it is")
+    evaluate.add_argument("--out", metavar="FILE", help="also write the evaluation report (JSON) to FILE")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
 
     export = commands.add_parser("export", help="export a run's checkpoint to ONNX and check parity")
@@ -88,7 +92,8 @@ def run_command(args: argparse.Namespace) -> int:
                         overrides=args.overrides)
         print(f"run directory: {run.root}")
     elif args.command == "eval":
-        metrics = api.evaluate(args.run_dir, checkpoint=args.checkpoint, verify_config=args.verify_config)
+        metrics = api.evaluate(args.run_dir, checkpoint=args.checkpoint, verify_config=args.verify_config,
+                               data_config=args.data, out=args.out)
         print(json.dumps(metrics, indent=2) if args.json else format_table(metrics))
     elif args.command == "export":
         report = api.export(args.run_dir, checkpoint=args.checkpoint)
