@@ -97,3 +97,23 @@ def test_corrupted_copy_every_defect_reported_and_training_refused(tmp_path, env
     assert skipped["images"] == 4 and sorted(s["reasons"][0] for s in skipped["files"]) == [
         "bad_box", "bad_box", "unknown_class", "unreadable_image"]
     assert run_report["dataset"]["num_train"] == 3 and run_report["dataset"]["preflight"]["errors"] == 5
+
+    # the run evaluated on other data with the same classes: the coco128 COCO JSON; the run
+    # folder is left as it is, and data with other classes is refused
+    manifest = (tmp_path / "runs" / "skip" / "manifest.json").read_bytes()
+    coco_json = {**config, "data": {"format": "coco", "path": str(COCO128), "image_size": 64, "num_workers": 0,
+                                    "train": {"images": "images/train2017",
+                                              "annotations": "annotations/instances_train2017.json"},
+                                    "val": {"images": "images/train2017",
+                                            "annotations": "annotations/instances_train2017.json"}}}
+    (tmp_path / "json.yaml").write_text(yaml.safe_dump(coco_json))
+    result = run_cli(["eval", "runs/skip", "--data", "json.yaml", "--out", "other.json", "--json"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    other = json.loads((tmp_path / "other.json").read_text())
+    assert other["data_config"] == "json.yaml" and set(other["metrics"]) >= {"map50_95", "map50"}
+    assert (tmp_path / "runs" / "skip" / "manifest.json").read_bytes() == manifest
+    assert not (tmp_path / "runs" / "skip" / "reports" / "eval.json").exists()
+    shapes = tmp_path / "shapes.yaml"
+    shapes.write_text(yaml.safe_dump(TINY_CONFIG))
+    result = run_cli(["eval", "runs/skip", "--data", str(shapes)], env, tmp_path)
+    assert result.returncode == 2 and "other classes than the run" in result.stderr
