@@ -11,27 +11,33 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from detpact.config import AugmentConfig, DataConfig
-from detpact.data.formats import Sample, open_rgb
-from detpact.data.transforms import hflip, letterbox, letterbox_boxes, sample_rng
+from detpact.data.augment import Source, augment_sample, draw_params
+from detpact.data.cache import ImageCache
+from detpact.data.formats import Sample
+from detpact.data.transforms import letterbox_boxes, letterbox_placement, pad_to_canvas, resized_shape, sample_rng
+from detpact.errors import DetpactError
 
 
 class DetectionDataset(Dataset):
-    """Letterboxed samples; training samples are randomly flipped.
+    """Letterboxed samples; training samples go through the augmentation pipeline (augment.py).
 
-    `dataset[(epoch, index)]` seeds its random transforms from (seed, epoch, index);
+    `dataset[(epoch, index)]` draws its random transforms from (seed, epoch, index);
     `dataset[index]` is the same as epoch 0 (used for evaluation, where `train` is False
     and nothing is random). Returns (image uint8 [3, S, S], target) where target holds
     "boxes" [N, 4] float32 xyxy canvas pixels, "labels" [N] int64, "image_id" int,
-    "orig_size" (h, w), "scale" and "pad" (x, y) of the letterbox.
+    "orig_size" (h, w), "scale" and "pad" (x, y) of the image's letterbox (evaluation
+    maps predictions back with them; for an augmented training sample they describe
+    the unaugmented letterbox). `cache` serves the decoded, resized images.
     """
 
     def __init__(self, samples: list[Sample], image_size: int, train: bool, seed: int = 0,
-                 augment: AugmentConfig | None = None):
+                 augment: AugmentConfig | None = None, cache: ImageCache | None = None):
         self.samples = samples
         self.image_size = image_size
         self.train = train
         self.seed = seed
         self.augment = augment or AugmentConfig()
+        self.cache = cache or ImageCache("none")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -39,16 +45,15 @@ class DetectionDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, dict]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         sample = self.samples[index]
-        canvas, placement = letterbox(open_rgb(sample.image_path), self.image_size)
-        # Ignore regions (crowd, difficult) are not trained on: for now they are simply
-        # background, as in most YOLO-style trainers. Evaluation still ignores them.
-        keep = slice(None) if sample.ignore is None else ~sample.ignore
-        boxes = letterbox_boxes(sample.boxes[keep], placement)
-        labels = sample.labels[keep]
         if self.train:
-            rng = sample_rng(self.seed, epoch, index)
-            if rng.random() < self.augment.hflip_p:
-                canvas, boxes = hflip(canvas, boxes)
+            params = draw_params(sample_rng(self.seed, epoch, index), self.augment, self.image_size, index, len(self))
+            sources = [self.source(i) for i in (index, *params.partners)]
+            canvas, boxes, labels = augment_sample(params, sources, self.image_size, self.augment)
+            placement = sources[0].placement
+        else:
+            source = self.source(index)
+            canvas = pad_to_canvas(source.pixels, source.placement, self.image_size)
+            boxes, labels, placement = source.boxes, source.labels, source.placement
         target = {
             "boxes": torch.from_numpy(boxes),
             "labels": torch.from_numpy(labels),
@@ -58,6 +63,21 @@ class DetectionDataset(Dataset):
             "pad": (placement.pad_x, placement.pad_y),
         }
         return torch.from_numpy(np.ascontiguousarray(canvas.transpose(2, 0, 1))), target
+
+    def source(self, index: int) -> Source:
+        """Sample `index` resized for the letterbox, with its training boxes on the canvas."""
+        sample = self.samples[index]
+        pixels = self.cache.load(sample.image_path, self.image_size)
+        if pixels.shape[1::-1] != resized_shape(sample.width, sample.height, self.image_size):
+            raise DetpactError(
+                f"Image {sample.image_path} is no longer {sample.width}x{sample.height} as when the dataset was "
+                "read (it changed during the run): restore it, or start again so that it is read afresh."
+            )
+        placement = letterbox_placement(sample.width, sample.height, self.image_size)
+        # Ignore regions (crowd, difficult) are not trained on: for now they are simply
+        # background, as in most YOLO-style trainers. Evaluation still ignores them.
+        keep = slice(None) if sample.ignore is None else ~sample.ignore
+        return Source(pixels, placement, letterbox_boxes(sample.boxes[keep], placement), sample.labels[keep])
 
 
 def resolve_num_workers(setting: int | str) -> int:
@@ -83,9 +103,10 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, sampler: Sa
                       worker_init_fn=_leave_stop_signals_to_main if num_workers > 0 else None)
 
 
-def eval_loader(samples: list[Sample], cfg: DataConfig, batch_size: int) -> DataLoader:
+def eval_loader(samples: list[Sample], cfg: DataConfig, batch_size: int,
+                cache: ImageCache | None = None) -> DataLoader:
     """Batches of a split in order, untransformed but for the letterbox (validation, eval)."""
-    dataset = DetectionDataset(samples, cfg.image_size, train=False)
+    dataset = DetectionDataset(samples, cfg.image_size, train=False, cache=cache)
     return make_loader(dataset, batch_size, resolve_num_workers(cfg.num_workers))
 
 

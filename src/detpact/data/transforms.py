@@ -1,7 +1,9 @@
-"""Deterministic image + box transforms: letterbox resize and horizontal flip.
+"""Deterministic image + box primitives: letterbox resize, horizontal flip, the per-sample RNG.
 
-Every random choice draws from a generator the caller seeds from (seed, epoch,
-index), so a sample's pixels do not depend on worker count or load order.
+The letterbox is split in two steps, `resize_long_side` (what the decoded-image cache
+stores) and `pad_to_canvas`, so that cached and uncached pixels are the same bytes.
+Every random choice draws from `sample_rng(seed, epoch, index)`, so a sample's pixels
+do not depend on worker count or load order (the training pipeline is augment.py).
 """
 
 from __future__ import annotations
@@ -34,16 +36,38 @@ def letterbox(image: Image.Image, size: int) -> tuple[np.ndarray, Letterbox]:
 
     Returns the canvas as uint8 [size, size, 3] and the placement.
     """
-    image = image.convert("RGB")  # before resizing: palette and greyscale images resize as colour
     width, height = image.size
+    placement = letterbox_placement(width, height, size)
+    return pad_to_canvas(resize_long_side(image, size), placement, size), placement
+
+
+def letterbox_placement(width: int, height: int, size: int) -> Letterbox:
+    """Where `letterbox` puts an image of width x height on the size x size canvas."""
+    new_w, new_h = resized_shape(width, height, size)
+    return Letterbox(size / max(width, height), (size - new_w) // 2, (size - new_h) // 2)
+
+
+def resized_shape(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) of an image resized so that its longer side is `size`."""
     scale = size / max(width, height)
-    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-    if (new_w, new_h) != (width, height):
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def resize_long_side(image: Image.Image, size: int) -> np.ndarray:
+    """The image as uint8 [h, w, 3], resized (bilinear) so that its longer side is `size`."""
+    image = image.convert("RGB")  # before resizing: palette and greyscale images resize as colour
+    new_w, new_h = resized_shape(*image.size, size)
+    if (new_w, new_h) != image.size:
         image = image.resize((new_w, new_h), Image.BILINEAR)
+    return np.asarray(image)
+
+
+def pad_to_canvas(pixels: np.ndarray, placement: Letterbox, size: int) -> np.ndarray:
+    """Paste resized pixels [h, w, 3] onto a PAD_VALUE canvas [size, size, 3] at the placement's pad."""
     canvas = np.full((size, size, 3), PAD_VALUE, dtype=np.uint8)
-    pad_x, pad_y = (size - new_w) // 2, (size - new_h) // 2
-    canvas[pad_y : pad_y + new_h, pad_x : pad_x + new_w] = np.asarray(image)
-    return canvas, Letterbox(scale, pad_x, pad_y)
+    height, width = pixels.shape[:2]
+    canvas[placement.pad_y : placement.pad_y + height, placement.pad_x : placement.pad_x + width] = pixels
+    return canvas
 
 
 def letterbox_boxes(boxes: np.ndarray, placement: Letterbox) -> np.ndarray:
