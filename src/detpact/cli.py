@@ -19,6 +19,7 @@ from rich.table import Table
 
 from detpact import __version__, api
 from detpact.console import setup_logging
+from detpact.data.convert import SOURCE_FORMATS, TARGET_FORMATS, convert, format_summary
 from detpact.data.preflight import PreflightReport
 from detpact.errors import DetpactError, TrainingStopped
 from detpact.evaluation.coco import format_table
@@ -74,6 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
     preflight.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                            help="override a config value (with a config), e.g. --set data.path=/data/x")
 
+    convert_cmd = data_commands.add_parser(
+        "convert", help="convert a dataset between COCO, Pascal VOC and YOLO into a new folder")
+    convert_cmd.add_argument("--from", dest="src_format", required=True, choices=SOURCE_FORMATS, help="format of SRC")
+    convert_cmd.add_argument("--to", dest="dst_format", required=True, choices=TARGET_FORMATS, help="format to write")
+    convert_cmd.add_argument("src", metavar="SRC",
+                             help="coco: the JSON file; voc: a folder with annotations/ and images/ (or the XML folder, "
+                                  "with --images); yolo: a folder with images/, labels/, classes.txt, or a dataset YAML")
+    convert_cmd.add_argument("out", metavar="OUT", help="output folder: new or empty, outside SRC")
+    convert_cmd.add_argument("--images", metavar="DIR", help="coco/voc: the image folder (default: found next to SRC)")
+    convert_cmd.add_argument("--classes", metavar="A,B,...", help="class names in id order, comma-separated")
+    convert_cmd.add_argument("--copy-images", action="store_true",
+                             help="copy the images into OUT/images (default: symlinks to the originals)")
+    convert_cmd.add_argument("--force", action="store_true",
+                             help="convert despite error findings (defective boxes and unusable images are left out)")
+
     runs = commands.add_parser("runs", help="inspect run folders")
     runs_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="RUNS_COMMAND")
     verify = runs_commands.add_parser(
@@ -103,6 +119,11 @@ def run_command(args: argparse.Namespace) -> int:
                               checkpoint=args.checkpoint, score_threshold=args.conf)
         found = sum(len(r["detections"]) for r in records)
         print(f"{found} detections in {len(records)} images -> {args.out}")
+    elif args.command == "data" and args.data_command == "convert":
+        summary = convert(args.src_format, args.dst_format, args.src, args.out, copy_images=args.copy_images,
+                          images=args.images, classes=args.classes.split(",") if args.classes else None,
+                          force=args.force)
+        print(format_summary(summary))
     elif args.command == "data":
         report = api.preflight(args.target, output_json=args.output_json, overrides=args.overrides)
         print_preflight(report)
