@@ -29,6 +29,7 @@ from detpact.config import (
 from detpact.data.build import DatasetSplits, Sources, build_datasets, read_sources, read_yolo_folder
 from detpact.data.dataset import DetectionDataset, eval_loader
 from detpact.data.preflight import PreflightReport, run_preflight, write_report_json
+from detpact.data.show import save_grid
 from detpact.engine.evaluate import evaluate as evaluate_model
 from detpact.engine.evaluate import prepare_images
 from detpact.engine.faults import parse_faults
@@ -252,6 +253,17 @@ def preflight(target: str | Path, *, output_json: str | Path | None = None, over
     if output_json is not None:
         write_report_json(report, Path(output_json))
     return report
+
+
+def show_samples(config: str | Path, *, out: str | Path, count: int = 16, epoch: int = 0,
+                 overrides: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> Path:
+    """Draw the first `count` training samples of `epoch`, augmented exactly as training
+    would see them, with their boxes and class names, into the PNG `out`."""
+    cfg = load_config(config, overrides)
+    data = build_datasets(cfg.data, _cache_dir(environ))
+    dataset = DetectionDataset(data.train, cfg.data.image_size, train=True, seed=cfg.run.seed,
+                               augment=cfg.data.augment)
+    return save_grid(dataset, data.class_names, Path(out), count=count, epoch=epoch)
 
 
 def _dataset_sources(target: Path, overrides: Sequence[str], cache_dir: Path) -> Sources:

@@ -75,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     preflight.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                            help="override a config value (with a config), e.g. --set data.path=/data/x")
 
+    show = data_commands.add_parser("show", help="draw augmented training samples with their boxes into a PNG")
+    show.add_argument("config", help="YAML config file")
+    show.add_argument("--out", required=True, help="PNG file to write, e.g. grid.png")
+    show.add_argument("--count", type=int, default=16, help="how many samples (default 16)")
+    show.add_argument("--epoch", type=int, default=0, help="draw the augmentation of this epoch (default 0)")
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value, e.g. --set data.augment.mosaic_p=0")
+
     convert_cmd = data_commands.add_parser(
         "convert", help="convert a dataset between COCO, Pascal VOC and YOLO into a new folder")
     convert_cmd.add_argument("--from", dest="src_format", required=True, choices=SOURCE_FORMATS, help="format of SRC")
@@ -119,6 +127,12 @@ def run_command(args: argparse.Namespace) -> int:
                               checkpoint=args.checkpoint, score_threshold=args.conf)
         found = sum(len(r["detections"]) for r in records)
         print(f"{found} detections in {len(records)} images -> {args.out}")
+    elif args.command == "data" and args.data_command == "show":
+        if args.count < 1:
+            raise DetpactError("--count must be at least 1.")
+        path = api.show_samples(args.config, out=args.out, count=args.count, epoch=args.epoch,
+                                overrides=args.overrides)
+        print(f"wrote {path}")
     elif args.command == "data" and args.data_command == "convert":
         summary = convert(args.src_format, args.dst_format, args.src, args.out, copy_images=args.copy_images,
                           images=args.images, classes=args.classes.split(",") if args.classes else None,
