@@ -19,6 +19,10 @@ TINY_CONFIG = {
         "image_size": 64,
         "num_workers": 0,
         "synthetic": {"num_train": 24, "num_val": 6, "image_size": 64, "max_objects": 3},
+        # Every augmentation on (the defaults, spelled out so that a change of defaults
+        # cannot quietly take them out of the resume-to-the-same-bits tests).
+        "augment": {"mosaic_p": 1.0, "scale": 0.5, "translate": 0.1, "hsv_h": 0.015, "hsv_s": 0.7, "hsv_v": 0.4,
+                    "hflip_p": 0.5},
     },
     "model": {"backbone": {"args": {"width_mult": 0.0625, "depth_mult": 0.33}}},
     "train": {

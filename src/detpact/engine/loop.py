@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from detpact.config import Config, TrainConfig, config_hash, resolved_dict
 from detpact.data.build import DatasetSplits
+from detpact.data.cache import ImageCache
 from detpact.data.dataset import DetectionDataset, eval_loader, make_loader, resolve_num_workers
 from detpact.data.sampler import ResumableSampler
 from detpact.engine.ema import ModelEMA
@@ -271,13 +272,21 @@ def check_steps_per_epoch(tcfg: TrainConfig, num_train: int) -> int:
     return num_train // images_per_step
 
 
-def _build_loaders(cfg: Config, data: DatasetSplits) -> tuple[DataLoader, DataLoader, ResumableSampler]:
+def _build_loaders(cfg: Config, data: DatasetSplits,
+                   cache_dir: Path | None = None) -> tuple[DataLoader, DataLoader, ResumableSampler]:
+    """Training loader (augmented, resumable order) and validation loader.
+
+    cache_dir: the detpact cache folder; `data.cache: disk` keeps decoded images under
+    its `images/` (required for that mode).
+    """
     dcfg = cfg.data
-    train_ds = DetectionDataset(data.train, dcfg.image_size, train=True, seed=cfg.run.seed, augment=dcfg.augment)
+    cache = ImageCache(dcfg.cache, cache_dir / "images" if cache_dir is not None else None)
+    train_ds = DetectionDataset(data.train, dcfg.image_size, train=True, seed=cfg.run.seed, augment=dcfg.augment,
+                                cache=cache)
     sampler = ResumableSampler(len(train_ds), cfg.run.seed)
     train_loader = make_loader(train_ds, cfg.train.batch_size, resolve_num_workers(dcfg.num_workers), sampler,
                                drop_last=True)
-    return train_loader, eval_loader(data.val, dcfg, cfg.eval.batch_size), sampler
+    return train_loader, eval_loader(data.val, dcfg, cfg.eval.batch_size, cache), sampler
 
 
 def _due(every: int | None, count: int) -> bool:
