@@ -55,7 +55,8 @@ def resized_shape(width: int, height: int, size: int) -> tuple[int, int]:
 
 def resize_long_side(image: Image.Image, size: int) -> np.ndarray:
     """The image as uint8 [h, w, 3], resized (bilinear) so that its longer side is `size`."""
-    image = image.convert("RGB")  # before resizing: palette and greyscale images resize as colour
+    if image.mode != "RGB":  # before resizing: palette and greyscale images resize as colour
+        image = image.convert("RGB")  # (converting an RGB image would only copy it)
     new_w, new_h = resized_shape(*image.size, size)
     if (new_w, new_h) != image.size:
         image = image.resize((new_w, new_h), Image.BILINEAR)
