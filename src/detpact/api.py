@@ -117,7 +117,7 @@ def train(
     meta = _write_run_meta(run, cfg, data, device, determinism, resumed=resume, drift=drift)
     log.info("run folder: %s (dataset: %s, %s)", run.root, data.mode, data.root)
 
-    result = fit(cfg, run, data, device, bundle, faults)
+    result = fit(cfg, run, data, device, bundle, faults, cache_dir=_cache_dir(environ))
     _finish_train_report(run, cfg, result, meta)
     if cfg.export.onnx:
         set_phase(run.status, "export")

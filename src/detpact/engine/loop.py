@@ -149,13 +149,13 @@ def _accumulate_gradients(parts: StepParts, images: torch.Tensor, targets: list[
 
 
 def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, resume: dict | None,
-        faults: Faults = NO_FAULTS) -> FitResult:
+        faults: Faults = NO_FAULTS, cache_dir: Path | None = None) -> FitResult:
     """Train per `cfg` into `run`; `resume` is the checkpoint bundle to continue from.
 
     Raises TrainingStopped (after saving last.pt) when SIGINT/SIGTERM asks it to stop.
     """
     tcfg = cfg.train
-    train_loader, val_loader, sampler = _build_loaders(cfg, data)
+    train_loader, val_loader, sampler = _build_loaders(cfg, data, cache_dir)
     images_per_step = tcfg.batch_size * tcfg.accumulate
     steps_per_epoch = check_steps_per_epoch(tcfg, len(data.train))
     total_steps = min(tcfg.epochs * steps_per_epoch, tcfg.max_steps or math.inf)
