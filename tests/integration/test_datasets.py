@@ -95,7 +95,7 @@ def test_corrupted_copy_every_defect_reported_and_training_refused(tmp_path, env
     run_report = json.loads((tmp_path / "runs" / "skip" / "reports" / "train_report.json").read_text())
     skipped = run_report["dataset"]["skipped"]
     assert skipped["images"] == 4 and sorted(s["reasons"][0] for s in skipped["files"]) == [
-        "bad_box", "bad_box", "unknown_class", "unreadable_image"]
+        "bad_box", "bad_box", "label_without_image", "unknown_class", "unreadable_image"]
     assert run_report["dataset"]["num_train"] == 3 and run_report["dataset"]["preflight"]["errors"] == 5
 
     # the run evaluated on other data with the same classes: the coco128 COCO JSON; the run

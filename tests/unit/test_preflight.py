@@ -132,10 +132,11 @@ def test_on_error_fail_lists_every_error_and_skip_drops_the_images(tmp_path):
         assert fragment in message
     data = build_datasets(yolo_config(root, on_error="skip"), tmp_path / "cache")
     assert [s.image_path.stem for s in data.train] == ["a", "d"]  # b and c dropped, in train and val
-    assert data.skipped == [{"image": "images/train/b.png", "reasons": ["unknown_class"]},
-                            {"image": "images/train/c.png", "reasons": ["bad_box"]},
-                            {"image": "images/val/b.png", "reasons": ["unknown_class"]},
-                            {"image": "images/val/c.png", "reasons": ["bad_box"]}]
+    assert data.skipped == [{"file": "images/train/b.png", "image": True, "reasons": ["unknown_class"]},
+                            {"file": "images/train/c.png", "image": True, "reasons": ["bad_box"]},
+                            {"file": "images/val/b.png", "image": True, "reasons": ["unknown_class"]},
+                            {"file": "images/val/c.png", "image": True, "reasons": ["bad_box"]},
+                            {"file": "labels/train/ghost.txt", "image": False, "reasons": ["label_without_image"]}]
     assert data.summary()["skipped"]["images"] == 4 and data.summary()["preflight"]["errors"] == 5
 
 

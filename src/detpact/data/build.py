@@ -51,7 +51,7 @@ class DatasetSplits:
         if self.preflight is not None:
             out["preflight"] = self.preflight.counts()
         if self.skipped:
-            out["skipped"] = {"images": len(self.skipped), "files": self.skipped}
+            out["skipped"] = {"images": sum(entry["image"] for entry in self.skipped), "files": self.skipped}
         if self.split is not None:
             out["split"] = self.split
         return out
@@ -78,8 +78,7 @@ def build_datasets(cfg: DataConfig, cache_dir: Path, progress: bool = True) -> D
     if report.errors and cfg.on_error == "fail":
         raise DetpactError(failure_message(report))
     dropped = {f.image for f in report.errors if f.image is not None}
-    skipped = [{"image": report.relative(image), "reasons": sorted({f.kind for f in report.errors if f.image == image})}
-               for image in sorted(dropped)]
+    skipped = _skipped(report, dropped)
     split_info = None
     train = sources.splits["train"].samples
     if "val" in sources.splits:
@@ -100,6 +99,17 @@ def build_datasets(cfg: DataConfig, cache_dir: Path, progress: bool = True) -> D
     mode = "synthetic" if cfg.format == "synthetic" else "real"
     return DatasetSplits(sources.root, mode, sources.class_names, train, val, fingerprint, report, skipped,
                          split_info)
+
+
+def _skipped(report: PreflightReport, dropped: set[Path]) -> list[dict[str, Any]]:
+    """What `on_error: skip` leaves out: each dropped image, and each file whose errors
+    concern no image (e.g. a label file without an image), with the finding kinds."""
+    reasons: dict[tuple[bool, Path], set[str]] = {}
+    for finding in report.errors:
+        key = (True, finding.image) if finding.image is not None else (False, finding.path)
+        reasons.setdefault(key, set()).add(finding.kind)
+    return [{"file": report.relative(path), "image": is_image, "reasons": sorted(kinds)}
+            for (is_image, path), kinds in sorted(reasons.items(), key=lambda item: (not item[0][0], str(item[0][1])))]
 
 
 def failure_message(report: PreflightReport) -> str:
