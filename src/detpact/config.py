@@ -126,7 +126,7 @@ class DataConfig(Section):
     split_seed: int = 0
     stratify: bool = False
     # A JSON file recording which images went to which split: written on first use,
-    # reused (and checked) afterwards. Relative paths are relative to the config's folder.
+    # reused (and checked) afterwards. Relative to the current directory, like data.path.
     split_manifest: str | None = None
     # Preflight findings that are errors: `fail` stops before training with the report;
     # `skip` drops the affected images and records them in reports/train_report.json.
