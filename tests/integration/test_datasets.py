@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from conftest import TINY_CONFIG, run_cli
 
@@ -117,3 +118,20 @@ def test_corrupted_copy_every_defect_reported_and_training_refused(tmp_path, env
     shapes.write_text(yaml.safe_dump(TINY_CONFIG))
     result = run_cli(["eval", "runs/skip", "--data", str(shapes)], env, tmp_path)
     assert result.returncode == 2 and "other classes than the run" in result.stderr
+
+
+def test_data_show_and_convert_commands(tmp_path, env, tiny_config):
+    result = run_cli(["data", "show", str(tiny_config), "--out", "grid.png", "--count", "6"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "grid.png") as grid:  # 4 columns x 2 rows of 64 px tiles, 4 px apart
+        assert grid.size == (4 * 64 + 3 * 4, 2 * 64 + 4)
+
+    result = run_cli(["data", "convert", "--from", "coco", "--to", "yolo",
+                      str(COCO128 / "annotations" / "instances_train2017.json"), "out"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "left out 10 ignore boxes" in result.stdout  # the crowd regions have no YOLO form
+    result = run_cli(["data", "preflight", "out/dataset.yaml"], env, tmp_path)
+    assert result.returncode == 0 and "preflight: PASS" in result.stdout, result.stdout
+    result = run_cli(["data", "convert", "--from", "coco", "--to", "yolo",
+                      str(COCO128 / "annotations" / "instances_train2017.json"), "out"], env, tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr  # OUT is not empty
