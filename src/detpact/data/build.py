@@ -78,7 +78,7 @@ def build_datasets(cfg: DataConfig, cache_dir: Path, progress: bool = True) -> D
     if report.errors and cfg.on_error == "fail":
         raise DetpactError(failure_message(report))
     dropped = {f.image for f in report.errors if f.image is not None}
-    skipped = _skipped(report, dropped)
+    skipped = _skipped(report)
     split_info = None
     train = sources.splits["train"].samples
     if "val" in sources.splits:
@@ -101,7 +101,7 @@ def build_datasets(cfg: DataConfig, cache_dir: Path, progress: bool = True) -> D
                          split_info)
 
 
-def _skipped(report: PreflightReport, dropped: set[Path]) -> list[dict[str, Any]]:
+def _skipped(report: PreflightReport) -> list[dict[str, Any]]:
     """What `on_error: skip` leaves out: each dropped image, and each file whose errors
     concern no image (e.g. a label file without an image), with the finding kinds."""
     reasons: dict[tuple[bool, Path], set[str]] = {}
@@ -113,10 +113,11 @@ def _skipped(report: PreflightReport, dropped: set[Path]) -> list[dict[str, Any]
 
 
 def failure_message(report: PreflightReport) -> str:
-    listed = "\n".join(f"  - [{f.kind}] {f}" for f in report.errors[:MAX_LISTED_FINDINGS])
-    more = len(report.errors) - MAX_LISTED_FINDINGS
-    return (f"Dataset preflight of {report.root} found {report.summary()}:\n{listed}"
-            f"{f'{chr(10)}  ... and {more} more' if more > 0 else ''}\n"
+    listed = [f"  - [{f.kind}] {f}" for f in report.errors[:MAX_LISTED_FINDINGS]]
+    if len(report.errors) > MAX_LISTED_FINDINGS:
+        listed.append(f"  ... and {len(report.errors) - MAX_LISTED_FINDINGS} more")
+    listing = "\n".join(listed)
+    return (f"Dataset preflight of {report.root} found {report.summary()}:\n{listing}\n"
             "Fix the files (run `detpact data preflight CONFIG --output-json F` for the full report), or set "
             "data.on_error: skip to train without the affected images (they are listed in train_report.json).")
 
