@@ -21,8 +21,11 @@ pytestmark = pytest.mark.skipif(not COCO128.is_dir(), reason="needs ../shared/da
 
 
 def test_coco128_preflight_reports_exactly_its_known_quirks(tmp_path, env):
+    # configs/coco128.yaml with its dataset YAML pointing at wherever the shared data is
+    spec = yaml.safe_load((REPO / "configs" / "datasets" / "coco128.yaml").read_text())
+    (tmp_path / "coco128.yaml").write_text(yaml.safe_dump({**spec, "path": str(COCO128)}))
     result = run_cli(["data", "preflight", str(REPO / "configs" / "coco128.yaml"), "--output-json",
-                      str(tmp_path / "pf.json")], env, REPO)
+                      str(tmp_path / "pf.json"), "--set", f"data.path={tmp_path / 'coco128.yaml'}"], env, REPO)
     assert result.returncode == 1, result.stderr  # the orphan label files are errors
     report = json.loads((tmp_path / "pf.json").read_text())
     assert sorted((f["kind"], f["file"]) for f in report["findings"]) == [
