@@ -28,7 +28,7 @@ from detpact.config import (
 )
 from detpact.data.build import DatasetSplits, Sources, build_datasets, read_sources, read_yolo_folder
 from detpact.data.dataset import DetectionDataset, eval_loader
-from detpact.data.preflight import PreflightReport, run_preflight, write_report_json
+from detpact.data.preflight import PreflightReport, run_preflight
 from detpact.data.show import save_grid
 from detpact.engine.evaluate import evaluate as evaluate_model
 from detpact.engine.evaluate import prepare_images
@@ -251,7 +251,7 @@ def preflight(target: str | Path, *, output_json: str | Path | None = None, over
     sources = _dataset_sources(Path(target), overrides, cache_dir)
     report = run_preflight(sources.root, sources.format, sources.splits, cache_dir)
     if output_json is not None:
-        write_report_json(report, Path(output_json))
+        atomic_write_json(Path(output_json), report.to_json())
     return report
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +24,7 @@ import numpy as np
 
 from detpact.data.formats import open_rgb
 from detpact.data.transforms import resize_long_side
+from detpact.run.atomic import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +63,8 @@ class ImageCache:
 
     def _write(self, file: Path, pixels: np.ndarray) -> None:
         try:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            handle, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.stem}.", suffix=".tmp")
-            try:
-                with os.fdopen(handle, "wb") as out:
-                    np.save(out, pixels, allow_pickle=False)
-                os.replace(tmp, file)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            with atomic_open(file, "wb") as out:
+                np.save(out, pixels, allow_pickle=False)
         except OSError as exc:
             # A cache is an optimisation: a full or read-only disk must not stop training.
             if not self._write_failed:

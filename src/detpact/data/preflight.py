@@ -14,7 +14,6 @@ reads the cache.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,8 +169,3 @@ def _natural(where: str | None) -> tuple:
     if where is None:
         return ()
     return tuple(int(part) if part.isdigit() else part for part in where.split())
-
-
-def write_report_json(report: PreflightReport, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
