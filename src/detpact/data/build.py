@@ -19,7 +19,7 @@ from detpact.config import DataConfig, SplitSource
 from detpact.data.coco_voc import read_coco, read_voc
 from detpact.data.fingerprint import dataset_fingerprint
 from detpact.data.formats import Annotations, Sample, read_class_names, read_yolo, yolo_label_dir
-from detpact.data.preflight import PreflightReport, run_preflight
+from detpact.data.preflight import PreflightReport, list_findings, run_preflight
 from detpact.data.split import resolve_split
 from detpact.data.synthetic import ensure_synthetic
 from detpact.errors import DetpactError
@@ -27,7 +27,6 @@ from detpact.errors import DetpactError
 # The keys detpact reads from an Ultralytics dataset YAML. Anything else is refused:
 # in particular `download`, which Ultralytics may execute as Python or shell.
 DATASET_YAML_KEYS = ("path", "train", "val", "test", "names", "nc")
-MAX_LISTED_FINDINGS = 20
 
 
 @dataclass
@@ -113,11 +112,7 @@ def _skipped(report: PreflightReport) -> list[dict[str, Any]]:
 
 
 def failure_message(report: PreflightReport) -> str:
-    listed = [f"  - [{f.kind}] {f}" for f in report.errors[:MAX_LISTED_FINDINGS]]
-    if len(report.errors) > MAX_LISTED_FINDINGS:
-        listed.append(f"  ... and {len(report.errors) - MAX_LISTED_FINDINGS} more")
-    listing = "\n".join(listed)
-    return (f"Dataset preflight of {report.root} found {report.summary()}:\n{listing}\n"
+    return (f"Dataset preflight of {report.root} found {report.summary()}:\n{list_findings(report.errors)}\n"
             "Fix the files (run `detpact data preflight CONFIG --output-json F` for the full report), or set "
             "data.on_error: skip to train without the affected images (they are listed in train_report.json).")
 

@@ -2,7 +2,7 @@
 
     read    the source format -> {split: Annotations}, through the readers of
             formats.py / coco_voc.py (split "" = a source without splits)
-    check   the readers' findings + each COCO/VOC image's header (missing, unreadable,
+    check   preflight: the readers' findings + every image decoded (missing, unreadable,
             size differs from the annotation); any error refuses unless `force`
     place   OUT/images/<split>/<rel>: a symlink to the original image, or a copy
     write   YOLO labels + classes.txt + dataset.yaml, or one COCO JSON per split
@@ -48,11 +48,11 @@ from detpact.data.formats import (
     Annotations,
     Finding,
     Sample,
-    image_size,
     read_class_names,
     read_yolo,
     yolo_label_dir,
 )
+from detpact.data.preflight import list_findings, run_preflight
 from detpact.errors import DetpactError
 from detpact.run.atomic import atomic_write_text
 
@@ -82,9 +82,7 @@ def convert(src_format: str, dst_format: str, src: str | Path, out: str | Path, 
                            "Choose another OUT or remove it first.")
     splits, read_from = read_source(src_format, src, images, classes)
     _check_outside_source(out, read_from)
-    findings = [f for a in splits.values() for f in a.findings]
-    if src_format != "yolo":  # the YOLO reader has opened every image already
-        findings += [f for a in splits.values() for s in a.samples for f in _image_findings(s)]
+    findings = run_preflight(src, src_format, splits).findings  # the readers' findings + every image decoded
     errors = [f for f in findings if f.severity == "error"]
     if errors and not force:
         raise DetpactError(_refusal(src, errors))
@@ -195,26 +193,8 @@ def _read_yolo_source(src: Path, classes: list[str] | None) -> tuple[dict[str, A
             for name, path in image_sources.items()}, folders
 
 
-def _image_findings(sample: Sample) -> list[Finding]:
-    """What a header read says of a COCO/VOC image: missing, unreadable, or another size."""
-    path = sample.image_path
-    if not path.is_file():
-        return [Finding("missing_image", path, None, f"the annotated image file does not exist (looked for in "
-                        f"{path.parent}; pass --images DIR if that is the wrong folder)", image=path)]
-    try:
-        size = image_size(path)
-    except DetpactError as exc:
-        return [Finding("unreadable_image", path, None, exc.message, image=path)]
-    if size != (sample.width, sample.height):
-        return [Finding("size_mismatch", path, None, f"the annotation says {sample.width}x{sample.height} but the "
-                        f"upright image is {size[0]}x{size[1]}; fix the annotation", image=path)]
-    return []
-
-
 def _refusal(src: Path, errors: list[Finding]) -> str:
-    listed = "\n".join(f"  - [{f.kind}] {f}" for f in errors[:MAX_LISTED])
-    more = f"\n  ... and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
-    return (f"Not converting {src}: reading it found {len(errors)} errors:\n{listed}{more}\n"
+    return (f"Not converting {src}: reading it found {len(errors)} errors:\n{list_findings(errors, MAX_LISTED)}\n"
             "Fix the files named, or pass --force to convert what is readable (defective boxes and unusable images "
             "are left out and listed in the summary).")
 

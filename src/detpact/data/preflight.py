@@ -111,7 +111,8 @@ def run_preflight(root: Path, fmt: str, splits: dict[str, Annotations], cache_di
 
 def _image_findings(path: Path, stated: tuple[int, int], check: dict[str, Any]) -> list[Finding]:
     if check.get("missing"):
-        return [Finding("missing_image", path, None, "the annotated image file does not exist", image=path)]
+        return [Finding("missing_image", path, None, f"the annotated image file does not exist (looked for in "
+                        f"{path.parent})", image=path)]
     if check.get("error"):
         return [Finding("unreadable_image", path, None, f"cannot be decoded ({check['error']}): empty, truncated "
                         "or corrupt; replace or remove the file", image=path)]
@@ -123,6 +124,14 @@ def _image_findings(path: Path, stated: tuple[int, int], check: dict[str, Any]) 
         return [Finding("size_mismatch", path, None, f"the annotation says {stated[0]}x{stated[1]} but the upright "
                         f"image is {size[0]}x{size[1]}{hint}; fix the annotation", image=path)]
     return []
+
+
+def list_findings(findings: list[Finding], limit: int = 20) -> str:
+    """One `  - [kind] file (where): message` line per finding, at most `limit`, then how many more."""
+    lines = [f"  - [{f.kind}] {f}" for f in findings[:limit]]
+    if len(findings) > limit:
+        lines.append(f"  ... and {len(findings) - limit} more")
+    return "\n".join(lines)
 
 
 def check_image(path: Path) -> dict[str, Any]:
