@@ -18,7 +18,7 @@ import yaml
 from detpact.config import DataConfig, SplitSource
 from detpact.data.coco_voc import read_coco, read_voc
 from detpact.data.fingerprint import dataset_fingerprint
-from detpact.data.formats import Annotations, Sample, read_class_names, read_yolo, yolo_label_dir
+from detpact.data.formats import IMAGE_SUFFIXES, Annotations, Sample, read_class_names, read_yolo, yolo_label_dir
 from detpact.data.preflight import PreflightReport, list_findings, run_preflight
 from detpact.data.split import resolve_split
 from detpact.data.synthetic import ensure_synthetic
@@ -125,7 +125,7 @@ def read_sources(cfg: DataConfig, cache_dir: Path) -> Sources:
         root = Path(cfg.path) if cfg.path else cache_dir / f"synthetic-{_synthetic_key(cfg)}"
         ensure_synthetic(root, num_train=spec.num_train, num_val=spec.num_val, image_size=spec.image_size,
                          seed=spec.seed, max_objects=spec.max_objects)
-        return _read_yolo_sources(root, {"train": SplitSource(images="images/train"),
+        return read_yolo_sources(root, {"train": SplitSource(images="images/train"),
                                               "val": SplitSource(images="images/val")}, None, "synthetic")
     path = Path(cfg.path).resolve()
     if cfg.format == "yolo" and path.is_file() and path.suffix in (".yaml", ".yml"):
@@ -135,7 +135,7 @@ def read_sources(cfg: DataConfig, cache_dir: Path) -> Sources:
         root, splits, names = read_dataset_yaml(path)
         if cfg.val_ratio is not None:
             splits.pop("val", None)
-        return _read_yolo_sources(root, splits, cfg.classes or names, "yolo")
+        return read_yolo_sources(root, splits, cfg.classes or names, "yolo")
     if not path.is_dir():
         raise DetpactError(
             f"Dataset folder not found: {path} (data.path). Point data.path at your dataset folder; detpact never "
@@ -149,7 +149,7 @@ def read_sources(cfg: DataConfig, cache_dir: Path) -> Sources:
         raise DetpactError(f"No validation data for {path}: set data.val (images and annotations of a validation "
                            "split) or data.val_ratio (hold out part of data.train).")
     if cfg.format == "yolo":
-        return _read_yolo_sources(path, splits, cfg.classes, "yolo")
+        return read_yolo_sources(path, splits, cfg.classes, "yolo")
     if cfg.format == "coco":
         read = {name: read_coco(_inside(path, s.annotations, f"data.{name}.annotations"),
                                 _inside(path, s.images, f"data.{name}.images")) for name, s in splits.items()}
@@ -164,18 +164,26 @@ def read_sources(cfg: DataConfig, cache_dir: Path) -> Sources:
 
 
 def read_yolo_folder(root: Path) -> Sources:
-    """A YOLO dataset folder without a config, for preflight: every subfolder of `images/`
-    holding images is a split, with class names from `classes.txt`."""
+    """A YOLO dataset folder without a config, for preflight: the splits of
+    `yolo_folder_splits`, with class names from `classes.txt`."""
+    return read_yolo_sources(root, yolo_folder_splits(root, flat_name="images"), None, "yolo")
+
+
+def yolo_folder_splits(root: Path, flat_name: str) -> dict[str, SplitSource]:
+    """The splits of a YOLO folder: each subfolder of `images/`, or `images/` itself as
+    the one split `flat_name` when it holds images directly (or has no subfolder)."""
     image_root = root / "images"
     if not image_root.is_dir():
         raise DetpactError(f"{root} has no images/ folder: pass a detpact config, an Ultralytics dataset YAML, or a "
-                           "YOLO folder with images/<split>/ and labels/<split>/.")
-    splits = {sub.name: SplitSource(images=f"images/{sub.name}") for sub in sorted(image_root.iterdir())
-              if sub.is_dir()} or {"images": SplitSource(images="images", labels="labels")}
-    return _read_yolo_sources(root, splits, None, "yolo")
+                           "YOLO folder with images/[<split>/] and labels/[<split>/].")
+    entries = sorted(image_root.iterdir())
+    if any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in entries):
+        return {flat_name: SplitSource(images="images")}
+    return {p.name: SplitSource(images=f"images/{p.name}") for p in entries if p.is_dir()} or \
+        {flat_name: SplitSource(images="images")}
 
 
-def _read_yolo_sources(root: Path, splits: dict[str, SplitSource], names: list[str] | None,
+def read_yolo_sources(root: Path, splits: dict[str, SplitSource], names: list[str] | None,
                        fmt: str) -> Sources:
     class_names = read_class_names(root, names)
     read = {}

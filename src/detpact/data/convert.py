@@ -41,16 +41,12 @@ from typing import Any
 import numpy as np
 import yaml
 
-from detpact.data.build import read_dataset_yaml
+from detpact.data.build import read_dataset_yaml, read_yolo_sources, yolo_folder_splits
 from detpact.data.coco_voc import read_coco, read_voc
 from detpact.data.formats import (
-    IMAGE_SUFFIXES,
     Annotations,
     Finding,
     Sample,
-    read_class_names,
-    read_yolo,
-    yolo_label_dir,
 )
 from detpact.data.preflight import list_findings, run_preflight
 from detpact.errors import DetpactError
@@ -175,22 +171,14 @@ def _voc_dirs(src: Path, images: str | Path | None) -> tuple[Path, Path]:
 
 
 def _read_yolo_source(src: Path, classes: list[str] | None) -> tuple[dict[str, Annotations], list[Path]]:
-    """A dataset YAML's train/val, or a folder's images/<split>/ (or images/ as one split
-    when it holds images itself) with labels/ mirroring it and classes.txt."""
+    """A dataset YAML's train/val, or a folder's splits (`yolo_folder_splits`; images/
+    itself is the split "", written without a folder level) with classes.txt."""
     if src.is_file():
         root, sources, names = read_dataset_yaml(src)
-        image_sources = {name: root / source.images for name, source in sources.items()}
-        names, folders = list(classes or names), [src.parent, root]
-    elif (src / "images").is_dir():
-        names, folders = read_class_names(src, classes), [src]
-        entries = sorted((src / "images").iterdir())
-        flat = any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in entries)  # images/ holds images
-        image_sources = {"": src / "images"} if flat else {p.name: p for p in entries if p.is_dir()}
-        image_sources = image_sources or {"": src / "images"}
-    else:
+        return read_yolo_sources(root, sources, list(classes or names), "yolo").splits, [src.parent, root]
+    if not (src / "images").is_dir():
         raise DetpactError(f"YOLO source {src} is neither a dataset YAML nor a folder with images/ and labels/.")
-    return {name: read_yolo(path, yolo_label_dir(path) if path.is_dir() else path, names)
-            for name, path in image_sources.items()}, folders
+    return read_yolo_sources(src, yolo_folder_splits(src, flat_name=""), classes, "yolo").splits, [src]
 
 
 def _refusal(src: Path, errors: list[Finding]) -> str:
