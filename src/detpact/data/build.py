@@ -157,10 +157,12 @@ def read_sources(cfg: DataConfig, cache_dir: Path) -> Sources:
         return Sources(path, "coco", names, read)
     voc_dirs = {name: (_inside(path, s.annotations, f"data.{name}.annotations"),
                        _inside(path, s.images, f"data.{name}.images")) for name, s in splits.items()}
-    names = cfg.classes
-    if not names:  # the union of the names in every split, so that class ids agree
-        names = sorted({n for xml, img in voc_dirs.values() for n in read_voc(xml, img).class_names})
-    return Sources(path, "voc", list(names), {name: read_voc(xml, img, names) for name, (xml, img) in voc_dirs.items()})
+    read = {name: read_voc(xml, img, cfg.classes) for name, (xml, img) in voc_dirs.items()}
+    # Without data.classes: the union of every split's names, so that class ids agree (a
+    # split that lacks some of them is read again with the full list).
+    names = list(cfg.classes) if cfg.classes else sorted({n for a in read.values() for n in a.class_names})
+    read = {name: a if a.class_names == names else read_voc(*voc_dirs[name], names) for name, a in read.items()}
+    return Sources(path, "voc", names, read)
 
 
 def read_yolo_folder(root: Path) -> Sources:
