@@ -10,7 +10,7 @@ import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
-from detpact.data.formats import Sample
+from detpact.data.formats import Sample, dataset_relative
 
 
 def dataset_fingerprint(root: Path, splits: Iterable[tuple[str, list[Sample]]], class_names: list[str]) -> str:
@@ -19,19 +19,10 @@ def dataset_fingerprint(root: Path, splits: Iterable[tuple[str, list[Sample]]], 
     for split, samples in splits:
         digest.update(f"split:{split}\0".encode())
         for sample in samples:
-            rel = _relative(sample.image_path, root)
+            rel = dataset_relative(sample.image_path, root)
             digest.update(f"{rel}\0{sample.image_path.stat().st_size}\0".encode())
             digest.update(sample.labels.tobytes())
             digest.update(sample.boxes.tobytes())
             if sample.ignore is not None and sample.ignore.any():  # YOLO/synthetic fingerprints unchanged
                 digest.update(b"ignore" + sample.ignore.tobytes())
     return digest.hexdigest()
-
-
-def _relative(path: Path, root: Path) -> str:
-    """The path relative to the dataset root (so a moved dataset keeps its fingerprint);
-    absolute for images listed from outside it."""
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return path.resolve().as_posix()

@@ -81,6 +81,15 @@ class Sample:
     ignore: np.ndarray | None = None
 
 
+def dataset_relative(path: Path, root: Path) -> str:
+    """How records name an image: its path relative to the dataset root (so a moved
+    dataset keeps its fingerprint and split manifest), absolute when listed from outside it."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.resolve().as_posix()
+
+
 def read_class_names(root: Path, names: list[str] | None) -> list[str]:
     """Class names from the config if given, else `<root>/classes.txt` (one per line)."""
     if names:
@@ -140,10 +149,12 @@ def read_yolo(images: Path, labels: Path, class_names: list[str]) -> Annotations
     files under `labels`, at the same relative path (for a .txt list: each image's own
     `images` -> `labels` path). Label files with no image are findings too."""
     image_paths = list_images(images)
+    from_folder = images.is_dir()  # else a .txt list: each image's own images -> labels path
     result = Annotations(list(class_names))
     label_paths = set()
     for path in image_paths:
-        label_path = _label_path(path, images, labels)
+        label_path = (labels / path.relative_to(images) if from_folder else yolo_label_dir(path.parent) / path.name
+                      ).with_suffix(".txt")
         label_paths.add(label_path)
         try:
             width, height = image_size(path)
@@ -158,7 +169,7 @@ def read_yolo(images: Path, labels: Path, class_names: list[str]) -> Annotations
         else:
             rows = _read_yolo_labels(label_path, width, height, len(class_names), path, result.findings)
         result.samples.append(sample_from_rows(path, width, height, rows))
-    if images.is_dir() and labels.is_dir():  # (an image list may share its label folder with other lists)
+    if from_folder and labels.is_dir():  # (an image list may share its label folder with other lists)
         for orphan in sorted(set(labels.rglob("*.txt")) - label_paths):
             if orphan.name != "classes.txt":
                 result.findings.append(Finding("label_without_image", orphan, None,
@@ -174,12 +185,6 @@ def read_yolo_split(root: Path, split: str, class_names: list[str]) -> list[Samp
     if errors:
         raise DetpactError(f"{errors[0]}. Run `detpact data preflight` for the full report.")
     return result.samples
-
-
-def _label_path(image: Path, images: Path, labels: Path) -> Path:
-    if images.is_dir():
-        return (labels / image.relative_to(images)).with_suffix(".txt")
-    return (yolo_label_dir(image.parent) / image.name).with_suffix(".txt")
 
 
 def image_size(path: Path) -> tuple[int, int]:

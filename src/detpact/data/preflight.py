@@ -21,7 +21,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from detpact.data.formats import Annotations, Finding, exif_orientation, upright_size
+from detpact.data.formats import Annotations, Finding, dataset_relative, exif_orientation, upright_size
 from detpact.engine.progress import progress_bar
 from detpact.run.atomic import atomic_write_json, read_json
 
@@ -71,10 +71,7 @@ class PreflightReport:
         }
 
     def relative(self, path: Path) -> str:
-        try:
-            return path.resolve().relative_to(self.root.resolve()).as_posix()
-        except ValueError:
-            return str(path)
+        return dataset_relative(path.resolve(), self.root.resolve())
 
     def summary(self) -> str:
         counts = self.counts()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from detpact.data.formats import Sample
+from detpact.data.formats import Sample, dataset_relative
 from detpact.errors import DetpactError
 from detpact.run.atomic import atomic_write_json, read_json
 
@@ -52,7 +52,7 @@ def resolve_split(samples: list[Sample], root: Path, ratio: float, seed: int, st
                   manifest: Path | None) -> tuple[list[int], list[int], dict]:
     """The split of `samples`, read from `manifest` when it exists (written there on first
     use otherwise). Returns (train indices, val indices, a description for run_meta)."""
-    names = [_relative(s.image_path, root) for s in samples]
+    names = [dataset_relative(s.image_path, root) for s in samples]
     settings = {"val_ratio": ratio, "split_seed": seed, "stratify": stratify}
     if manifest is not None and manifest.exists():
         train, val = _read_manifest(manifest, names, settings)
@@ -91,10 +91,3 @@ def _read_manifest(path: Path, names: list[str], settings: dict) -> tuple[list[i
         raise DetpactError(f"Split manifest {path} does not match the dataset: {detail}. Restore the data, or "
                            "delete the manifest to split again (the new split will differ).")
     return sorted(index[n] for n in data["train"]), sorted(index[n] for n in data["val"])
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return path.as_posix()
