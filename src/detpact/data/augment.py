@@ -109,7 +109,7 @@ def _draw_partners(rng: np.random.Generator, index: int, num_samples: int) -> tu
 
 
 def augment_sample(params: AugmentParams, sources: list[Source], size: int,
-            cfg: AugmentConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   cfg: AugmentConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Apply `params` to the sample's sources ([sample, *partners]).
 
     Returns the canvas uint8 [size, size, 3] (PAD_VALUE where no image lands), boxes

@@ -39,16 +39,15 @@ class DatasetSplits:
     train: list[Sample]
     val: list[Sample]
     fingerprint: str
-    preflight: PreflightReport | None = None
+    preflight: PreflightReport
     skipped: list[dict[str, Any]] = field(default_factory=list)  # on_error: skip
     split: dict[str, Any] | None = None  # how val was held out (val_ratio)
 
     def summary(self) -> dict[str, Any]:
         """The data facts for run_meta.json and train_report.json."""
         out: dict[str, Any] = {"mode": self.mode, "root": str(self.root), "num_train": len(self.train),
-                               "num_val": len(self.val), "class_names": self.class_names}
-        if self.preflight is not None:
-            out["preflight"] = self.preflight.counts()
+                               "num_val": len(self.val), "class_names": self.class_names,
+                               "preflight": self.preflight.counts()}
         if self.skipped:
             out["skipped"] = {"images": sum(entry["image"] for entry in self.skipped), "files": self.skipped}
         if self.split is not None:
