@@ -10,6 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+# The shared datasets (coco128, raccoon, COCO eval fixtures) sit next to the checkout
+# (../shared/datasets); a clone elsewhere finds them at the workspace's fixed path.
+SHARED_DATASETS = next((p for p in (Path(__file__).resolve().parents[2] / "shared" / "datasets",
+                                    Path("/work/shared/datasets")) if p.is_dir()), Path("/work/shared/datasets"))
+
 TINY_CONFIG = {
     "config_version": 1,
     "run": {"name": "tiny", "seed": 0, "amp": "bf16", "channels_last": True},

@@ -11,11 +11,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from conftest import SHARED_DATASETS as SHARED
 from conftest import TINY_CONFIG, run_cli
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = next((p for p in (REPO.parent / "shared" / "datasets", Path("/work/shared/datasets")) if p.is_dir()),
-              Path("/work/shared/datasets"))
 COCO128 = SHARED / "coco128"
 pytestmark = pytest.mark.skipif(not COCO128.is_dir(), reason="needs ../shared/datasets/coco128")
 

@@ -11,11 +11,11 @@ import copy
 import io
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import SHARED_DATASETS
 from detpact.errors import DetpactError
 from detpact.evaluation.coco import (
     HEADLINE_KEYS,
@@ -27,7 +27,7 @@ from detpact.evaluation.coco import (
     to_coco_gt,
 )
 
-FIXTURES = Path("/work/shared/datasets/coco_eval_fixtures")
+FIXTURES = SHARED_DATASETS / "coco_eval_fixtures"
 TOL = 1e-9
 
 

@@ -9,14 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import SHARED_DATASETS as SHARED
 from detpact.data.coco_voc import read_coco, read_voc
 from detpact.data.formats import read_yolo
 from detpact.errors import DetpactError
-
-# The shared datasets sit next to the checkout (../shared/datasets); a clone elsewhere
-# finds them at the workspace's fixed path, as tests/unit/test_coco_eval.py does.
-SHARED = next((p for p in (Path(__file__).resolve().parents[3] / "shared" / "datasets",
-                           Path("/work/shared/datasets")) if p.is_dir()), Path("/work/shared/datasets"))
 
 
 def coco_file(tmp_path: Path, **changes) -> Path:

@@ -12,14 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import SHARED_DATASETS as SHARED
 from detpact.data.build import read_dataset_yaml
 from detpact.data.coco_voc import read_coco, read_voc
 from detpact.data.convert import convert, format_summary
 from detpact.data.formats import Annotations, read_yolo
 from detpact.errors import DetpactError
-
-SHARED = next((p for p in (Path(__file__).resolve().parents[3] / "shared" / "datasets",
-                           Path("/work/shared/datasets")) if p.is_dir()), Path("/work/shared/datasets"))
 
 VOC = "<annotation><filename>{name}</filename><size><width>{w}</width><height>{h}</height></size>{objects}</annotation>"
 OBJECT = "<object><name>{cls}</name><difficult>{difficult}</difficult><bndbox><xmin>{box[0]}</xmin>" \
