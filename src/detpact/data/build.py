@@ -150,12 +150,12 @@ def read_sources(cfg: DataConfig, cache_dir: Path) -> Sources:
     if cfg.format == "yolo":
         return read_yolo_sources(path, splits, cfg.classes, "yolo")
     if cfg.format == "coco":
-        read = {name: read_coco(_inside(path, s.annotations, f"data.{name}.annotations"),
-                                _inside(path, s.images, f"data.{name}.images")) for name, s in splits.items()}
+        read = {name: read_coco(_dataset_path(path, s.annotations, f"data.{name}.annotations"),
+                                _dataset_path(path, s.images, f"data.{name}.images")) for name, s in splits.items()}
         names = _same_classes(read, cfg.classes, "categories")
         return Sources(path, "coco", names, read)
-    voc_dirs = {name: (_inside(path, s.annotations, f"data.{name}.annotations"),
-                       _inside(path, s.images, f"data.{name}.images")) for name, s in splits.items()}
+    voc_dirs = {name: (_dataset_path(path, s.annotations, f"data.{name}.annotations"),
+                       _dataset_path(path, s.images, f"data.{name}.images")) for name, s in splits.items()}
     read = {name: read_voc(xml, img, cfg.classes) for name, (xml, img) in voc_dirs.items()}
     # Without data.classes: the union of every split's names, so that class ids agree (a
     # split that lacks some of them is read again with the full list).
@@ -189,11 +189,11 @@ def read_yolo_sources(root: Path, splits: dict[str, SplitSource], names: list[st
     class_names = read_class_names(root, names)
     read = {}
     for name, source in splits.items():
-        images = _inside(root, source.images, f"data.{name}.images")
+        images = _dataset_path(root, source.images, f"data.{name}.images")
         if not images.exists():
             hint = " or set data.val_ratio to hold out part of train" if name == "val" else ""
             raise DetpactError(f"The {name} images of {root} are not at {images}: fix data.{name}{hint}.")
-        labels = _inside(root, source.labels, f"data.{name}.labels") if source.labels else \
+        labels = _dataset_path(root, source.labels, f"data.{name}.labels") if source.labels else \
             yolo_label_dir(images) if images.is_dir() else images
         read[name] = read_yolo(images, labels, class_names)
     return Sources(root, fmt, class_names, read)
@@ -236,7 +236,7 @@ def read_dataset_yaml(path: Path) -> tuple[Path, dict[str, SplitSource], list[st
     return root, splits, [str(n) for n in names]
 
 
-def _inside(root: Path, relative: str | None, key: str) -> Path:
+def _dataset_path(root: Path, relative: str | None, key: str) -> Path:
     """`root / relative`, refusing absolute paths and `..` escapes out of the dataset folder."""
     if relative is None:
         raise DetpactError(f"{key} is required for this data.format.")
