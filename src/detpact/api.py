@@ -38,7 +38,7 @@ from detpact.engine.runtime import check_amp, resolve_device, setup_determinism
 from detpact.errors import CheckFailed, DetpactError
 from detpact.evaluation.coco import format_table
 from detpact.export.onnx import DeployModel, export_onnx, onnx_metadata
-from detpact.export.parity import check_parity
+from detpact.export.parity import check_parity, describe_failure
 from detpact.inference.predictor import (
     LoadedModel,
     collect_images,
@@ -62,7 +62,7 @@ from detpact.run.contract import (
 from detpact.run.metrics import truncate_jsonl
 from detpact.run.report import write_train_report
 from detpact.run.status import set_phase
-from detpact.run.verify import Check, check_config_hashes, check_manifest
+from detpact.run.verify import Check, check_config_hashes, check_manifest, check_parity_report
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,9 @@ def train(
         try:
             export(run.root, environ=environ)
         except BaseException as exc:
-            set_phase(run.status, "failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            # Training is complete and its checkpoints are final: only the export is missing or
+            # untrustworthy, and `runs verify` reports the same (see _status_check).
+            set_phase(run.status, "export_failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             raise
     set_phase(run.status, "done")
     write_manifest(run)
@@ -168,10 +170,8 @@ def verify(run_dir: str | Path, *, environ: Mapping[str, str] | None = None, ree
     checks = check_manifest(run)
     verified = {check.name for check in checks if check.status == "pass"}
     checks += check_config_hashes(run, verified)
-    phase = (read_json(run.status) or {}).get("phase")
-    if phase != "done":
-        checks.append(Check("status.json", "warn", f"the run's phase is {phase!r}, not 'done': it is still running "
-                                                   "or was interrupted, so its files may still change"))
+    checks += _status_check(run)
+    checks += check_parity_report(run)
     if reevaluate:
         checks += _reevaluate_best(run, verified, environ)
     return checks
@@ -211,8 +211,7 @@ def export(run_dir: str | Path, *, checkpoint: str = "best", environ: Mapping[st
     log.info("ONNX parity %s on %d images (max |diff| boxes %.2e, scores %.2e)", report["verdict"].upper(),
              len(images), worst["boxes"], worst["scores"])
     if report["verdict"] != "pass":
-        message = (f"ONNX parity check failed for {run.onnx_model}: see {run.onnx_parity} for the outputs "
-                   "over tolerance. Try export.exporter: torchscript, another export.opset, or inspect the model.")
+        message = f"ONNX parity check failed for {run.onnx_model}: {describe_failure(report)}. Details: {run.onnx_parity}."
         if cfg.export.parity_policy == "fail":
             raise CheckFailed(message)
         log.warning("%s (export.parity_policy is 'warn', continuing)", message)
@@ -328,6 +327,17 @@ def _evaluate_as_trained(run: RunDir, loaded: LoadedModel, data: DatasetSplits) 
     setup_determinism(cfg.run.seed, cfg.run.deterministic, threads)
     return evaluate_model(loaded.model, eval_loader(data.val, cfg.data, cfg.eval.batch_size), data.val,
                           data.class_names, cfg.model.postprocess, loaded.device, cfg.run.amp, cfg.run.channels_last)
+
+
+def _status_check(run: RunDir) -> list[Check]:
+    status = read_json(run.status) or {}
+    phase = status.get("phase")
+    if phase == "done":
+        return []
+    if phase == "export_failed":
+        return [Check("status.json", "fail", f"training finished, but the export failed: {status.get('error')}")]
+    return [Check("status.json", "warn", f"the run's phase is {phase!r}, not 'done': it is still running or was "
+                                         "interrupted, so its files may still change")]
 
 
 def _reevaluate_best(run: RunDir, verified: set[str], environ: Mapping[str, str] | None) -> list[Check]:

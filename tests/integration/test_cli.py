@@ -139,3 +139,23 @@ def test_nonfinite_steps_are_skipped_then_abort(tmp_path, env, tiny_config):
     assert len(read_jsonl(abort_run / "reports" / "train_metrics.jsonl")) == 5  # nothing written is lost
     assert (abort_run / "checkpoints" / "last.pt").is_file()  # the epoch-1 checkpoint stays
     assert json.loads((abort_run / "status.json").read_text())["phase"] == "failed"
+
+
+@pytest.mark.slow
+def test_a_failed_parity_gate_is_reported_alike_by_train_status_and_verify(tmp_path, env, tiny_config):
+    # Tolerances no float32 engine meets: the gate must fail on the raw outputs and say so.
+    failed = run_cli(["train", str(tiny_config), "--run-id", "strict", "--set", "train.epochs=1", "--set",
+                      "export.onnx=true", "--set", "export.exporter=torchscript", "--set", "export.parity_rtol=1e-12",
+                      "--set", "export.parity_atol=1e-12"], env, tmp_path)
+    assert failed.returncode == 1, failed.stderr
+    assert "raw outputs over tolerance: boxes" in failed.stderr and "Traceback" not in failed.stderr
+    run = tmp_path / "runs" / "strict"
+    status = json.loads((run / "status.json").read_text())
+    assert status["phase"] == "export_failed" and "parity check failed" in status["error"]
+    assert (run / "checkpoints" / "best.pt").is_file() and (run / "reports" / "train_report.json").is_file()
+
+    verified = run_cli(["runs", "verify", str(run), "--no-eval", "--json"], env, tmp_path)
+    assert verified.returncode == 1, verified.stderr
+    checks = {c["name"]: c for c in json.loads(verified.stdout)["checks"]}
+    assert checks["ONNX parity"]["status"] == "fail" and "raw outputs over tolerance" in checks["ONNX parity"]["detail"]
+    assert checks["status.json"]["status"] == "fail" and "training finished" in checks["status.json"]["detail"]

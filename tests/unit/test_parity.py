@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 from detpact.config import ModelConfig, PostprocessConfig
 from detpact.export.onnx import DeployModel, export_onnx
-from detpact.export.parity import check_parity
+from detpact.export.parity import check_parity, compare_detections, describe_failure
 from detpact.models.detector import build_model
 
 
@@ -56,3 +56,47 @@ def test_perturbed_weight_fails_the_gate(exported, tmp_path):
     assert report["verdict"] == "fail"
     assert all(not c["pass"] for c in report["checks"])
     assert any(c["outputs"]["scores"]["pct_over_tolerance"] > 0 for c in report["checks"])
+    message = describe_failure(report)
+    assert message.startswith("raw outputs over tolerance: ") and "scores (max |diff|" in message
+
+
+def _raw(boxes: list[list[float]], scores: list[float]) -> list[np.ndarray]:
+    """Raw outputs of one image with one class: boxes [1, A, 4], scores [1, A, 1]."""
+    return [np.array([boxes], dtype=np.float32), np.array([scores], dtype=np.float32)[..., None]]
+
+
+# A suppresses B at IoU = B's height / 100; C (inside B, IoU 0.45 with A) is suppressed by B
+# whenever B is kept; D stands apart. Scores rank A > B > C > D.
+A, C, D = [0, 0, 100, 100], [0, 0, 100, 45], [200, 200, 250, 250]
+SCORES = [0.9, 0.8, 0.7, 0.5]
+
+
+def test_a_near_tie_at_the_iou_threshold_passes_with_its_knock_on_effect():
+    # The bf16 raccoon case in miniature: 1e-3 px of box noise puts B's IoU with A on either
+    # side of 0.6, so torch suppresses B and keeps C, onnxruntime keeps B, which drops C.
+    torch_raw = _raw([A, [0, 0, 100, 60.001], C, D], SCORES)
+    ort_raw = _raw([A, [0, 0, 100, 59.999], C, D], SCORES)
+    post = PostprocessConfig(iou_threshold=0.6)
+    result = compare_detections(ort_raw, torch_raw, post)
+    assert result["pass"], result
+    assert result["nms_ties_not_required"] == 2 and result["unmatched"] == 0
+    # The raw gate alone would pass these outputs too: the flip is pure NMS.
+    assert np.abs(ort_raw[0] - torch_raw[0]).max() < 3e-3
+
+
+def test_a_detection_kept_on_one_side_without_a_tie_fails_and_is_named():
+    torch_raw = _raw([A, [0, 0, 100, 60.001], C, D], SCORES)
+    ort_raw = _raw([A, [0, 0, 100, 50.0], C, D], SCORES)  # IoU 0.5: clearly kept, no tie
+    result = compare_detections(ort_raw, torch_raw, PostprocessConfig(iou_threshold=0.6))
+    assert not result["pass"]
+    # B has no excuse, so neither has C, which B suppresses.
+    assert result["kept_on_one_side_only"] == 2 and result["nms_ties_not_required"] == 0
+    assert "location 1 class 0" in result["examples"][0] and "onnxruntime only" in result["examples"][0]
+
+
+def test_a_changed_score_of_a_detection_kept_on_both_sides_fails():
+    scores = [0.9, 0.8, 0.7, 0.45]  # D's score moved by 0.05
+    result = compare_detections(_raw([A, [0, 0, 100, 60.001], C, D], scores),
+                                _raw([A, [0, 0, 100, 60.001], C, D], SCORES), PostprocessConfig(iou_threshold=0.6))
+    assert not result["pass"] and result["changed"] == 1
+    assert "location 3 class 0 differs" in result["examples"][0]

@@ -13,11 +13,13 @@ from detpact.models.boxes import batched_nms
 
 @dataclass
 class Detections:
-    """One image's detections in input-image pixels: boxes [N, 4] xyxy, scores [N], labels [N]."""
+    """One image's detections in input-image pixels: boxes [N, 4] xyxy, scores [N], labels [N],
+    and locations [N] int64, the index of the location (into the model's A) each came from."""
 
     boxes: Tensor
     scores: Tensor
     labels: Tensor
+    locations: Tensor
 
 
 @torch.no_grad()
@@ -50,4 +52,4 @@ def _postprocess_image(scores: Tensor, boxes: Tensor, cfg: PostprocessConfig) ->
     loc, labels = candidates // num_classes, candidates % num_classes
     cand_boxes = boxes[loc]
     keep = batched_nms(cand_boxes, cand_scores, labels, cfg.iou_threshold)[: cfg.max_det]
-    return Detections(boxes=cand_boxes[keep], scores=cand_scores[keep], labels=labels[keep])
+    return Detections(boxes=cand_boxes[keep], scores=cand_scores[keep], labels=labels[keep], locations=loc[keep])

@@ -14,6 +14,7 @@ from typing import Literal
 
 from detpact.config import config_hash, load_config
 from detpact.errors import DetpactError
+from detpact.export.parity import describe_failure
 from detpact.run.atomic import read_json, stale_temp_files
 from detpact.run.checkpoint import CORRUPT_SUFFIX, load_checkpoint
 from detpact.run.contract import RunDir, file_entry, read_manifest
@@ -88,6 +89,20 @@ def check_config_hashes(run: RunDir, verified: set[str]) -> list[Check]:
         else:
             checks.append(_hash_check(name, recorded, expected))
     return checks
+
+
+def check_parity_report(run: RunDir) -> list[Check]:
+    """The verdict of reports/onnx_parity.json, when the run has one: a failed gate fails
+    verify under `export.parity_policy: fail` and warns under `warn`."""
+    report = read_json(run.onnx_parity)
+    if report is None:
+        return []
+    name = "ONNX parity"
+    if report.get("verdict") == "pass":
+        return [Check(name, "pass", f"pass on {report.get('num_images')} images ({report.get('onnx')})")]
+    status: Status = "warn" if report.get("policy") == "warn" else "fail"
+    return [Check(name, status, f"{report.get('verdict')} under policy {report.get('policy')!r}: "
+                                f"{describe_failure(report)}")]
 
 
 def _hash_check(name: str, recorded: str | None, expected: str) -> Check:
