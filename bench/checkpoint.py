@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -80,7 +81,7 @@ def main() -> None:
     data = build_datasets(cfg.data, _cache_dir(None))
     loader, _, sampler = _build_loaders(cfg, data)
     tcfg = cfg.train
-    steps_per_epoch = len(data.train) // (tcfg.batch_size * tcfg.accumulate)
+    steps_per_epoch = math.ceil(len(data.train) // tcfg.batch_size / tcfg.micro_batches)
     total_steps = tcfg.epochs * steps_per_epoch
     batches = epochs_of_batches(loader, sampler)
     progress, best = Progress(), Best(map50_95=0.1, step=0, epoch=0)
@@ -88,7 +89,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         run = RunDir(Path(root))
         run.create()
-        parts = _build_step_parts(cfg, device, len(data.class_names), str(run.last_ckpt))
+        parts = _build_step_parts(cfg, device, len(data.class_names), str(run.last_ckpt), total_steps)
         run.config_resolved.write_text(dump_config_yaml(cfg))
         run.val_metrics.write_text(json.dumps({"step": 0, "epoch": 0, "map50_95": 0.1, "map50": 0.2}) + "\n")
 
@@ -97,7 +98,7 @@ def main() -> None:
             for _ in range(count):
                 step = progress.global_step + 1
                 stats = train_step(parts, batches, lr_at(progress.global_step, total_steps, tcfg.optimizer.lr,
-                                                         tcfg.scheduler), step)
+                                                         tcfg.scheduler, steps_per_epoch), step)
                 progress.global_step, progress.samples_seen = step, progress.samples_seen + tcfg.batch_size
                 log_step(run, step, stats)  # as the Recorder does; well under 1 ms
             return (time.perf_counter() - started) / count

@@ -68,7 +68,7 @@ def main() -> None:
         if default_workers != 2:
             loaders["loader, 2 workers"] = make_loader(dataset, cfg.train.batch_size, 2, sampler, drop_last=True)
 
-        parts = _build_step_parts(cfg, device, len(data.class_names), os.devnull)
+        parts = _build_step_parts(cfg, device, len(data.class_names), os.devnull, 1000)
         bs = cfg.train.batch_size
         step_batches = [collate([dataset[(0, (j * bs + i) % len(dataset))] for i in range(bs)]) for j in range(args.steps)]
         lr = cfg.train.optimizer.lr

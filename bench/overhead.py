@@ -42,7 +42,7 @@ def bare_loop(cfg, data, device, steps: int) -> float:
     """Seconds per step of a plain loop over the same components."""
     setup_determinism(cfg.run.seed, cfg.run.deterministic, cfg.run.num_threads)
     loader, _, sampler = _build_loaders(cfg, data)
-    parts = _build_step_parts(cfg, device, len(data.class_names), "unused")
+    parts = _build_step_parts(cfg, device, len(data.class_names), "unused", WARMUP + steps)
     model, optimizer, ema = parts.model, parts.optimizer, parts.ema
     sampler.set_epoch(0)
     batches = iter(loader)
@@ -51,7 +51,7 @@ def bare_loop(cfg, data, device, steps: int) -> float:
         if step == WARMUP:
             started = time.perf_counter()
         for group in optimizer.param_groups:  # the same schedule as fit(): speed can depend on the weights
-            group["lr"] = lr_at(step, total, cfg.train.optimizer.lr, cfg.train.scheduler)
+            group["lr"] = lr_at(step, total, cfg.train.optimizer.lr, cfg.train.scheduler, len(loader))
         images, targets = next(batches)
         with autocast(device, cfg.run.amp):
             outputs = model(prepare_images(images, device, cfg.run.channels_last))

@@ -27,12 +27,13 @@ TINY_CONFIG = {
         # Every augmentation on (the defaults, spelled out so that a change of defaults
         # cannot quietly take them out of the resume-to-the-same-bits tests).
         "augment": {"mosaic_p": 1.0, "scale": 0.5, "translate": 0.1, "hsv_h": 0.015, "hsv_s": 0.7, "hsv_v": 0.4,
-                    "hflip_p": 0.5},
+                    "hflip_p": 0.5, "close_mosaic_epochs": 1},
     },
     "model": {"backbone": {"args": {"width_mult": 0.0625, "depth_mult": 0.33}}},
     "train": {
         "epochs": 2,
         "batch_size": 8,
+        "nominal_batch": None,  # a step per batch: 3 steps per epoch (the resume tests set their own)
         "scheduler": {"warmup_steps": 2},
         "ema": {"decay": 0.9, "warmup_steps": 5},
     },

@@ -33,7 +33,7 @@ from detpact.data.show import save_grid
 from detpact.engine.evaluate import evaluate as evaluate_model
 from detpact.engine.evaluate import prepare_images
 from detpact.engine.faults import parse_faults
-from detpact.engine.loop import FitResult, check_steps_per_epoch, fit
+from detpact.engine.loop import FitResult, check_batches_per_epoch, fit
 from detpact.engine.runtime import check_amp, resolve_device, setup_determinism
 from detpact.errors import CheckFailed, DetpactError
 from detpact.evaluation.coco import format_table
@@ -111,7 +111,7 @@ def train(
             )
         log.warning("resuming on changed data (--allow-drift): the dataset fingerprint differs from the checkpoint's")
         drift["dataset_fingerprint"] = {"checkpoint": bundle["dataset_fingerprint"], "now": data.fingerprint}
-    check_steps_per_epoch(cfg.train, len(data.train))  # before the run folder exists
+    check_batches_per_epoch(cfg.train, len(data.train))  # before the run folder exists
     run.create()
     atomic_write_text(run.config_resolved, dump_config_yaml(cfg))
     meta = _write_run_meta(run, cfg, data, device, determinism, resumed=resume, drift=drift)
@@ -465,8 +465,7 @@ def _finish_train_report(run: RunDir, cfg: Config, result: FitResult, meta: dict
             "samples_seen": result.progress.samples_seen, "nonfinite_skipped": result.nonfinite_skipped,
             "num_params": result.num_params, "train_seconds": round(result.train_seconds, 2),
             # Speed of this session only (a resumed run's earlier sessions are not timed here).
-            "samples_per_s": (result.progress.global_step - result.start_step) * cfg.train.batch_size
-            * cfg.train.accumulate / max(result.train_seconds, 1e-9),
+            "samples_per_s": (result.progress.samples_seen - result.start_samples) / max(result.train_seconds, 1e-9),
         },
     }
     write_train_report(run, summary)

@@ -2,9 +2,11 @@
 resumed end bit for bit where an uninterrupted run ends; fresh runs are identical;
 the DataLoader worker count changes nothing. Real subprocesses and real signals.
 
-Every run here trains the tiny config with batch 4 x accumulate 2 (3 optimizer steps
-per epoch, 6 in all) and a checkpoint every 2 steps, so checkpoints land at steps
-2, 3 (epoch end, with best.pt), 4 and 6.
+Every run here trains the tiny config (24 images) with batch 3 and a nominal batch of 9:
+optimizer steps of 3, 3 and 2 batches per epoch (every batch is used, so an epoch's last
+step is short), 6 in all, and a checkpoint every 2 steps, so checkpoints land at steps
+2, 3 (epoch end, with best.pt), 4 and 6. The tiny config's mosaic closes for the last
+epoch, so the resumed runs also cross that switch.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from detpact import api
 from detpact.run.checkpoint import save_checkpoint
 from detpact.run.contract import RunDir, write_manifest
 
-SETS = ["--set", "train.batch_size=4", "--set", "train.accumulate=2", "--set", "train.checkpoint.every_steps=2"]
+SETS = ["--set", "train.batch_size=3", "--set", "train.nominal_batch=9", "--set", "train.checkpoint.every_steps=2"]
 TIMING_FIELDS = {"time_s", "samples_per_s"}
 
 pytestmark = pytest.mark.slow

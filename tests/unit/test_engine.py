@@ -11,7 +11,7 @@ from detpact.config import EMAConfig, HeadConfig, ModelConfig, OptimizerConfig, 
 from detpact.engine.ema import ModelEMA
 from detpact.engine.guards import NonFiniteGuard
 from detpact.engine.loop import StepParts, train_step
-from detpact.engine.optim import build_optimizer, lr_at
+from detpact.engine.optim import build_optimizer, lr_at, warmup_length
 from detpact.errors import TrainingAborted
 from detpact.models.detector import build_model
 from detpact.models.losses import build_criterion
@@ -19,13 +19,21 @@ from detpact.models.losses import build_criterion
 
 def test_lr_warmup_then_cosine_to_floor():
     cfg = SchedulerConfig(warmup_steps=10, min_lr_ratio=0.1)
-    lrs = [lr_at(s, 100, 1.0, cfg) for s in range(100)]
+    lrs = [lr_at(s, 100, 1.0, cfg, 10) for s in range(100)]
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # rising warm-up
     assert lrs[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then non-increasing
-    assert lr_at(100, 100, 1.0, cfg) == pytest.approx(0.1)
-    assert lr_at(37, 100, 1.0, cfg) == lr_at(37, 100, 1.0, cfg)  # pure: same step, same value
-    assert lr_at(0, 1, 1.0, cfg) > 0  # a one-step run still trains
+    assert lr_at(100, 100, 1.0, cfg, 10) == pytest.approx(0.1)
+    assert lr_at(37, 100, 1.0, cfg, 10) == lr_at(37, 100, 1.0, cfg, 10)  # pure: same step, same value
+    assert lr_at(0, 1, 1.0, cfg, 1) > 0  # a one-step run still trains
+
+
+def test_default_warmup_is_three_epochs_at_most_a_tenth_of_the_run():
+    auto = SchedulerConfig()
+    assert warmup_length(auto, total_steps=1000, steps_per_epoch=10) == 30
+    assert warmup_length(auto, total_steps=108, steps_per_epoch=3) == 9
+    assert warmup_length(auto, total_steps=500, steps_per_epoch=125) == 50  # a tenth of a 4-epoch run
+    assert warmup_length(SchedulerConfig(warmup_steps=200), total_steps=50, steps_per_epoch=5) == 49
 
 
 def test_optimizer_groups_decay_only_weights():
@@ -39,7 +47,7 @@ def test_optimizer_groups_decay_only_weights():
 
 def test_ema_ramp_update_and_state_round_trip():
     model = torch.nn.Linear(2, 1)
-    ema = ModelEMA(model, EMAConfig(decay=0.9, warmup_steps=10))
+    ema = ModelEMA(model, EMAConfig(decay=0.9, warmup_steps=10), 100)
     assert ema.current_decay() == 0.0
     with torch.no_grad():
         model.weight.add_(1.0)
@@ -48,7 +56,7 @@ def test_ema_ramp_update_and_state_round_trip():
     assert ema.current_decay() == pytest.approx(d)
     expected = d * (model.weight - 1.0) + (1 - d) * model.weight
     torch.testing.assert_close(ema.module.weight, expected)
-    clone = ModelEMA(torch.nn.Linear(2, 1), EMAConfig(decay=0.9, warmup_steps=10))
+    clone = ModelEMA(torch.nn.Linear(2, 1), EMAConfig(decay=0.9, warmup_steps=10), 100)
     clone.load_state_dict(ema.state_dict())
     assert clone.updates == 1
     torch.testing.assert_close(clone.module.weight, ema.module.weight)
@@ -72,7 +80,7 @@ def make_parts(criterion):
     model = build_model(cfg, 2).train()
     return StepParts(
         model=model, criterion=criterion, optimizer=build_optimizer(model, OptimizerConfig()),
-        ema=ModelEMA(model, EMAConfig()), scaler=None, guard=NonFiniteGuard(3, "last.pt"),
+        ema=ModelEMA(model, EMAConfig(), 100), scaler=None, guard=NonFiniteGuard(3, "last.pt"),
         device=torch.device("cpu"), amp="bf16", channels_last=False, grad_clip=10.0, accumulate=2,
     )
 

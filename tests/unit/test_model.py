@@ -12,6 +12,9 @@ from detpact.models.matching import CenterSamplingAssigner, build_assigner
 from detpact.models.postprocess import postprocess
 
 TINY = ModelConfig.model_validate({"backbone": {"args": {"width_mult": 0.0625, "depth_mult": 0.33}}})
+# The YOLOv8/11-style recipe: task-aligned assignment, DFL box bins, CIoU.
+ALIGNED_HEAD = {"reg_max": 16, "assigner": {"name": "task_aligned"}, "loss": {"iou": "ciou", "quality_gamma": 0.0}}
+HEADS = {"centre_sampling": {}, "task_aligned_dfl": ALIGNED_HEAD}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,7 @@ def test_assigner_empty_targets_give_all_background():
     assigner = CenterSamplingAssigner()
     points, strides = grid()
     for num_gt in (0, 2):  # no boxes at all, and a batch where every box is padding
-        matched = assigner(points, strides, torch.zeros(2, num_gt, 4), torch.zeros(2, num_gt, dtype=torch.bool))
+        matched = assigner.match(points, strides, torch.zeros(2, num_gt, 4), torch.zeros(2, num_gt, dtype=torch.bool))
         assert matched.shape == (2, len(points)) and torch.all(matched == -1)
 
 
@@ -72,7 +75,7 @@ def test_assigner_centre_sampling_and_smallest_box_wins():
     big = [4.0, 4.0, 60.0, 60.0]
     small = [20.0, 20.0, 44.0, 44.0]  # same centre, inside big
     boxes = torch.tensor([[big, small]])
-    matched = assigner(points, strides, boxes, torch.tensor([[True, True]]))[0]
+    matched = assigner.match(points, strides, boxes, torch.tensor([[True, True]]))[0]
     pos = matched >= 0
     assert pos.any()
     # Positives lie within 1.5 strides of the centre (32, 32) on both axes ...
@@ -82,18 +85,22 @@ def test_assigner_centre_sampling_and_smallest_box_wins():
 
 
 def test_assigner_sends_big_boxes_to_coarse_levels():
-    assigner = build_assigner(AssignerConfig(range_strides=[4.0, 4.0]))  # P3 <= 32 px, P4 <= 64 px
+    assigner = build_assigner(AssignerConfig(name="center_sampling", range_strides=[4.0, 4.0]))  # P3 <= 32 px, P4 <= 64 px
     points = torch.tensor([[128.0, 128.0]] * 3)
     strides = torch.tensor([8.0, 16.0, 32.0])
     small = torch.tensor([[[118.0, 118.0, 138.0, 138.0]]])  # max distance 10 -> P3
     large = torch.tensor([[[28.0, 28.0, 228.0, 228.0]]])  # max distance 100 -> P5
     valid = torch.ones(1, 1, dtype=torch.bool)
-    assert assigner(points, strides, small, valid)[0].tolist() == [0, -1, -1]
-    assert assigner(points, strides, large, valid)[0].tolist() == [-1, -1, 0]
+    assert assigner.match(points, strides, small, valid)[0].tolist() == [0, -1, -1]
+    assert assigner.match(points, strides, large, valid)[0].tolist() == [-1, -1, 0]
 
 
-def test_criterion_handles_images_without_objects(model):
-    criterion = build_criterion(HeadConfig())
+@pytest.mark.parametrize("head", HEADS.values(), ids=HEADS.keys())
+def test_criterion_handles_images_without_objects(head):
+    torch.manual_seed(0)
+    cfg = TINY.model_copy(update={"head": HeadConfig.model_validate(head)})
+    model = build_model(cfg, num_classes=3)
+    criterion = build_criterion(cfg.head)
     model.train()
     out = model(torch.rand(2, 3, 64, 64))
     targets = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 2
@@ -104,11 +111,13 @@ def test_criterion_handles_images_without_objects(model):
     model.zero_grad()
 
 
-def test_criterion_learns_a_batch():
+@pytest.mark.parametrize("head", HEADS.values(), ids=HEADS.keys())
+def test_criterion_learns_a_batch(head):
     """A few optimizer steps on one batch must cut the loss: the loss is wired to the outputs."""
     torch.manual_seed(0)
-    net = build_model(TINY, num_classes=3).train()
-    criterion = build_criterion(HeadConfig())
+    cfg = TINY.model_copy(update={"head": HeadConfig.model_validate(head)})
+    net = build_model(cfg, num_classes=3).train()
+    criterion = build_criterion(cfg.head)
     images = torch.rand(4, 3, 64, 64)
     targets = [{"boxes": torch.tensor([[8.0, 10.0, 40.0, 50.0]]), "labels": torch.tensor([i % 3])} for i in range(4)]
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
@@ -135,3 +144,20 @@ def test_postprocess_threshold_nms_and_max_det():
     assert len(det.scores) == 1
     (det,) = postprocess(torch.full_like(logits, -20.0), boxes, cfg)
     assert det.boxes.shape == (0, 4)
+
+
+YOLO11_BLOCKS = {"backbone": {"args": {"width_mult": 0.0625, "block": "c3k2", "attention": True}},
+                 "neck": {"block": "c3k2"}, "head": {"reg_max": 8, "cls_conv": "depthwise"}}
+
+
+def test_yolo11_blocks_keep_the_output_contract_and_batch_independence():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.model_validate(YOLO11_BLOCKS), num_classes=2).eval()
+    names = {type(m).__name__ for m in model.modules()}
+    assert {"C3k2", "C3k", "C2PSA", "PositionAttention", "DWConvBNAct"} <= names
+    images = torch.rand(2, 3, 64, 96)
+    out = model(images)
+    locations = sum((64 // s) * (96 // s) for s in (8, 16, 32))
+    assert out.cls_logits.shape == (2, locations, 2) and out.box_logits.shape == (2, locations, 4, 8)
+    single = model(images[1:])
+    torch.testing.assert_close(single.boxes[0], out.boxes[1], atol=1e-3, rtol=1e-4)

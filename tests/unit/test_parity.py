@@ -39,7 +39,8 @@ def test_faithful_export_passes_both_gates(exported):
     assert report["verdict"] == "pass"
     assert {(c["session"], c["batch"]) for c in report["checks"]} == {
         ("ort_disable_all", 1), ("ort_disable_all", 3), ("ort_enable_all", 1), ("ort_enable_all", 3)}
-    assert all(c["outputs"]["scores"]["max_abs"] < 1e-5 for c in report["checks"])
+    # float32 rounding only: sigmoid scores agree to ~4e-5, far below a 1 % weight change.
+    assert all(c["outputs"]["scores"]["max_abs"] < 1e-4 for c in report["checks"])
 
 
 def test_perturbed_weight_fails_the_gate(exported, tmp_path):

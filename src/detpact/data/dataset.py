@@ -27,16 +27,20 @@ class DetectionDataset(Dataset):
     "boxes" [N, 4] float32 xyxy canvas pixels, "labels" [N] int64, "image_id" int,
     "orig_size" (h, w), "scale" and "pad" (x, y) of the image's letterbox (evaluation
     maps predictions back with them; for an augmented training sample they describe
-    the unaugmented letterbox). `cache` serves the decoded, resized images.
+    the unaugmented letterbox). `cache` serves the decoded, resized images. From epoch
+    `mosaic_until` on, training samples are drawn without mosaic (close_mosaic_epochs).
     """
 
     def __init__(self, samples: list[Sample], image_size: int, train: bool, seed: int = 0,
-                 augment: AugmentConfig | None = None, cache: ImageCache | None = None):
+                 augment: AugmentConfig | None = None, cache: ImageCache | None = None,
+                 mosaic_until: int | None = None):
         self.samples = samples
         self.image_size = image_size
         self.train = train
         self.seed = seed
         self.augment = augment or AugmentConfig()
+        self.closed_augment = self.augment.model_copy(update={"mosaic_p": 0.0})
+        self.mosaic_until = mosaic_until
         self.cache = cache or ImageCache("none")
 
     def __len__(self) -> int:
@@ -46,9 +50,10 @@ class DetectionDataset(Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         sample = self.samples[index]
         if self.train:
-            params = draw_params(sample_rng(self.seed, epoch, index), self.augment, self.image_size, index, len(self))
+            augment = self.augment_at(epoch)
+            params = draw_params(sample_rng(self.seed, epoch, index), augment, self.image_size, index, len(self))
             sources = [self.source(i) for i in (index, *params.partners)]
-            canvas, boxes, labels = augment_sample(params, sources, self.image_size, self.augment)
+            canvas, boxes, labels = augment_sample(params, sources, self.image_size, augment)
             placement = sources[0].placement
         else:
             source = self.source(index)
@@ -63,6 +68,11 @@ class DetectionDataset(Dataset):
             "pad": (placement.pad_x, placement.pad_y),
         }
         return torch.from_numpy(np.ascontiguousarray(canvas.transpose(2, 0, 1))), target
+
+    def augment_at(self, epoch: int) -> AugmentConfig:
+        """The augmentation of `epoch`: mosaic switched off from `mosaic_until` on."""
+        closed = self.mosaic_until is not None and epoch >= self.mosaic_until
+        return self.closed_augment if closed else self.augment
 
     def source(self, index: int) -> Source:
         """Sample `index` resized for the letterbox, with its training boxes on the canvas."""

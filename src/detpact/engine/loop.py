@@ -28,6 +28,7 @@ from detpact.engine.ema import ModelEMA
 from detpact.engine.evaluate import evaluate, prepare_images
 from detpact.engine.faults import NO_FAULTS, Faults
 from detpact.engine.guards import NonFiniteGuard
+from detpact.engine.multiscale import MultiScale, rescale_batch
 from detpact.engine.optim import build_optimizer, lr_at, set_lr
 from detpact.engine.progress import train_progress
 from detpact.engine.recorder import Recorder
@@ -75,6 +76,7 @@ class StepParts:
     channels_last: bool
     grad_clip: float | None
     accumulate: int
+    multi_scale: MultiScale | None = None
 
 
 @dataclass
@@ -84,28 +86,33 @@ class FitResult:
     best: Best
     num_params: int
     start_step: int  # where this session began (non-zero after a resume)
+    start_samples: int = 0  # images seen before this session
     progress: Progress = field(default_factory=Progress)
     last_val: dict[str, Any] | None = None
     nonfinite_skipped: int = 0
     train_seconds: float = 0.0
 
 
-def train_step(parts: StepParts, batches: Iterator, lr: float, step: int, faults: Faults = NO_FAULTS
-               ) -> dict[str, float] | None:
-    """Optimizer step number `step`, over `accumulate` micro-batches. Returns its metrics,
-    or None when the step was skipped because the loss or the gradients were not finite."""
+def train_step(parts: StepParts, batches: Iterator, lr: float, step: int, faults: Faults = NO_FAULTS,
+               micro_batches: int | None = None) -> dict[str, float] | None:
+    """Optimizer step number `step`, over `micro_batches` batches (default `parts.accumulate`;
+    an epoch's last step may have fewer). Returns its metrics, or None when the step was
+    skipped because the loss or the gradients were not finite."""
+    micro_batches = micro_batches or parts.accumulate
+    size = parts.multi_scale.size_at(step) if parts.multi_scale else None
     set_lr(parts.optimizer, lr)
     parts.optimizer.zero_grad(set_to_none=True)
-    sums = {"loss": 0.0, "loss_cls": 0.0, "loss_box": 0.0, "num_pos": 0.0}
+    sums: dict[str, float] = {}
     finite = True
     images_seen = 0
-    for micro in range(1, parts.accumulate + 1):
+    for micro in range(1, micro_batches + 1):
         images, targets = next(batches)
         images_seen += len(images)
         # After a non-finite loss the group's remaining batches are still drawn, so that
         # the data order does not depend on it.
         if finite:
-            finite = _accumulate_gradients(parts, images, targets, sums, faults.loss_is_poisoned(step))
+            finite = _accumulate_gradients(parts, images, targets, sums, micro_batches, size,
+                                           faults.loss_is_poisoned(step))
         faults.after_microbatch(step, micro)
     if finite:
         if parts.scaler:
@@ -130,21 +137,24 @@ def train_step(parts: StepParts, batches: Iterator, lr: float, step: int, faults
 
 
 def _accumulate_gradients(parts: StepParts, images: torch.Tensor, targets: list[dict], sums: dict[str, float],
-                          poison: bool) -> bool:
-    """Forward and backward of one micro-batch, adding its share to `sums`; False when
-    its loss is not finite (nothing is back-propagated then). `poison` (fault
-    injection) makes the loss NaN."""
+                          micro_batches: int, size: int | None, poison: bool) -> bool:
+    """Forward and backward of one micro-batch (resized to `size` for multi-scale training),
+    adding its share to `sums`; False when its loss is not finite (nothing is
+    back-propagated then). `poison` (fault injection) makes the loss NaN."""
+    pixels = prepare_images(images, parts.device, parts.channels_last)
+    if size is not None:
+        pixels, targets = rescale_batch(pixels, targets, size)
     with autocast(parts.device, parts.amp):
-        outputs = parts.model(prepare_images(images, parts.device, parts.channels_last))
+        outputs = parts.model(pixels)
     losses = parts.criterion(outputs, targets)  # float32, outside autocast
     if poison:
         losses = {**losses, "loss": losses["loss"] * float("nan")}
     if not math.isfinite(losses["loss"].detach().item()):
         return False
-    loss = losses["loss"] / parts.accumulate
+    loss = losses["loss"] / micro_batches
     (parts.scaler.scale(loss) if parts.scaler else loss).backward()
-    for key in sums:
-        sums[key] += float(losses[key].detach()) / parts.accumulate
+    for key, value in losses.items():
+        sums[key] = sums.get(key, 0.0) + float(value.detach()) / micro_batches
     return True
 
 
@@ -155,15 +165,18 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
     Raises TrainingStopped (after saving last.pt) when SIGINT/SIGTERM asks it to stop.
     """
     tcfg = cfg.train
-    train_loader, val_loader, sampler = _build_loaders(cfg, data, cache_dir)
-    images_per_step = tcfg.batch_size * tcfg.accumulate
-    steps_per_epoch = check_steps_per_epoch(tcfg, len(data.train))
+    images_per_step = tcfg.images_per_step
+    batches_per_epoch = check_batches_per_epoch(tcfg, len(data.train))
+    steps_per_epoch = math.ceil(batches_per_epoch / tcfg.micro_batches)
     total_steps = min(tcfg.epochs * steps_per_epoch, tcfg.max_steps or math.inf)
-    parts = _build_step_parts(cfg, device, len(data.class_names), str(run.last_ckpt))
+    train_loader, val_loader, sampler = _build_loaders(cfg, data, cache_dir, _mosaic_until(cfg, total_steps,
+                                                                                           steps_per_epoch))
+    parts = _build_step_parts(cfg, device, len(data.class_names), str(run.last_ckpt), total_steps)
     progress, best = _restore(resume, parts, run) if resume is not None else (Progress(), Best())
     if progress.step_in_epoch >= steps_per_epoch:  # epochs got shorter (a resume with --allow-drift)
         progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
-    result = FitResult(best=best, num_params=count_parameters(parts.model), start_step=progress.global_step)
+    result = FitResult(best=best, num_params=count_parameters(parts.model), start_step=progress.global_step,
+                       start_samples=progress.samples_seen)
     log.info("model: %.2fM parameters; %d train / %d val images; %d steps per epoch, %d steps in all",
              result.num_params / 1e6, len(data.train), len(data.val), steps_per_epoch, total_steps)
     if progress.global_step >= total_steps:
@@ -205,12 +218,14 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
                     sampler.set_epoch(progress.epoch, start=progress.step_in_epoch * images_per_step)
                     batches = iter(train_loader)
                 step = progress.global_step + 1
-                lr = lr_at(progress.global_step, total_steps, tcfg.optimizer.lr, tcfg.scheduler)
-                stats = train_step(parts, batches, lr, step, faults)
+                lr = lr_at(progress.global_step, total_steps, tcfg.optimizer.lr, tcfg.scheduler, steps_per_epoch)
+                # Every batch of the epoch is used: its last step may accumulate fewer of them.
+                micro = min(tcfg.micro_batches, batches_per_epoch - progress.step_in_epoch * tcfg.micro_batches)
+                stats = train_step(parts, batches, lr, step, faults, micro)
                 parts.guard.record(ok=stats is not None)
                 progress.global_step, progress.step_in_epoch = step, progress.step_in_epoch + 1
-                progress.samples_seen += images_per_step
-                recorder.step(step, progress.epoch, lr, images_per_step, stats, parts.guard.skipped)
+                progress.samples_seen += micro * tcfg.batch_size
+                recorder.step(step, progress.epoch, lr, micro * tcfg.batch_size, stats, parts.guard.skipped)
                 parts.guard.check(step)  # may abort: after the step's line is on disk
 
                 # The step boundary: end of epoch, validation, checkpoint, stop.
@@ -244,7 +259,8 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
     return result
 
 
-def _build_step_parts(cfg: Config, device: torch.device, num_classes: int, last_ckpt: str) -> StepParts:
+def _build_step_parts(cfg: Config, device: torch.device, num_classes: int, last_ckpt: str,
+                      total_steps: int) -> StepParts:
     model = build_model(cfg.model, num_classes).to(device)
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -253,36 +269,43 @@ def _build_step_parts(cfg: Config, device: torch.device, num_classes: int, last_
         model=model,
         criterion=build_criterion(cfg.model.head),
         optimizer=build_optimizer(model, tcfg.optimizer),
-        ema=ModelEMA(model, tcfg.ema) if tcfg.ema.enabled else None,
+        ema=ModelEMA(model, tcfg.ema, total_steps) if tcfg.ema.enabled else None,
         scaler=torch.amp.GradScaler(device.type) if cfg.run.amp == "fp16" else None,
         guard=NonFiniteGuard(tcfg.nonfinite.max_consecutive, last_ckpt),
         device=device, amp=cfg.run.amp, channels_last=cfg.run.channels_last,
-        grad_clip=tcfg.grad_clip, accumulate=tcfg.accumulate,
+        grad_clip=tcfg.grad_clip, accumulate=tcfg.micro_batches,
+        multi_scale=MultiScale(cfg.run.seed, cfg.data.image_size, cfg.data.multi_scale) if cfg.data.multi_scale else None,
     )
 
 
-def check_steps_per_epoch(tcfg: TrainConfig, num_train: int) -> int:
-    """Optimizer steps per epoch; a user error when the split cannot fill one step."""
-    images_per_step = tcfg.batch_size * tcfg.accumulate
-    if num_train < images_per_step:
+def check_batches_per_epoch(tcfg: TrainConfig, num_train: int) -> int:
+    """Full batches per epoch (a partial last batch is dropped); a user error when the split
+    cannot fill one batch."""
+    if num_train < tcfg.batch_size:
         raise DetpactError(
-            f"The training split has {num_train} images, fewer than train.batch_size x "
-            f"train.accumulate = {images_per_step}. Lower train.batch_size or add images."
+            f"The training split has {num_train} images, fewer than train.batch_size = {tcfg.batch_size}. "
+            "Lower train.batch_size or add images."
         )
-    return num_train // images_per_step
+    return num_train // tcfg.batch_size
 
 
-def _build_loaders(cfg: Config, data: DatasetSplits,
-                   cache_dir: Path | None = None) -> tuple[DataLoader, DataLoader, ResumableSampler]:
+def _mosaic_until(cfg: Config, total_steps: int, steps_per_epoch: int) -> int | None:
+    """The first epoch trained without mosaic (data.augment.close_mosaic_epochs), if any."""
+    close = cfg.data.augment.close_mosaic_epochs
+    return max(0, math.ceil(total_steps / steps_per_epoch) - close) if close else None
+
+
+def _build_loaders(cfg: Config, data: DatasetSplits, cache_dir: Path | None = None,
+                   mosaic_until: int | None = None) -> tuple[DataLoader, DataLoader, ResumableSampler]:
     """Training loader (augmented, resumable order) and validation loader.
 
     cache_dir: the detpact cache folder; `data.cache: disk` keeps decoded images under
-    its `images/` (required for that mode).
+    its `images/` (required for that mode). mosaic_until: the first epoch without mosaic.
     """
     dcfg = cfg.data
     cache = ImageCache(dcfg.cache, cache_dir / "images" if cache_dir is not None else None)
     train_ds = DetectionDataset(data.train, dcfg.image_size, train=True, seed=cfg.run.seed, augment=dcfg.augment,
-                                cache=cache)
+                                cache=cache, mosaic_until=mosaic_until)
     sampler = ResumableSampler(len(train_ds), cfg.run.seed)
     train_loader = make_loader(train_ds, cfg.train.batch_size, resolve_num_workers(dcfg.num_workers), sampler,
                                drop_last=True)
@@ -306,7 +329,7 @@ def _bundle(cfg: Config, data: DatasetSplits, run: RunDir, parts: StepParts, pro
         "ema": parts.ema.state_dict() if parts.ema else None,
         "progress": asdict(progress),
         "rng": rng_state(),
-        "sampler": sampler.state_at(progress.epoch, progress.step_in_epoch * cfg.train.batch_size * cfg.train.accumulate),
+        "sampler": sampler.state_at(progress.epoch, progress.step_in_epoch * cfg.train.images_per_step),
         "nonfinite": parts.guard.state_dict(),
         # Where the metric logs ended when this was written: a resume cuts them back to here.
         "metrics": {"train_bytes": _file_size(run.train_metrics), "val_bytes": _file_size(run.val_metrics)},

@@ -30,12 +30,19 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=True)
 
 
-def lr_at(step: int, total_steps: int, base_lr: float, cfg: SchedulerConfig) -> float:
+def warmup_length(cfg: SchedulerConfig, total_steps: int, steps_per_epoch: int) -> int:
+    """Warm-up steps: `warmup_steps`, else 3 epochs but at most a tenth of the run (a short
+    run must not spend itself warming up); never the whole run."""
+    steps = cfg.warmup_steps if cfg.warmup_steps is not None else min(3 * steps_per_epoch, total_steps // 10)
+    return min(steps, max(total_steps - 1, 0))
+
+
+def lr_at(step: int, total_steps: int, base_lr: float, cfg: SchedulerConfig, steps_per_epoch: int) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine decay.
 
     A pure function of the step, so resuming needs nothing but the step counter.
     """
-    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    warmup = warmup_length(cfg, total_steps, steps_per_epoch)
     if step < warmup:
         return base_lr * (step + 1) / (warmup + 1)
     progress = (step - warmup) / max(1, total_steps - warmup)

@@ -33,6 +33,7 @@ class Recorder:
         record: dict[str, Any] = {"step": step, "epoch": epoch, "lr": lr}
         keys = ("loss", "loss_cls", "loss_box", "num_pos", "grad_norm")
         record.update({k: None if stats is None else stats[k] for k in keys})
+        record.update({k: v for k, v in (stats or {}).items() if k.startswith("loss_") and k not in record})
         record.update(skipped=stats is None, nonfinite_skipped=skipped_total,
                       samples_per_s=round(speed, 2), time_s=round(now - self.started, 3))
         self.train_log.write(record)

@@ -7,7 +7,7 @@ import math
 from torch import Tensor, nn
 
 from detpact.config import BackboneConfig, CSPDarknetArgs
-from detpact.models.layers import SPPF, ConvBNAct, CSPBlock
+from detpact.models.layers import C2PSA, SPPF, C3k2, ConvBNAct, CSPBlock
 
 # Channels and block repeats of the full-size network; width_mult and depth_mult
 # scale them (0.25 / 0.33 gives a ~1.5 M-parameter detector).
@@ -25,19 +25,28 @@ def scale_depth(n: int, depth_mult: float) -> int:
 
 
 class CSPDarknet(nn.Module):
-    """YOLOv8-style CSP-Darknet: a stride-2 stem, then four stride-2 CSP stages."""
+    """YOLOv8/11-style CSP-Darknet: a stride-2 stem, then four stride-2 CSP stages, SPPF and
+    optionally C2PSA attention on P5."""
 
     def __init__(self, args: CSPDarknetArgs):
         super().__init__()
         c = [scale_channels(x, args.width_mult) for x in BASE_CHANNELS]
         n = [scale_depth(x, args.depth_mult) for x in BASE_DEPTHS]
+
+        def csp(channels: int, repeats: int, deep: bool) -> nn.Module:
+            if args.block == "c2f":
+                return CSPBlock(channels, channels, repeats)
+            # YOLO11: quarter-width hidden channels in the shallow stages, C3k blocks in the deep ones.
+            return C3k2(channels, channels, repeats, c3k=deep, expand=0.5 if deep else 0.25)
+
         self.stem = ConvBNAct(3, c[0], 3, 2)  # stride 2
-        self.stage2 = nn.Sequential(ConvBNAct(c[0], c[1], 3, 2), CSPBlock(c[1], c[1], n[0]))  # 4
-        self.stage3 = nn.Sequential(ConvBNAct(c[1], c[2], 3, 2), CSPBlock(c[2], c[2], n[1]))  # 8
-        self.stage4 = nn.Sequential(ConvBNAct(c[2], c[3], 3, 2), CSPBlock(c[3], c[3], n[2]))  # 16
-        self.stage5 = nn.Sequential(
-            ConvBNAct(c[3], c[4], 3, 2), CSPBlock(c[4], c[4], n[3]), SPPF(c[4], c[4])
-        )  # 32
+        self.stage2 = nn.Sequential(ConvBNAct(c[0], c[1], 3, 2), csp(c[1], n[0], deep=False))  # 4
+        self.stage3 = nn.Sequential(ConvBNAct(c[1], c[2], 3, 2), csp(c[2], n[1], deep=False))  # 8
+        self.stage4 = nn.Sequential(ConvBNAct(c[2], c[3], 3, 2), csp(c[3], n[2], deep=True))  # 16
+        p5 = [ConvBNAct(c[3], c[4], 3, 2), csp(c[4], n[3], deep=True), SPPF(c[4], c[4])]
+        if args.attention:
+            p5.append(C2PSA(c[4]))
+        self.stage5 = nn.Sequential(*p5)  # 32
         self.out_channels = (c[2], c[3], c[4])
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

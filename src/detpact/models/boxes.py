@@ -12,6 +12,8 @@ NaN, and the gradients stay finite.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -109,6 +111,31 @@ def paired_giou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
     Same guarantees as `paired_iou`: the loss can take it on untrained (degenerate) boxes.
     """
     return _giou(boxes1, boxes2, eps)
+
+
+def paired_ciou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
+    """Complete IoU of boxes1[i] with boxes2[i]: [..., 4], [..., 4] xyxy -> [...] in [-1.5, 1].
+
+    CIoU (Zheng et al., 2020) = IoU - centre distance^2 / enclosing diagonal^2 - alpha * v,
+    where v measures the aspect-ratio difference and alpha = v / (1 - IoU + v) is a
+    weight without gradient. Finite for degenerate boxes: sides are floored at 1e-3
+    (pixels) inside the aspect term, whose gradient would otherwise grow as 1 / side.
+    """
+    inter, union = _inter_union(boxes1, boxes2)
+    iou = inter / union.clamp(min=eps)
+    ax1, ay1, ax2, ay2 = boxes1.unbind(-1)
+    bx1, by1, bx2, by2 = boxes2.unbind(-1)
+    cw = torch.maximum(ax2, bx2) - torch.minimum(ax1, bx1)  # [...] enclosing box
+    ch = torch.maximum(ay2, by2) - torch.minimum(ay1, by1)
+    diagonal2 = (cw**2 + ch**2).clamp(min=eps)
+    centre2 = ((ax1 + ax2 - bx1 - bx2) ** 2 + (ay1 + ay2 - by1 - by2) ** 2) / 4
+    floor = 1e-3
+    aspect1 = torch.atan((ax2 - ax1).clamp(min=floor) / (ay2 - ay1).clamp(min=floor))
+    aspect2 = torch.atan((bx2 - bx1).clamp(min=floor) / (by2 - by1).clamp(min=floor))
+    v = (4 / math.pi**2) * (aspect2 - aspect1) ** 2
+    with torch.no_grad():
+        alpha = v / (v - iou + (1 + eps))
+    return iou - (centre2 / diagonal2 + alpha * v)
 
 
 def clip_boxes(boxes: Tensor, height: int | Tensor, width: int | Tensor) -> Tensor:

@@ -35,7 +35,7 @@ class Detector(nn.Module):
 def build_model(cfg: ModelConfig, num_classes: int) -> Detector:
     backbone = build_backbone(cfg.backbone)
     neck = build_neck(cfg.neck, backbone.out_channels)
-    head = DenseHead(neck.out_channels, num_classes)
+    head = DenseHead(neck.out_channels, num_classes, cfg.head.reg_max, cfg.head.cls_conv == "depthwise")
     return Detector(backbone, neck, head)
 
 

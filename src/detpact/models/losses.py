@@ -1,8 +1,15 @@
-"""The detection criterion: IoU-quality classification loss + GIoU box loss.
+"""The detection criterion: quality-target classification loss + IoU box loss (+ DFL).
 
-The classification target of a positive location is the IoU between its predicted
-box and its assigned ground truth (Varifocal / Quality-Focal style), so scores rank
-detections by localisation quality and no separate centre-ness branch is needed.
+The classification target of a positive location is a localisation quality, so scores
+rank detections by how well they are placed and no centre-ness branch is needed:
+
+- with centre sampling, the IoU of the predicted box with its ground truth
+  (Varifocal / Quality-Focal style), every positive weighing 1;
+- with task-aligned assignment, the assigner's normalised alignment (YOLOv8/11), which
+  also weighs each positive's box losses, and their sum normalises all the losses.
+
+With `reg_max > 1` the box sides are distributions, trained towards the two bins that
+bracket the true distance by distribution focal loss (Li et al., GFL, 2020).
 """
 
 from __future__ import annotations
@@ -11,10 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from detpact.config import HeadConfig
-from detpact.models.boxes import paired_giou, paired_iou
+from detpact.config import HeadConfig, LossConfig
+from detpact.models.boxes import paired_ciou, paired_giou, paired_iou
 from detpact.models.heads.dense import DetectorOutput
-from detpact.models.matching import CenterSamplingAssigner, build_assigner
+from detpact.models.matching import Assigner, build_assigner
+
+BOX_IOUS = {"giou": paired_giou, "ciou": paired_ciou}
 
 
 def pad_targets(targets: list[dict[str, Tensor]], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -36,50 +45,78 @@ def pad_targets(targets: list[dict[str, Tensor]], device: torch.device) -> tuple
     return boxes, labels, valid
 
 
+def distribution_focal_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """DFL of side distributions: logits [P, 4, R], target distances [P, 4] in bins -> [P].
+
+    The target t lies between bins floor(t) and floor(t) + 1; the loss is their
+    cross-entropies weighted by closeness, so the expectation is pulled onto t.
+    """
+    bins = logits.shape[-1]
+    target = target.clamp(0, bins - 1 - 0.01)
+    left = target.floor().long()
+    w_left = left + 1 - target
+    log_p = logits.log_softmax(dim=-1)
+    nll_left = -log_p.gather(-1, left[..., None])[..., 0]
+    nll_right = -log_p.gather(-1, (left + 1)[..., None])[..., 0]
+    return (nll_left * w_left + nll_right * (1 - w_left)).mean(dim=-1)
+
+
 class DetectionCriterion:
-    """`criterion(outputs, targets) -> dict[str, Tensor]` with "loss", "loss_cls", "loss_box".
+    """`criterion(outputs, targets) -> dict[str, Tensor]` with "loss", "loss_cls", "loss_box"
+    and, for a distribution head, "loss_dfl".
 
     Computed in float32 (outputs are cast), outside autocast, so bf16/fp16 training
     does not lose precision in the loss. Also reports "num_pos" (detached).
     """
 
-    def __init__(self, assigner: CenterSamplingAssigner, cls_weight: float, box_weight: float, quality_gamma: float):
+    def __init__(self, assigner: Assigner, cfg: LossConfig, reg_max: int = 1):
         self.assigner = assigner
-        self.cls_weight = cls_weight
-        self.box_weight = box_weight
-        self.quality_gamma = quality_gamma
+        self.cfg = cfg
+        self.box_iou = BOX_IOUS[cfg.iou]
+        self.reg_max = reg_max
 
     def __call__(self, outputs: DetectorOutput, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         logits = outputs.cls_logits.float()  # [B, A, C]
         pred_boxes = outputs.boxes.float()  # [B, A, 4]
         gt_boxes, gt_labels, gt_valid = pad_targets(targets, logits.device)
-        matched = self.assigner(outputs.points, outputs.strides, gt_boxes, gt_valid)  # [B, A]
-        pos = matched >= 0
+        assignment = self.assigner(outputs, gt_boxes, gt_labels, gt_valid)
+        pos = assignment.matched >= 0  # [B, A]
         num_pos = pos.sum()
-        # Normalising by the positive count keeps the loss scale independent of how
-        # many objects a batch holds; max(1) covers images without any.
-        norm = num_pos.clamp(min=1).float()
 
         b_idx, a_idx = pos.nonzero(as_tuple=True)
-        g_idx = matched[b_idx, a_idx]
+        g_idx = assignment.matched[b_idx, a_idx]
         pos_pred = pred_boxes[b_idx, a_idx]  # [P, 4]
         pos_gt = gt_boxes[b_idx, g_idx]  # [P, 4]
 
+        if assignment.quality is None:  # centre sampling: the IoU is the target, each positive counts 1
+            quality = paired_iou(pos_pred.detach(), pos_gt).clamp(min=0.0)
+            weight = torch.ones_like(quality)
+            # Normalising by the positive count keeps the loss scale independent of how
+            # many objects a batch holds; max(1) covers images without any.
+            norm = num_pos.clamp(min=1).float()
+        else:
+            quality = weight = assignment.quality[b_idx, a_idx]
+            norm = quality.sum().clamp(min=1.0)
         target = torch.zeros_like(logits)
-        iou = paired_iou(pos_pred.detach(), pos_gt).clamp(min=0.0)
-        target[b_idx, a_idx, gt_labels[b_idx, g_idx]] = iou
+        target[b_idx, a_idx, gt_labels[b_idx, g_idx]] = quality
 
         bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-        if self.quality_gamma > 0:
+        if self.cfg.quality_gamma > 0:
             # Down-weight locations whose score is already close to its target.
-            bce = bce * (logits.sigmoid() - target).abs().pow(self.quality_gamma)
-        loss_cls = bce.sum() / norm
-        loss_box = (1.0 - paired_giou(pos_pred, pos_gt)).sum() / norm
-        loss = self.cls_weight * loss_cls + self.box_weight * loss_box
-        return {"loss": loss, "loss_cls": loss_cls.detach(), "loss_box": loss_box.detach(), "num_pos": num_pos.detach()}
+            bce = bce * (logits.sigmoid() - target).abs().pow(self.cfg.quality_gamma)
+        losses = {
+            "loss_cls": bce.sum() / norm,
+            "loss_box": ((1.0 - self.box_iou(pos_pred, pos_gt)) * weight).sum() / norm,
+        }
+        loss = self.cfg.cls_weight * losses["loss_cls"] + self.cfg.box_weight * losses["loss_box"]
+        if outputs.box_logits is not None:
+            points, strides = outputs.points[a_idx], outputs.strides[a_idx, None]  # [P, 2], [P, 1]
+            sides = torch.cat([points - pos_gt[:, :2], pos_gt[:, 2:] - points], dim=-1) / strides  # [P, 4] in bins
+            dfl = distribution_focal_loss(outputs.box_logits[b_idx, a_idx].float(), sides)
+            losses["loss_dfl"] = (dfl * weight).sum() / norm
+            loss = loss + self.cfg.dfl_weight * losses["loss_dfl"]
+        return {"loss": loss, **{k: v.detach() for k, v in losses.items()}, "num_pos": num_pos.detach()}
 
 
 def build_criterion(cfg: HeadConfig) -> DetectionCriterion:
-    return DetectionCriterion(
-        build_assigner(cfg.assigner), cfg.loss.cls_weight, cfg.loss.box_weight, cfg.loss.quality_gamma
-    )
+    return DetectionCriterion(build_assigner(cfg.assigner), cfg.loss, cfg.reg_max)

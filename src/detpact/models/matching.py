@@ -1,21 +1,41 @@
 """Target assignment for the dense head: which ground-truth box each location predicts.
 
-FCOS-style centre sampling with per-level scale ranges. A location is a positive for
-a ground-truth box when all of these hold:
+Two assigners, both `assigner(outputs, gt_boxes, gt_labels, gt_valid) -> Assignment`:
+
+`CenterSamplingAssigner` (FCOS-style centre sampling with per-level scale ranges), fixed
+by geometry. A location is a positive for a ground-truth box when all of these hold:
   1. it lies inside the box,
   2. it lies within `center_radius * stride` of the box centre (on both axes),
   3. the largest of its four regression distances suits its level: it falls in
      (lower, upper] of that level's range, so big boxes go to coarse levels.
 A location claimed by several boxes takes the smallest one (the most specific).
+
+`TaskAlignedAssigner` (TOOD / YOLOv8's TAL) follows the model: each box takes the
+`topk` locations inside it whose predictions already agree best with it, by the
+alignment score^alpha * CIoU^beta, and their classification targets are that
+alignment rescaled so that each box's best location gets its best IoU.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from detpact.config import AssignerConfig
-from detpact.models.boxes import box_area
+from detpact.models.boxes import box_area, paired_ciou
+from detpact.models.heads.dense import DetectorOutput
+
+
+@dataclass
+class Assignment:
+    """matched: [B, A] int64 index into G of each location's box, -1 for background.
+    quality: [B, A] float32 classification target of each positive (0 elsewhere), or None
+    when the target is the IoU of the predicted box (centre sampling)."""
+
+    matched: Tensor
+    quality: Tensor | None = None
 
 
 class CenterSamplingAssigner:
@@ -43,8 +63,11 @@ class CenterSamplingAssigner:
                 upper[on_level] = bound
         return lower, upper
 
+    def __call__(self, outputs: DetectorOutput, gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor) -> Assignment:
+        return Assignment(self.match(outputs.points, outputs.strides, gt_boxes, gt_valid))
+
     @torch.no_grad()
-    def __call__(self, points: Tensor, strides: Tensor, gt_boxes: Tensor, gt_valid: Tensor) -> Tensor:
+    def match(self, points: Tensor, strides: Tensor, gt_boxes: Tensor, gt_valid: Tensor) -> Tensor:
         """Match locations to ground truth.
 
         points:   [A, 2] location centres (x, y) in pixels.
@@ -77,5 +100,61 @@ class CenterSamplingAssigner:
         return torch.where(torch.isfinite(best_area), best_gt, torch.full_like(best_gt, -1))
 
 
-def build_assigner(cfg: AssignerConfig) -> CenterSamplingAssigner:
+class TaskAlignedAssigner:
+    """Task-aligned assignment (batched over images and boxes)."""
+
+    def __init__(self, topk: int = 10, alpha: float = 0.5, beta: float = 6.0, small_box_side: float | None = None):
+        self.topk = topk
+        self.alpha = alpha
+        self.beta = beta
+        self.small_box_side = small_box_side
+
+    @torch.no_grad()
+    def __call__(self, outputs: DetectorOutput, gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor) -> Assignment:
+        """outputs: the detector's (cls_logits [B, A, C], boxes [B, A, 4], points [A, 2]);
+        gt_boxes [B, G, 4] xyxy pixels, gt_labels [B, G] int64, gt_valid [B, G] bool."""
+        batch, num_gt = gt_valid.shape
+        num_locations = outputs.points.shape[0]
+        if num_gt == 0:
+            empty = torch.full((batch, num_locations), -1, dtype=torch.long, device=gt_boxes.device)
+            return Assignment(empty, torch.zeros(batch, num_locations, device=gt_boxes.device))
+        scores = outputs.cls_logits.detach().float().sigmoid()  # [B, A, C]
+        pred_boxes = outputs.boxes.detach().float()  # [B, A, 4]
+        inside = self._inside(outputs.points, gt_boxes) & gt_valid[:, :, None]  # [B, G, A]
+        # The score each location gives each box's class: [B, G, A].
+        class_scores = scores.gather(2, gt_labels[:, None, :].expand(-1, num_locations, -1)).transpose(1, 2)
+        overlaps = paired_ciou(gt_boxes[:, :, None, :], pred_boxes[:, None, :, :]).clamp(min=0) * inside  # [B, G, A]
+        align = class_scores.pow(self.alpha) * overlaps.pow(self.beta) * inside
+        top = align.topk(min(self.topk, num_locations), dim=-1).indices  # [B, G, k]
+        candidate = torch.zeros_like(inside).scatter_(-1, top, True) & inside
+        # A location picked by several boxes keeps the one its prediction overlaps most.
+        best_overlap, best_gt = torch.where(candidate, overlaps, -1.0).max(dim=1)  # [B, A]
+        matched = torch.where(candidate.any(dim=1), best_gt, torch.full_like(best_gt, -1))
+        positive = candidate & (best_gt[:, None, :] == torch.arange(num_gt, device=gt_boxes.device)[None, :, None])
+        align = align * positive
+        overlaps = overlaps * positive
+        # Rescale each box's alignments so that its best location's target is its best IoU.
+        scale = overlaps.amax(dim=-1, keepdim=True) / align.amax(dim=-1, keepdim=True).clamp(min=1e-9)  # [B, G, 1]
+        quality = (align * scale).amax(dim=1)  # [B, A]
+        return Assignment(matched, quality)
+
+    def _inside(self, points: Tensor, gt_boxes: Tensor) -> Tensor:
+        """[B, G, A] whether each location centre lies strictly inside each box (small boxes
+        grown to `small_box_side` about their centre first)."""
+        boxes = gt_boxes
+        if self.small_box_side is not None:
+            centre = (boxes[..., :2] + boxes[..., 2:]) / 2
+            half = (boxes[..., 2:] - boxes[..., :2]).clamp(min=self.small_box_side) / 2
+            boxes = torch.cat([centre - half, centre + half], dim=-1)
+        px, py = points[None, None, :, 0], points[None, None, :, 1]  # [1, 1, A]
+        x1, y1, x2, y2 = (boxes[..., i, None] for i in range(4))  # [B, G, 1]
+        return (px > x1) & (py > y1) & (px < x2) & (py < y2)
+
+
+Assigner = CenterSamplingAssigner | TaskAlignedAssigner
+
+
+def build_assigner(cfg: AssignerConfig) -> Assigner:
+    if cfg.name == "task_aligned":
+        return TaskAlignedAssigner(cfg.topk, cfg.alpha, cfg.beta, cfg.small_box_side)
     return CenterSamplingAssigner(cfg.center_radius, cfg.range_strides)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from detpact.config import NeckConfig
-from detpact.models.layers import ConvBNAct, CSPBlock
+from detpact.models.layers import C3k2, ConvBNAct, CSPBlock
 
 
 class PAN(nn.Module):
@@ -16,16 +16,22 @@ class PAN(nn.Module):
     (the output keeps the input channel counts).
     """
 
-    def __init__(self, channels: tuple[int, int, int]):
+    def __init__(self, channels: tuple[int, int, int], block: str = "c2f"):
         super().__init__()
         c3, c4, c5 = channels
+
+        def csp(c_in: int, c_out: int, deep: bool = False) -> nn.Module:
+            if block == "c2f":
+                return CSPBlock(c_in, c_out, shortcut=False)
+            return C3k2(c_in, c_out, shortcut=True, c3k=deep)  # YOLO11's neck: C3k on the P5 output
+
         self.up = nn.Upsample(scale_factor=2, mode="nearest")
-        self.td4 = CSPBlock(c5 + c4, c4, shortcut=False)
-        self.td3 = CSPBlock(c4 + c3, c3, shortcut=False)
+        self.td4 = csp(c5 + c4, c4)
+        self.td3 = csp(c4 + c3, c3)
         self.down3 = ConvBNAct(c3, c3, 3, 2)
-        self.bu4 = CSPBlock(c3 + c4, c4, shortcut=False)
+        self.bu4 = csp(c3 + c4, c4)
         self.down4 = ConvBNAct(c4, c4, 3, 2)
-        self.bu5 = CSPBlock(c4 + c5, c5, shortcut=False)
+        self.bu5 = csp(c4 + c5, c5, deep=True)
         self.out_channels = channels
 
     def forward(self, feats: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -43,4 +49,4 @@ NECKS = {"pan": PAN}
 def build_neck(cfg: NeckConfig, in_channels: tuple[int, int, int]) -> nn.Module:
     if cfg.name not in NECKS:
         raise ValueError(f"unknown neck {cfg.name!r}; choices: {sorted(NECKS)}")
-    return NECKS[cfg.name](in_channels)
+    return NECKS[cfg.name](in_channels, cfg.block)

@@ -1,0 +1,33 @@
+"""`eval:`, `export:` and `logging:`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from detpact.config.section import Section
+
+
+class EvalConfig(Section):
+    every_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+
+
+class ExportConfig(Section):
+    onnx: bool = True
+    # dynamo: torch.export-based exporter (PyTorch's supported path, ~10 s);
+    # torchscript: the legacy tracer (deprecated upstream, under a second).
+    exporter: Literal["dynamo", "torchscript"] = "dynamo"
+    opset: int = Field(18, ge=13)
+    parity_policy: Literal["fail", "warn"] = "fail"
+    parity_images: int = Field(8, ge=1)
+    # Raw outputs pass when |onnxruntime - torch| <= atol + rtol * |torch| everywhere
+    # (box coordinates: rtol relative to max(|torch|, image size); see export/parity.py).
+    parity_rtol: float = Field(1e-3, gt=0.0)
+    parity_atol: float = Field(1e-5, gt=0.0)
+
+
+class LoggingConfig(Section):
+    progress: bool = True
+    status_every_s: float = Field(2.0, gt=0.0)

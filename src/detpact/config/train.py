@@ -1,0 +1,84 @@
+"""`train:` length, batch, optimizer, schedule, EMA, checkpoints, non-finite guard."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from detpact.config.section import Section
+
+
+class OptimizerConfig(Section):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(2e-3, gt=0.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class SchedulerConfig(Section):
+    name: Literal["cosine"] = "cosine"
+    # Linear warm-up length in optimizer steps; None = 3 epochs, at most 10 % of the run.
+    warmup_steps: int | None = Field(None, ge=0)
+    min_lr_ratio: float = Field(0.05, ge=0.0, le=1.0)
+
+
+class EMAConfig(Section):
+    enabled: bool = True
+    # None = a fifth of the run: 1 - 5 / total_steps, at most 0.9998 (engine/ema.py).
+    decay: float | None = Field(None, gt=0.0, lt=1.0)
+    # The effective decay ramps up as decay * (1 - exp(-updates / warmup_steps)),
+    # so a short run's EMA tracks the model instead of lagging behind its init.
+    # None = a tenth of the run.
+    warmup_steps: int | None = Field(None, ge=1)
+
+
+class CheckpointConfig(Section):
+    every_steps: int | None = Field(None, ge=1)
+    every_epochs: int | None = Field(1, ge=1)
+
+
+class NonFiniteConfig(Section):
+    # A step whose loss or gradients are not finite is skipped; this many in a row
+    # abort the run (its last good checkpoint stays in place).
+    max_consecutive: int = Field(5, ge=1)
+
+
+class TrainConfig(Section):
+    epochs: int = Field(100, ge=1)
+    # Optimizer steps; the run ends at whichever of epochs / max_steps comes first.
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1)
+    # Images per optimizer step whatever the batch size: the gradients of
+    # round(nominal_batch / batch_size) batches are accumulated (YOLO's nbs), so that a
+    # smaller batch does not change the recipe.
+    nominal_batch: int | None = Field(64, ge=1)
+    # Or a fixed number of batches per optimizer step: a value above 1 (without
+    # nominal_batch) turns nominal_batch off; nominal_batch: null alone steps every batch.
+    accumulate: int = Field(1, ge=1)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    grad_clip: float | None = Field(10.0, gt=0.0)
+    ema: EMAConfig = EMAConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    nonfinite: NonFiniteConfig = NonFiniteConfig()
+
+    @model_validator(mode="after")
+    def _one_way_to_accumulate(self) -> TrainConfig:
+        if self.accumulate != 1 and "nominal_batch" not in self.model_fields_set:
+            self.nominal_batch = None  # a fixed accumulation asked for: the nominal batch steps aside
+        if self.nominal_batch is not None and self.accumulate != 1:
+            raise ValueError("set train.accumulate or train.nominal_batch, not both "
+                             "(train.nominal_batch: null to accumulate a fixed number of batches)")
+        return self
+
+    @property
+    def micro_batches(self) -> int:
+        """Batches per optimizer step (from `nominal_batch` when it is set)."""
+        if self.nominal_batch is None:
+            return self.accumulate
+        return max(1, round(self.nominal_batch / self.batch_size))
+
+    @property
+    def images_per_step(self) -> int:
+        return self.batch_size * self.micro_batches

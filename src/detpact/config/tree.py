@@ -1,0 +1,34 @@
+"""The whole config tree: every section under one validated root."""
+
+from __future__ import annotations
+
+from pydantic import field_validator
+
+from detpact.config.data import DataConfig
+from detpact.config.model import ModelConfig
+from detpact.config.outputs import EvalConfig, ExportConfig, LoggingConfig
+from detpact.config.run import RunConfig
+from detpact.config.section import Section
+from detpact.config.train import TrainConfig
+
+CONFIG_VERSION = 1
+
+
+class Config(Section):
+    config_version: int
+    run: RunConfig = RunConfig()
+    # A free-form label grouping comparable runs (e.g. "shapes", "coco128").
+    task: str = "detection"
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @field_validator("config_version")
+    @classmethod
+    def _supported_version(cls, v: int) -> int:
+        if v != CONFIG_VERSION:
+            raise ValueError(f"unsupported config_version {v}; this detpact reads version {CONFIG_VERSION}")
+        return v
