@@ -26,7 +26,10 @@ from detpact import api
 from detpact.run.checkpoint import save_checkpoint
 from detpact.run.contract import RunDir, write_manifest
 
-SETS = ["--set", "train.batch_size=3", "--set", "train.nominal_batch=9", "--set", "train.checkpoint.every_steps=2"]
+# Steps of 3 batches (the epoch's last of 2), every step at its own size (multi-scale 32 to
+# 96 px), mosaic closed for the second epoch: a resume must repeat all of it.
+SETS = ["--set", "train.batch_size=3", "--set", "train.nominal_batch=9", "--set", "train.checkpoint.every_steps=2",
+        "--set", "data.multi_scale=0.5"]
 TIMING_FIELDS = {"time_s", "samples_per_s"}
 
 pytestmark = pytest.mark.slow

@@ -53,7 +53,7 @@ class AugmentConfig(Section):
     min_box_size: float = Field(2.0, ge=0.0)
     # Train the last N epochs without mosaic (other augmentations stay), so that the model
     # ends on whole images as evaluation shows them (YOLOv8's close_mosaic). 0 = never.
-    close_mosaic_epochs: int = Field(10, ge=0)
+    close_mosaic_epochs: int = Field(15, ge=0)
 
 
 class DataConfig(Section):
