@@ -21,13 +21,15 @@ on the CPU), and its median wall time becomes the budget of detpact at bf16 +
 channels_last, which trains for as many epochs as fit in it by the epoch time of two
 calibration runs (2 and 5 epochs). Wall time is the whole `train` command, start-up and
 validation included. Finished runs are kept in <work>/peer_results.json and reused when
-the same run (tool, seed, precision, epochs and, for detpact, the hash of its resolved
-config, so that a change of defaults trains again) is asked for again.
+the same run (tool, seed, precision, epochs and, for detpact, the hashes of its resolved
+config and of its source, so that a change of defaults or code trains again) is asked
+for again.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -44,6 +46,9 @@ PEER_VENV = REPO / ".venv-peer"
 PEER_PACKAGES = ["torch==2.13.0", "torchvision==0.28.0", "ultralytics>=8.3,<9"]
 CONFIG = REPO / "configs" / "raccoon.yaml"
 EPOCH_IMAGES = 160  # raccoon's training split
+# Validations below this map50_95 are noise on 40 images (a model that has not learnt to
+# place boxes yet); the second drop column counts only drops from a best above it.
+NOISE_FLOOR = 0.05
 
 
 def main() -> None:
@@ -51,6 +56,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=5760, help="images seen per run (a multiple of 160)")
     parser.add_argument("--equal-time", action="store_true",
                         help="detpact at bf16 for YOLO11n's fp32 wall time, instead of equal images")
+    parser.add_argument("--detpact-epochs", type=int, default=None,
+                        help="with --equal-time: train detpact this many epochs instead of calibrating")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tools", nargs="+", default=["detpact", "yolo11n"], choices=["detpact", "yolo11n"])
     parser.add_argument("--threads", type=int, default=2)
@@ -72,7 +79,8 @@ def main() -> None:
     if "detpact" in args.tools:
         if args.equal_time:
             budget = statistics.median(r["wall_s"] for r in results)
-            plan = [("detpact", "bf16", epochs_for_budget(budget, args, data, work))]
+            fit = args.detpact_epochs or epochs_for_budget(budget, args, data, work)
+            plan = [("detpact", "bf16", fit)]
             print(f"budget {budget:.0f} s (YOLO11n's median): detpact bf16 trains {plan[0][2]} epochs", flush=True)
         else:
             plan = [("detpact", "fp32", epochs)]
@@ -85,8 +93,9 @@ def run_once(known: list[dict], store: Path, tool: str, seed: int, precision: st
              work: Path) -> dict:
     """One training run and its judgement, or the stored result of the same run."""
     key = {"tool": tool, "seed": seed, "precision": precision, "epochs": epochs}
-    if tool == "detpact":  # the resolved config, not the overrides: a change of defaults trains again
+    if tool == "detpact":  # the resolved config and the code: a change of either trains again
         key["config_hash"] = detpact_config_hash(seed, epochs, precision, args, work)
+        key["source_hash"] = detpact_source_hash()
     for row in known:
         if all(row.get(k) == v for k, v in key.items()):
             print(f"reusing {key}", flush=True)
@@ -175,6 +184,14 @@ def detpact_config_hash(seed: int, epochs: int, precision: str, args, work: Path
     return config_hash(load_config(CONFIG, detpact_sets(seed, epochs, precision, args, work)))
 
 
+def detpact_source_hash() -> str:
+    """sha256 of detpact's source files as they are in the working tree."""
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "src" / "detpact").rglob("*.py")):
+        digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def train_detpact(seed: int, epochs: int, precision: str, args, data: dict, work: Path) -> dict:
     run_id = f"detpact_s{seed}_{precision}_e{epochs}"
     run = work / "runs" / run_id
@@ -202,7 +219,8 @@ def train_detpact(seed: int, epochs: int, precision: str, args, data: dict, work
     return {"tool": "detpact", "seed": seed, "precision": precision, "epochs": epochs,
             "images_seen": report["counters"]["samples_seen"], "wall_s": round(seconds, 1),
             "num_params": report["counters"]["num_params"], "val_curve": curve,
-            "collapse": worst_collapse(curve), "predictions": predictions}
+            "collapse": worst_collapse(curve), "collapse_from_005": worst_collapse(curve, NOISE_FLOOR),
+            "predictions": predictions}
 
 
 def train_yolo(seed: int, epochs: int, precision: str, args, data: dict, work: Path) -> dict:
@@ -264,11 +282,12 @@ def judge(predictions: list[dict], gt: dict) -> dict:
             "detections": len(results)}
 
 
-def worst_collapse(curve: list[tuple[int, float]]) -> float | None:
-    """The lowest ratio of a validation map50_95 to the best one before it (1.0 = never fell)."""
+def worst_collapse(curve: list[tuple[int, float]], floor: float = 0.0) -> float | None:
+    """The lowest ratio of a validation map50_95 to the best one before it (1.0 = never fell),
+    counting only drops from a best of at least `floor`."""
     best, worst = 0.0, 1.0
     for _, value in curve:
-        if best > 0:
+        if best > 0 and best >= floor:
             worst = min(worst, value / best)
         best = max(best, value)
     return round(worst, 3) if curve else None
@@ -277,16 +296,18 @@ def worst_collapse(curve: list[tuple[int, float]]) -> float | None:
 def print_summary(results: list[dict]) -> None:
     tools = sorted({(r["tool"], r["precision"]) for r in results})
     medians = {}
-    print("\n| tool | precision | images seen | wall s | map50_95 per seed | median | worst collapse |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| tool | precision | images seen | wall s | map50_95 per seed | median | worst drop | "
+          f"worst drop from >= {NOISE_FLOOR} |")
+    print("|---|---|---|---|---|---|---|---|")
     for tool, precision in tools:
         rows = [r for r in results if (r["tool"], r["precision"]) == (tool, precision)]
         medians[tool] = statistics.median(r["map50_95"] for r in rows)
         collapses = [r["collapse"] for r in rows if r["collapse"] is not None]
+        floored = [r["collapse_from_005"] for r in rows if r.get("collapse_from_005") is not None]
         per_seed = " / ".join(f"{r['map50_95']:.3f}" for r in rows)
         print(f"| {tool} | {precision} | {statistics.median(r['images_seen'] for r in rows):,.0f} | "
               f"{statistics.median(r['wall_s'] for r in rows):.0f} | {per_seed} | **{medians[tool]:.3f}** | "
-              f"{min(collapses) if collapses else '-'} |")
+              f"{min(collapses) if collapses else '-'} | {min(floored) if floored else '-'} |")
     if "detpact" in medians and "yolo11n" in medians and medians["yolo11n"] > 0:
         print(f"\nratio detpact / yolo11n (median map50_95): {medians['detpact'] / medians['yolo11n']:.3f}")
 

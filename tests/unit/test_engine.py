@@ -62,6 +62,18 @@ def test_ema_ramp_update_and_state_round_trip():
     torch.testing.assert_close(clone.module.weight, ema.module.weight)
 
 
+@pytest.mark.parametrize("average", [False, True])
+def test_ema_copies_or_averages_batchnorm_statistics(average):
+    model = torch.nn.BatchNorm2d(3)
+    ema = ModelEMA(model, EMAConfig(decay=0.9, warmup_steps=1, average_buffers=average), 100)
+    model.train()(torch.randn(4, 3, 5, 5) * 3 + 2)  # moves the running statistics, counts a batch
+    ema.update(model)
+    d = 0.9 * (1 - math.exp(-1)) if average else 0.0
+    torch.testing.assert_close(ema.module.running_mean, (1 - d) * model.running_mean)  # from 0
+    torch.testing.assert_close(ema.module.running_var, d * 1.0 + (1 - d) * model.running_var)  # from 1
+    assert ema.module.num_batches_tracked.item() == 1  # a counter: always copied
+
+
 def test_guard_aborts_after_consecutive_failures_only():
     guard = NonFiniteGuard(max_consecutive=3, last_good_checkpoint="runs/x/checkpoints/last.pt")
     for ok in (False, False, True, False, False):

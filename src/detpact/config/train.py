@@ -31,6 +31,9 @@ class EMAConfig(Section):
     # so a short run's EMA tracks the model instead of lagging behind its init.
     # None = a tenth of the run.
     warmup_steps: int | None = Field(None, ge=1)
+    # Average BatchNorm running statistics with the weights (as Ultralytics does) instead of
+    # copying the model's: steadier long runs, worse short ones (docs/recipe.md).
+    average_buffers: bool = False
 
 
 class CheckpointConfig(Section):
