@@ -24,7 +24,6 @@ from detpact.config import (
     diff_configs,
     dump_config_yaml,
     load_config,
-    resolved_dict,
 )
 from detpact.data.build import DatasetSplits, Sources, build_datasets, read_sources, read_yolo_folder
 from detpact.data.dataset import DetectionDataset, eval_loader
@@ -33,10 +32,9 @@ from detpact.data.show import save_grid
 from detpact.engine.evaluate import evaluate as evaluate_model
 from detpact.engine.evaluate import prepare_images
 from detpact.engine.faults import parse_faults
-from detpact.engine.loop import FitResult, check_batches_per_epoch, fit
+from detpact.engine.loop import check_batches_per_epoch, fit
 from detpact.engine.runtime import check_amp, resolve_device, setup_determinism
 from detpact.errors import CheckFailed, DetpactError
-from detpact.evaluation.coco import format_table
 from detpact.export.onnx import DeployModel, export_onnx, onnx_metadata
 from detpact.export.parity import check_parity, describe_failure
 from detpact.inference.predictor import (
@@ -48,19 +46,14 @@ from detpact.inference.predictor import (
     write_predictions,
 )
 from detpact.run.atomic import atomic_write_json, atomic_write_text, read_json
-from detpact.run.checkpoint import resume_checkpoint
 from detpact.run.contract import (
     RunDir,
     default_run_id,
-    git_info,
-    host_info,
-    library_versions,
     resolve_output_root,
     utc_now,
     write_manifest,
 )
-from detpact.run.metrics import truncate_jsonl
-from detpact.run.report import write_train_report
+from detpact.run.session import finish_train_report, resume_bundle, resume_num_threads, write_run_meta
 from detpact.run.status import set_phase
 from detpact.run.verify import Check, check_config_hashes, check_manifest, check_parity_report
 
@@ -93,14 +86,14 @@ def train(
                            f"{output_root}).")
     run = RunDir.for_run_id(output_root, run_id or default_run_id(cfg.run.name, datetime.now()))
     drift: dict[str, Any] = {}
-    bundle = _resume_bundle(run, cfg, drift, allow_drift) if resume else None
+    bundle = resume_bundle(run, cfg, drift, allow_drift) if resume else None
     if not resume and run.root.exists() and any(run.root.iterdir()):
         raise DetpactError(f"Run folder {run.root} already exists. Add --resume to continue it, or pass "
                            "another --run-id.")
 
     device = resolve_device(cfg.run.device)
     check_amp(cfg.run.amp, device)
-    determinism = setup_determinism(cfg.run.seed, cfg.run.deterministic, _num_threads(cfg, bundle))
+    determinism = setup_determinism(cfg.run.seed, cfg.run.deterministic, resume_num_threads(cfg, bundle))
     data = build_datasets(cfg.data, _cache_dir(environ))
     if bundle is not None and bundle["dataset_fingerprint"] != data.fingerprint:
         if not allow_drift:
@@ -114,11 +107,11 @@ def train(
     check_batches_per_epoch(cfg.train, len(data.train))  # before the run folder exists
     run.create()
     atomic_write_text(run.config_resolved, dump_config_yaml(cfg))
-    meta = _write_run_meta(run, cfg, data, device, determinism, resumed=resume, drift=drift)
+    meta = write_run_meta(run, cfg, data, device, determinism, resumed=resume, drift=drift)
     log.info("run folder: %s (dataset: %s, %s)", run.root, data.mode, data.root)
 
     result = fit(cfg, run, data, device, bundle, faults, cache_dir=_cache_dir(environ))
-    _finish_train_report(run, cfg, result, meta)
+    finish_train_report(run, cfg, result, meta)
     if cfg.export.onnx:
         set_phase(run.status, "export")
         try:
@@ -368,50 +361,6 @@ def _reevaluate_best(run: RunDir, verified: set[str], environ: Mapping[str, str]
     return checks
 
 
-def _resume_bundle(run: RunDir, cfg: Config, drift: dict[str, Any], allow_drift: bool) -> dict[str, Any] | None:
-    """The bundle to resume `run` from; None for a run stopped before its first checkpoint,
-    which then restarts from step 0 in the same folder. Config drift is refused, or with
-    `allow_drift` recorded into `drift`."""
-    if not run.last_ckpt.is_file() and not run.prev_ckpt.is_file():
-        if not run.config_resolved.is_file():
-            raise DetpactError(f"Cannot resume: no checkpoint at {run.last_ckpt}. Check --run-id (and "
-                               "run.output_root), or start the run without --resume.")
-        _check_config_drift(run, resolved_dict(load_config(run.config_resolved)), cfg, drift, allow_drift)
-        log.warning("%s has no checkpoint yet (the run stopped before its first one): training restarts "
-                    "from step 0", run.root)
-        for path in (run.train_metrics, run.val_metrics):
-            truncate_jsonl(path, 0)
-        return None
-    bundle, _ = resume_checkpoint(run)
-    _check_config_drift(run, bundle["config"], cfg, drift, allow_drift)
-    return bundle
-
-
-def _check_config_drift(run: RunDir, started_with: dict[str, Any], cfg: Config, drift: dict[str, Any],
-                        allow_drift: bool) -> None:
-    before, now = config_hash(started_with), config_hash(cfg)
-    if before == now:
-        return
-    diffs = diff_configs(started_with, cfg)
-    if not allow_drift:
-        listing = "\n".join(f"  - {d}" for d in diffs) or "  (no key-level difference found)"
-        raise DetpactError(f"Cannot resume {run.root}: the config differs from the one the run was started "
-                           f"with (then -> now):\n{listing}\nResume with the original config, start a new run "
-                           "with --run-id, or pass --allow-drift to continue with the new config anyway "
-                           "(recorded in run_meta.json).")
-    log.warning("resuming with a changed config (--allow-drift): %s", "; ".join(diffs))
-    drift["config"] = {"changes": diffs, "config_hash_before": before, "config_hash_now": now}
-
-
-def _num_threads(cfg: Config, bundle: dict[str, Any] | None) -> int | None:
-    """run.num_threads, else on resume the count the run was trained with (CPU bits depend on it)."""
-    recorded = (bundle or {}).get("runtime", {}).get("num_threads")
-    if cfg.run.num_threads and recorded and cfg.run.num_threads != recorded:
-        log.warning("run.num_threads is %d but the run was trained with %d threads: the resumed run will not be "
-                    "bit-identical to an uninterrupted one", cfg.run.num_threads, recorded)
-    return cfg.run.num_threads or recorded
-
-
 def _verify_config(loaded: LoadedModel, config_path: Path) -> None:
     cfg = load_config(config_path)
     if config_hash(cfg) != loaded.bundle["config_hash"]:
@@ -420,54 +369,3 @@ def _verify_config(loaded: LoadedModel, config_path: Path) -> None:
                     "; ".join(diffs[:10]) or "no key-level difference")
     else:
         log.info("config %s matches the checkpoint (hash %s)", config_path, loaded.bundle["config_hash"][:12])
-
-
-def _write_run_meta(run: RunDir, cfg: Config, data: DatasetSplits, device: torch.device,
-                    determinism: dict, resumed: bool, drift: dict[str, Any]) -> dict[str, Any]:
-    previous = read_json(run.run_meta)
-    now = utc_now()
-    meta = previous if resumed and previous else {
-        "run_id": run.root.name, "start_time": now, "end_time": None, "resumes": [],
-    }
-    if resumed:
-        meta.setdefault("resumes", []).append({"time": now, "argv": host_info()["argv"],
-                                               **({"allowed_drift": drift} if drift else {})})
-    meta.update({
-        "config_hash": config_hash(cfg),
-        "dataset": data.summary(),
-        "dataset_fingerprint": data.fingerprint,
-        "seed": cfg.run.seed,
-        "determinism": determinism,
-        **git_info(Path(__file__).resolve().parent),
-        "versions": library_versions(),
-        "device": str(device),
-        "amp": cfg.run.amp,
-        "world_size": 1,
-        **host_info(),
-    })
-    atomic_write_json(run.run_meta, meta)
-    return meta
-
-
-def _finish_train_report(run: RunDir, cfg: Config, result: FitResult, meta: dict) -> None:
-    meta["end_time"] = utc_now()
-    atomic_write_json(run.run_meta, meta)
-    summary = {
-        "run_id": run.root.name,
-        "config_hash": meta["config_hash"],
-        "dataset": meta["dataset"],
-        "dataset_fingerprint": meta["dataset_fingerprint"],
-        "best": {"map50_95": result.best.map50_95, "step": result.best.step, "epoch": result.best.epoch},
-        "resumed_from_step": result.start_step or None,
-        "final_val": result.last_val,
-        "counters": {
-            "steps": result.progress.global_step, "epochs": result.progress.epoch,
-            "samples_seen": result.progress.samples_seen, "nonfinite_skipped": result.nonfinite_skipped,
-            "num_params": result.num_params, "train_seconds": round(result.train_seconds, 2),
-            # Speed of this session only (a resumed run's earlier sessions are not timed here).
-            "samples_per_s": (result.progress.samples_seen - result.start_samples) / max(result.train_seconds, 1e-9),
-        },
-    }
-    write_train_report(run, summary)
-    if result.last_val:
-        log.info("final validation:\n%s", format_table(result.last_val))

@@ -1,0 +1,120 @@
+"""A training session's bookkeeping: what a resume starts from (checkpoint, config and
+thread checks) and the records a session writes (run_meta.json, train_report)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from detpact.config import Config, config_hash, diff_configs, load_config, resolved_dict
+from detpact.data.build import DatasetSplits
+from detpact.errors import DetpactError
+from detpact.evaluation.coco import format_table
+from detpact.run.atomic import atomic_write_json, read_json
+from detpact.run.checkpoint import resume_checkpoint
+from detpact.run.contract import RunDir, git_info, host_info, library_versions, utc_now
+from detpact.run.metrics import truncate_jsonl
+from detpact.run.report import write_train_report
+
+if TYPE_CHECKING:
+    from detpact.engine.loop import FitResult
+
+log = logging.getLogger(__name__)
+
+
+def resume_bundle(run: RunDir, cfg: Config, drift: dict[str, Any], allow_drift: bool) -> dict[str, Any] | None:
+    """The bundle to resume `run` from; None for a run stopped before its first checkpoint,
+    which then restarts from step 0 in the same folder. Config drift is refused, or with
+    `allow_drift` recorded into `drift`."""
+    if not run.last_ckpt.is_file() and not run.prev_ckpt.is_file():
+        if not run.config_resolved.is_file():
+            raise DetpactError(f"Cannot resume: no checkpoint at {run.last_ckpt}. Check --run-id (and "
+                               "run.output_root), or start the run without --resume.")
+        check_config_drift(run, resolved_dict(load_config(run.config_resolved)), cfg, drift, allow_drift)
+        log.warning("%s has no checkpoint yet (the run stopped before its first one): training restarts "
+                    "from step 0", run.root)
+        for path in (run.train_metrics, run.val_metrics):
+            truncate_jsonl(path, 0)
+        return None
+    bundle, _ = resume_checkpoint(run)
+    check_config_drift(run, bundle["config"], cfg, drift, allow_drift)
+    return bundle
+
+
+def check_config_drift(run: RunDir, started_with: dict[str, Any], cfg: Config, drift: dict[str, Any],
+                        allow_drift: bool) -> None:
+    before, now = config_hash(started_with), config_hash(cfg)
+    if before == now:
+        return
+    diffs = diff_configs(started_with, cfg)
+    if not allow_drift:
+        listing = "\n".join(f"  - {d}" for d in diffs) or "  (no key-level difference found)"
+        raise DetpactError(f"Cannot resume {run.root}: the config differs from the one the run was started "
+                           f"with (then -> now):\n{listing}\nResume with the original config, start a new run "
+                           "with --run-id, or pass --allow-drift to continue with the new config anyway "
+                           "(recorded in run_meta.json).")
+    log.warning("resuming with a changed config (--allow-drift): %s", "; ".join(diffs))
+    drift["config"] = {"changes": diffs, "config_hash_before": before, "config_hash_now": now}
+
+
+def resume_num_threads(cfg: Config, bundle: dict[str, Any] | None) -> int | None:
+    """run.num_threads, else on resume the count the run was trained with (CPU bits depend on it)."""
+    recorded = (bundle or {}).get("runtime", {}).get("num_threads")
+    if cfg.run.num_threads and recorded and cfg.run.num_threads != recorded:
+        log.warning("run.num_threads is %d but the run was trained with %d threads: the resumed run will not be "
+                    "bit-identical to an uninterrupted one", cfg.run.num_threads, recorded)
+    return cfg.run.num_threads or recorded
+
+
+def write_run_meta(run: RunDir, cfg: Config, data: DatasetSplits, device: torch.device,
+                    determinism: dict, resumed: bool, drift: dict[str, Any]) -> dict[str, Any]:
+    previous = read_json(run.run_meta)
+    now = utc_now()
+    meta = previous if resumed and previous else {
+        "run_id": run.root.name, "start_time": now, "end_time": None, "resumes": [],
+    }
+    if resumed:
+        meta.setdefault("resumes", []).append({"time": now, "argv": host_info()["argv"],
+                                               **({"allowed_drift": drift} if drift else {})})
+    meta.update({
+        "config_hash": config_hash(cfg),
+        "dataset": data.summary(),
+        "dataset_fingerprint": data.fingerprint,
+        "seed": cfg.run.seed,
+        "determinism": determinism,
+        **git_info(Path(__file__).resolve().parents[1]),
+        "versions": library_versions(),
+        "device": str(device),
+        "amp": cfg.run.amp,
+        "world_size": 1,
+        **host_info(),
+    })
+    atomic_write_json(run.run_meta, meta)
+    return meta
+
+
+def finish_train_report(run: RunDir, cfg: Config, result: FitResult, meta: dict) -> None:
+    meta["end_time"] = utc_now()
+    atomic_write_json(run.run_meta, meta)
+    summary = {
+        "run_id": run.root.name,
+        "config_hash": meta["config_hash"],
+        "dataset": meta["dataset"],
+        "dataset_fingerprint": meta["dataset_fingerprint"],
+        "best": {"map50_95": result.best.map50_95, "step": result.best.step, "epoch": result.best.epoch},
+        "resumed_from_step": result.start_step or None,
+        "final_val": result.last_val,
+        "counters": {
+            "steps": result.progress.global_step, "epochs": result.progress.epoch,
+            "samples_seen": result.progress.samples_seen, "nonfinite_skipped": result.nonfinite_skipped,
+            "num_params": result.num_params, "train_seconds": round(result.train_seconds, 2),
+            # Speed of this session only (a resumed run's earlier sessions are not timed here).
+            "samples_per_s": (result.progress.samples_seen - result.start_samples) / max(result.train_seconds, 1e-9),
+        },
+    }
+    write_train_report(run, summary)
+    if result.last_val:
+        log.info("final validation:\n%s", format_table(result.last_val))
