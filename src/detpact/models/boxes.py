@@ -53,16 +53,21 @@ def _inter_union(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
     return inter, union
 
 
+def _enclosing_sides(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
+    """Width and height of the smallest box enclosing boxes1 and boxes2 ([..., 4] xyxy) -> [...] each;
+    negative only where both boxes are inverted."""
+    ax1, ay1, ax2, ay2 = boxes1.unbind(-1)
+    bx1, by1, bx2, by2 = boxes2.unbind(-1)
+    return torch.maximum(ax2, bx2) - torch.minimum(ax1, bx1), torch.maximum(ay2, by2) - torch.minimum(ay1, by1)
+
+
 def _giou(boxes1: Tensor, boxes2: Tensor, eps: float) -> Tensor:
     """GIoU of broadcastable [..., 4] xyxy boxes -> [...]."""
     inter, union = _inter_union(boxes1, boxes2)
     iou = inter / union.clamp(min=eps)
-    # The smallest box enclosing both; min/max of the corners also covers inverted boxes.
-    ax1, ay1, ax2, ay2 = boxes1.unbind(-1)
-    bx1, by1, bx2, by2 = boxes2.unbind(-1)
-    w = (torch.maximum(ax2, bx2) - torch.minimum(ax1, bx1)).clamp(min=0)  # [...]
-    h = (torch.maximum(ay2, by2) - torch.minimum(ay1, by1)).clamp(min=0)  # [...]
-    enclosing = w * h
+    # min/max of the corners also covers inverted boxes.
+    w, h = _enclosing_sides(boxes1, boxes2)
+    enclosing = w.clamp(min=0) * h.clamp(min=0)
     return iou - (enclosing - union) / enclosing.clamp(min=eps)
 
 
@@ -125,8 +130,7 @@ def paired_ciou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
     iou = inter / union.clamp(min=eps)
     ax1, ay1, ax2, ay2 = boxes1.unbind(-1)
     bx1, by1, bx2, by2 = boxes2.unbind(-1)
-    cw = torch.maximum(ax2, bx2) - torch.minimum(ax1, bx1)  # [...] enclosing box
-    ch = torch.maximum(ay2, by2) - torch.minimum(ay1, by1)
+    cw, ch = _enclosing_sides(boxes1, boxes2)
     diagonal2 = (cw**2 + ch**2).clamp(min=eps)
     centre2 = ((ax1 + ax2 - bx1 - bx2) ** 2 + (ay1 + ay2 - by1 - by2) ** 2) / 4
     floor = 1e-3
