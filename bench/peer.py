@@ -18,8 +18,8 @@ ultralytics`. It never downloads weights or fonts (`pretrained=False`, `plots=Fa
 
 With `--equal-time`, YOLO11n trains as above at fp32 (Ultralytics refuses bf16 autocast
 on the CPU), and its median wall time becomes the budget of detpact at bf16 +
-channels_last, which trains for as many epochs as fit in it by the epoch time of two
-calibration runs (2 and 5 epochs). Wall time is the whole `train` command, start-up and
+channels_last, which trains for as many epochs as fit in it by the epoch time of an
+8-epoch calibration run. Wall time is the whole `train` command, start-up and
 validation included. Finished runs are kept in <work>/peer_results.json and reused when
 the same run (tool, seed, precision, epochs and, for detpact, the hashes of its resolved
 config and of its source, so that a change of defaults or code trains again) is asked
@@ -49,6 +49,7 @@ EPOCH_IMAGES = 160  # raccoon's training split
 # Validations below this map50_95 are noise on 40 images (a model that has not learnt to
 # place boxes yet); the second drop column counts only drops from a best above it.
 NOISE_FLOOR = 0.05
+CALIBRATION_EPOCHS = 8  # --equal-time: two validations at the default cadence
 
 
 def main() -> None:
@@ -239,13 +240,21 @@ def train_yolo(seed: int, epochs: int, precision: str, args, data: dict, work: P
 
 
 def epochs_for_budget(budget_s: float, args, data: dict, work: Path) -> int:
-    """Epochs of detpact at bf16 that fit in `budget_s`, from the times of a 2- and a 5-epoch
-    run (their difference is the epoch time; the rest is start-up and validation)."""
-    short, long = 2, 5
-    times = [train_detpact(0, n, "bf16", args, data, work)["wall_s"] for n in (short, long)]
-    per_epoch = (times[1] - times[0]) / (long - short)
-    fixed = times[0] - short * per_epoch
-    print(f"detpact bf16 calibration: {per_epoch:.1f} s per epoch, {fixed:.1f} s fixed", flush=True)
+    """Epochs of detpact at bf16 that fit in `budget_s`, from one calibration run at the real
+    validation cadence. Its per-step log gives the steady epoch time (from the end of its first
+    epoch to the end of its last, validations included); the rest of its wall time is the fixed
+    cost (start-up, the first epoch's warm-up, the final validation and checkpoint). One long
+    window is steadier than the difference of two short runs, which doubles their noise."""
+    row = train_detpact(0, CALIBRATION_EPOCHS, "bf16", args, data, work)
+    log = work / "runs" / f"detpact_s0_bf16_e{CALIBRATION_EPOCHS}" / "reports" / "train_metrics.jsonl"
+    epoch_end = {}  # epoch -> time_s of its last step
+    for record in map(json.loads, log.read_text().splitlines()):
+        epoch_end[record["epoch"]] = record["time_s"]
+    first, last = min(epoch_end), max(epoch_end)
+    per_epoch = (epoch_end[last] - epoch_end[first]) / (last - first)
+    fixed = row["wall_s"] - CALIBRATION_EPOCHS * per_epoch
+    print(f"detpact bf16 calibration ({CALIBRATION_EPOCHS} epochs, {row['wall_s']:.0f} s): {per_epoch:.2f} s per "
+          f"epoch, {fixed:.1f} s fixed", flush=True)
     return max(1, math.floor((budget_s - fixed) / per_epoch))
 
 
