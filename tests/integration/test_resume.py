@@ -27,9 +27,11 @@ from detpact.run.checkpoint import save_checkpoint
 from detpact.run.contract import RunDir, write_manifest
 
 # Steps of 3 batches (the epoch's last of 2), every step at its own size (multi-scale 32 to
-# 96 px), mosaic closed for the second epoch: a resume must repeat all of it.
+# 96 px), mosaic closed for the second epoch, BatchNorm statistics recalibrated on the
+# epoch's augmented images before each validation: a resume must repeat all of it.
 SETS = ["--set", "train.batch_size=3", "--set", "train.nominal_batch=9", "--set", "train.checkpoint.every_steps=2",
-        "--set", "data.multi_scale=0.5"]
+        "--set", "data.multi_scale=0.5", "--set", "train.recalibrate_bn.enabled=true",
+        "--set", "train.recalibrate_bn.transform=train"]
 TIMING_FIELDS = {"time_s", "samples_per_s"}
 
 pytestmark = pytest.mark.slow

@@ -33,6 +33,7 @@ from detpact.config.model import (
 from detpact.config.outputs import EvalConfig, ExportConfig, LoggingConfig
 from detpact.config.run import RunConfig
 from detpact.config.train import (
+    BNRecalibrationConfig,
     CheckpointConfig,
     EMAConfig,
     NonFiniteConfig,
@@ -43,7 +44,8 @@ from detpact.config.train import (
 from detpact.config.tree import CONFIG_VERSION, Config
 
 __all__ = [
-    "CONFIG_VERSION", "HASH_EXCLUDED_KEYS", "AssignerConfig", "AugmentConfig", "BackboneConfig", "CSPDarknetArgs",
+    "CONFIG_VERSION", "HASH_EXCLUDED_KEYS", "AssignerConfig", "AugmentConfig", "BackboneConfig", "BNRecalibrationConfig",
+    "CSPDarknetArgs",
     "CheckpointConfig", "Config", "DataConfig", "EMAConfig", "EvalConfig", "ExportConfig", "HeadConfig",
     "LoggingConfig", "LossConfig", "ModelConfig", "NeckConfig", "NonFiniteConfig", "OptimizerConfig",
     "PostprocessConfig", "RunConfig", "SchedulerConfig", "SplitSource", "SyntheticConfig", "TrainConfig",

@@ -32,8 +32,21 @@ class EMAConfig(Section):
     # None = a tenth of the run.
     warmup_steps: int | None = Field(None, ge=1)
     # Average BatchNorm running statistics with the weights (as Ultralytics does) instead of
-    # copying the model's: steadier long runs, worse short ones (docs/recipe.md).
+    # copying the model's: steadier long runs, worse short ones (docs/recipe.md). With
+    # recalibrate_bn on, validation and checkpoints use recalibrated statistics instead.
     average_buffers: bool = False
+
+
+class BNRecalibrationConfig(Section):
+    # Before every validation the evaluated (EMA) model's BatchNorm statistics are
+    # recomputed on this many training images and saved with it (engine/recalibrate.py):
+    # the statistics gathered in training come from the raw model, which the EMA lags.
+    # Off by default: it lifted a long run but lowered the 36-epoch ones (docs/recipe.md).
+    enabled: bool = False
+    images: int = Field(256, ge=1)
+    # val: the plain letterbox of validation; train: the images as the epoch just trained
+    # augmented them (mosaic while it is on).
+    transform: Literal["val", "train"] = "val"
 
 
 class CheckpointConfig(Section):
@@ -63,6 +76,7 @@ class TrainConfig(Section):
     scheduler: SchedulerConfig = SchedulerConfig()
     grad_clip: float | None = Field(10.0, gt=0.0)
     ema: EMAConfig = EMAConfig()
+    recalibrate_bn: BNRecalibrationConfig = BNRecalibrationConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     nonfinite: NonFiniteConfig = NonFiniteConfig()
 

@@ -31,6 +31,7 @@ from detpact.engine.guards import NonFiniteGuard
 from detpact.engine.multiscale import MultiScale, rescale_batch
 from detpact.engine.optim import build_optimizer, lr_at, set_lr
 from detpact.engine.progress import train_progress
+from detpact.engine.recalibrate import EpochSampler, recalibrate_batchnorm, recalibration_indices
 from detpact.engine.recorder import Recorder
 from detpact.engine.runtime import autocast, rng_state, set_rng_state
 from detpact.engine.stop import stop_on_signals
@@ -169,8 +170,8 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
     batches_per_epoch = check_batches_per_epoch(tcfg, len(data.train))
     steps_per_epoch = math.ceil(batches_per_epoch / tcfg.micro_batches)
     total_steps = min(tcfg.epochs * steps_per_epoch, tcfg.max_steps or math.inf)
-    train_loader, val_loader, sampler = _build_loaders(cfg, data, cache_dir, _mosaic_until(cfg, total_steps,
-                                                                                           steps_per_epoch))
+    train_loader, val_loader, recal_loader, sampler = _build_loaders(
+        cfg, data, cache_dir, _mosaic_until(cfg, total_steps, steps_per_epoch))
     parts = _build_step_parts(cfg, device, len(data.class_names), str(run.last_ckpt), total_steps)
     progress, best = _restore(resume, parts, run) if resume is not None else (Progress(), Best())
     if progress.step_in_epoch >= steps_per_epoch:  # epochs got shorter (a resume with --allow-drift)
@@ -194,6 +195,10 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
     def validate() -> bool:
         recorder.phase("eval", progress.global_step, progress.epoch)
         eval_model = parts.ema.module if parts.ema is not None else parts.model
+        if recal_loader is not None:  # the statistics go into the checkpoint with the weights
+            # the epoch just trained: a finished one has already moved progress.epoch on
+            recal_loader.sampler.epoch = progress.epoch - 1 if progress.step_in_epoch == 0 else progress.epoch
+            recalibrate_batchnorm(eval_model, recal_loader, device, cfg.run.amp, cfg.run.channels_last)
         metrics = evaluate(eval_model, val_loader, data.val, data.class_names, cfg.model.postprocess,
                            device, cfg.run.amp, cfg.run.channels_last)
         recorder.validation(progress.global_step, progress.epoch, metrics)
@@ -296,8 +301,10 @@ def _mosaic_until(cfg: Config, total_steps: int, steps_per_epoch: int) -> int | 
 
 
 def _build_loaders(cfg: Config, data: DatasetSplits, cache_dir: Path | None = None,
-                   mosaic_until: int | None = None) -> tuple[DataLoader, DataLoader, ResumableSampler]:
-    """Training loader (augmented, resumable order) and validation loader.
+                   mosaic_until: int | None = None) -> tuple[DataLoader, DataLoader, DataLoader | None,
+                                                             ResumableSampler]:
+    """Training loader (augmented, resumable order), validation loader and the loader of
+    training images for BatchNorm recalibration (None when that is off).
 
     cache_dir: the detpact cache folder; `data.cache: disk` keeps decoded images under
     its `images/` (required for that mode). mosaic_until: the first epoch without mosaic.
@@ -307,9 +314,15 @@ def _build_loaders(cfg: Config, data: DatasetSplits, cache_dir: Path | None = No
     train_ds = DetectionDataset(data.train, dcfg.image_size, train=True, seed=cfg.run.seed, augment=dcfg.augment,
                                 cache=cache, mosaic_until=mosaic_until)
     sampler = ResumableSampler(len(train_ds), cfg.run.seed)
-    train_loader = make_loader(train_ds, cfg.train.batch_size, resolve_num_workers(dcfg.num_workers), sampler,
-                               drop_last=True)
-    return train_loader, eval_loader(data.val, dcfg, cfg.eval.batch_size, cache), sampler
+    workers = resolve_num_workers(dcfg.num_workers)
+    train_loader = make_loader(train_ds, cfg.train.batch_size, workers, sampler, drop_last=True)
+    recal, recal_loader = cfg.train.recalibrate_bn, None
+    if recal.enabled:
+        recal_ds = train_ds if recal.transform == "train" else DetectionDataset(data.train, dcfg.image_size,
+                                                                                 train=False, cache=cache)
+        recal_loader = make_loader(recal_ds, cfg.train.batch_size, workers,
+                                   EpochSampler(recalibration_indices(len(data.train), recal.images)))
+    return train_loader, eval_loader(data.val, dcfg, cfg.eval.batch_size, cache), recal_loader, sampler
 
 
 def _due(every: int | None, count: int) -> bool:
