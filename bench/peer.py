@@ -193,9 +193,13 @@ def detpact_source_hash() -> str:
     return digest.hexdigest()
 
 
+def detpact_run_dir(seed: int, epochs: int, precision: str, work: Path) -> Path:
+    return work / "runs" / f"detpact_s{seed}_{precision}_e{epochs}"
+
+
 def train_detpact(seed: int, epochs: int, precision: str, args, data: dict, work: Path) -> dict:
-    run_id = f"detpact_s{seed}_{precision}_e{epochs}"
-    run = work / "runs" / run_id
+    run = detpact_run_dir(seed, epochs, precision, work)
+    run_id = run.name
     if run.exists():
         subprocess.run(["rm", "-rf", str(run)], check=True)
     command = [str(REPO / ".venv" / "bin" / "detpact"), "train", str(CONFIG), "--run-id", run_id]
@@ -246,7 +250,7 @@ def epochs_for_budget(budget_s: float, args, data: dict, work: Path) -> int:
     cost (start-up, the first epoch's warm-up, the final validation and checkpoint). One long
     window is steadier than the difference of two short runs, which doubles their noise."""
     row = train_detpact(0, CALIBRATION_EPOCHS, "bf16", args, data, work)
-    log = work / "runs" / f"detpact_s0_bf16_e{CALIBRATION_EPOCHS}" / "reports" / "train_metrics.jsonl"
+    log = detpact_run_dir(0, CALIBRATION_EPOCHS, "bf16", work) / "reports" / "train_metrics.jsonl"
     epoch_end = {}  # epoch -> time_s of its last step
     for record in map(json.loads, log.read_text().splitlines()):
         epoch_end[record["epoch"]] = record["time_s"]

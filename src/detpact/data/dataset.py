@@ -114,10 +114,11 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, sampler: Sa
 
 
 def eval_loader(samples: list[Sample], cfg: DataConfig, batch_size: int,
-                cache: ImageCache | None = None) -> DataLoader:
-    """Batches of a split in order, untransformed but for the letterbox (validation, eval)."""
+                cache: ImageCache | None = None, sampler: Sampler | None = None) -> DataLoader:
+    """Batches of a split in order (or of the samples `sampler` picks), untransformed but for
+    the letterbox (validation, eval, BatchNorm recalibration)."""
     dataset = DetectionDataset(samples, cfg.image_size, train=False, cache=cache)
-    return make_loader(dataset, batch_size, resolve_num_workers(cfg.num_workers))
+    return make_loader(dataset, batch_size, resolve_num_workers(cfg.num_workers), sampler)
 
 
 def _leave_stop_signals_to_main(worker_id: int) -> None:

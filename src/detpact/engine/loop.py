@@ -318,10 +318,9 @@ def _build_loaders(cfg: Config, data: DatasetSplits, cache_dir: Path | None = No
     train_loader = make_loader(train_ds, cfg.train.batch_size, workers, sampler, drop_last=True)
     recal, recal_loader = cfg.train.recalibrate_bn, None
     if recal.enabled:
-        recal_ds = train_ds if recal.transform == "train" else DetectionDataset(data.train, dcfg.image_size,
-                                                                                 train=False, cache=cache)
-        recal_loader = make_loader(recal_ds, cfg.train.batch_size, workers,
-                                   EpochSampler(recalibration_indices(len(data.train), recal.images)))
+        picked = EpochSampler(recalibration_indices(len(data.train), recal.images))
+        recal_loader = (make_loader(train_ds, cfg.train.batch_size, workers, picked) if recal.transform == "train"
+                        else eval_loader(data.train, dcfg, cfg.train.batch_size, cache, picked))
     return train_loader, eval_loader(data.val, dcfg, cfg.eval.batch_size, cache), recal_loader, sampler
 
 
