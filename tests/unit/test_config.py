@@ -28,7 +28,7 @@ def base() -> dict:
 def test_quickstart_loads_and_defaults_fill_in():
     cfg = load_config(QUICKSTART)
     assert cfg.data.format == "synthetic"
-    assert cfg.model.backbone.args.width_mult == 0.25
+    assert cfg.model.backbone.args["width_mult"] == 0.25
     assert cfg.train.optimizer.name == "adamw"  # a default the file does not set
 
 

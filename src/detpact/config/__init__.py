@@ -26,9 +26,13 @@ from detpact.config.model import (
     CSPDarknetArgs,
     HeadConfig,
     LossConfig,
+    MatcherConfig,
     ModelConfig,
     NeckConfig,
     PostprocessConfig,
+    ProjectorConfig,
+    RTDETRConfig,
+    SetLossConfig,
 )
 from detpact.config.outputs import EvalConfig, ExportConfig, LoggingConfig
 from detpact.config.run import RunConfig
@@ -47,7 +51,7 @@ __all__ = [
     "CONFIG_VERSION", "HASH_EXCLUDED_KEYS", "AssignerConfig", "AugmentConfig", "BackboneConfig", "BNRecalibrationConfig",
     "CSPDarknetArgs",
     "CheckpointConfig", "Config", "DataConfig", "EMAConfig", "EvalConfig", "ExportConfig", "HeadConfig",
-    "LoggingConfig", "LossConfig", "ModelConfig", "NeckConfig", "NonFiniteConfig", "OptimizerConfig",
-    "PostprocessConfig", "RunConfig", "SchedulerConfig", "SplitSource", "SyntheticConfig", "TrainConfig",
+    "LoggingConfig", "LossConfig", "MatcherConfig", "ModelConfig", "NeckConfig", "NonFiniteConfig", "OptimizerConfig",
+    "PostprocessConfig", "ProjectorConfig", "RTDETRConfig", "RunConfig", "SetLossConfig", "SchedulerConfig", "SplitSource", "SyntheticConfig", "TrainConfig",
     "config_hash", "diff_configs", "dump_config_yaml", "load_config", "resolved_dict", "validate_config",
 ]

@@ -156,6 +156,8 @@ def _describe_error(err: dict[str, Any], raw: dict[str, Any]) -> str:
         return f"unknown key '{dotted}'.{did_you_mean} Valid keys {where}: {', '.join(valid)}."
     if err["type"] == "missing":
         return f"'{dotted}' is required but missing."
+    if err["type"] == "value_error" and err["msg"].startswith("Value error, "):  # a section's own check
+        return f"'{dotted}': {err['msg'].removeprefix('Value error, ')}."
     got = _lookup(raw, err["loc"])
     return f"'{dotted}': {err['msg']} (got {got!r})."
 

@@ -146,7 +146,7 @@ def _accumulate_gradients(parts: StepParts, images: torch.Tensor, targets: list[
     if size is not None:
         pixels, targets = rescale_batch(pixels, targets, size)
     with autocast(parts.device, parts.amp):
-        outputs = parts.model(pixels)
+        outputs = parts.model(pixels, targets)
     losses = parts.criterion(outputs, targets)  # float32, outside autocast
     if poison:
         losses = {**losses, "loss": losses["loss"] * float("nan")}

@@ -30,6 +30,7 @@ class CSPDarknet(nn.Module):
 
     def __init__(self, args: CSPDarknetArgs):
         super().__init__()
+        args = CSPDarknetArgs.model_validate(args) if isinstance(args, dict) else args
         c = [scale_channels(x, args.width_mult) for x in BASE_CHANNELS]
         n = [scale_depth(x, args.depth_mult) for x in BASE_DEPTHS]
 

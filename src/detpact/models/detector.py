@@ -1,4 +1,4 @@
-"""The detector: backbone -> neck -> head, built from `cfg.model`."""
+"""The detector: backbone -> neck -> projector -> head, built from `cfg.model`."""
 
 from __future__ import annotations
 
@@ -6,37 +6,54 @@ from torch import Tensor, nn
 
 from detpact.config import ModelConfig
 from detpact.models.backbones import build_backbone
-from detpact.models.heads.dense import DenseHead, DetectorOutput
+from detpact.models.heads.dense import DenseHead
 from detpact.models.necks import build_neck
+from detpact.models.outputs import DetectorOutput, DetrOutput
+from detpact.models.projector import Projector
 
 
 class Detector(nn.Module):
-    """`forward(images) -> DetectorOutput` in train and eval mode alike.
+    """`forward(images, targets=None) -> DetectorOutput | DetrOutput` in train and eval mode alike.
 
     images: [B, 3, H, W] float RGB in [0, 1], H and W multiples of 32 (letterboxed).
-    The loss (`losses.DetectionCriterion`) and postprocessing (`postprocess.py`) are
-    separate steps on the output.
+    targets: the batch's ground truth (B dicts of "boxes" [N, 4] xyxy pixels and "labels"
+    [N]); only the rtdetr head reads them, in training, to build its denoising queries.
+    The loss (`losses.build_criterion`) and postprocessing (`postprocess.py`) are separate
+    steps on the output; `nms_free` says which decoding the output needs.
     """
 
-    def __init__(self, backbone: nn.Module, neck: nn.Module, head: DenseHead):
+    def __init__(self, backbone: nn.Module, neck: nn.Module, projector: nn.Module, head: nn.Module):
         super().__init__()
         self.backbone = backbone
         self.neck = neck
+        self.projector = projector
         self.head = head
 
     @property
     def num_classes(self) -> int:
         return self.head.num_classes
 
-    def forward(self, images: Tensor) -> DetectorOutput:
-        return self.head(self.neck(self.backbone(images)))
+    @property
+    def nms_free(self) -> bool:
+        return self.head.nms_free
+
+    def forward(self, images: Tensor, targets: list[dict[str, Tensor]] | None = None) -> DetectorOutput | DetrOutput:
+        feats = self.projector(self.neck(self.backbone(images)))
+        return self.head(feats, targets) if self.head.nms_free else self.head(feats)
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> Detector:
     backbone = build_backbone(cfg.backbone)
     neck = build_neck(cfg.neck, backbone.out_channels)
-    head = DenseHead(neck.out_channels, num_classes, cfg.head.reg_max, cfg.head.cls_conv == "depthwise")
-    return Detector(backbone, neck, head)
+    projector = Projector(neck.out_channels, cfg.projector.d_model) if cfg.projector.d_model else nn.Identity()
+    channels = projector.out_channels if cfg.projector.d_model else neck.out_channels
+    if cfg.head.name == "rtdetr":
+        from detpact.models.heads.rtdetr import RTDETRHead
+
+        head = RTDETRHead(channels, num_classes, cfg.head.rtdetr)
+    else:
+        head = DenseHead(channels, num_classes, cfg.head.reg_max, cfg.head.cls_conv == "depthwise")
+    return Detector(backbone, neck, projector, head)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from detpact.config import HeadConfig, LossConfig
 from detpact.models.boxes import paired_ciou, paired_giou, paired_iou
-from detpact.models.heads.dense import DetectorOutput
+from detpact.models.outputs import DetectorOutput
 from detpact.models.matching import Assigner, build_assigner
 
 BOX_IOUS = {"giou": paired_giou, "ciou": paired_ciou}

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from detpact.config import AssignerConfig
 from detpact.models.boxes import box_area, paired_ciou
-from detpact.models.heads.dense import DetectorOutput
+from detpact.models.outputs import DetectorOutput
 
 
 @dataclass

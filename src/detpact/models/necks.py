@@ -43,7 +43,15 @@ class PAN(nn.Module):
         return n3, n4, n5
 
 
-NECKS = {"pan": PAN}
+class NoNeck(nn.Identity):
+    """The backbone's maps unchanged (for heads that fuse scales themselves)."""
+
+    def __init__(self, channels: tuple[int, int, int], block: str = "c2f"):
+        super().__init__()
+        self.out_channels = channels
+
+
+NECKS = {"pan": PAN, "none": NoNeck}
 
 
 def build_neck(cfg: NeckConfig, in_channels: tuple[int, int, int]) -> nn.Module:

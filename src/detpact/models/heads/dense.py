@@ -14,35 +14,15 @@ Both are computed in float32 so that bf16 autocast cannot overflow.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
 from detpact.models.layers import ConvBNAct, DWConvBNAct
+from detpact.models.outputs import DetectorOutput
 
 # Initial foreground probability of every class logit (RetinaNet's prior): keeps
 # the early classification loss from being swamped by the many easy negatives.
 PRIOR_PROB = 0.01
-
-
-@dataclass
-class DetectorOutput:
-    """What `Detector.forward` returns, in training and in inference alike.
-
-    cls_logits: [B, A, C] raw class logits for the A locations of all levels.
-    boxes:      [B, A, 4] float32 xyxy boxes in input-image pixels.
-    points:     [A, 2] float32 (x, y) location centres in input-image pixels.
-    strides:    [A] float32 stride of each location's level.
-    box_logits: [B, A, 4, reg_max] float32 logits of the side distributions (l, t, r, b),
-                or None for the reg_max = 1 head.
-    """
-
-    cls_logits: Tensor
-    boxes: Tensor
-    points: Tensor
-    strides: Tensor
-    box_logits: Tensor | None = None
 
 
 def _branch(c_in: int, hidden: int, c_out: int, depthwise: bool = False) -> nn.Sequential:
@@ -54,6 +34,8 @@ def _branch(c_in: int, hidden: int, c_out: int, depthwise: bool = False) -> nn.S
 
 class DenseHead(nn.Module):
     """Decoupled classification and regression branches on each pyramid level."""
+
+    nms_free = False  # overlapping locations predict the same object: decode with NMS
 
     def __init__(self, in_channels: tuple[int, ...], num_classes: int, reg_max: int = 1,
                  depthwise_cls: bool = False, strides: tuple[int, ...] = (8, 16, 32)):
