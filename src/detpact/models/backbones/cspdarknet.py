@@ -1,4 +1,4 @@
-"""Backbones: images -> feature maps P3, P4, P5 (strides 8, 16, 32)."""
+"""YOLOv8/11-style CSP-Darknet (`cspdarknet`, sizes n/s/m/l/x)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 from torch import Tensor, nn
 
 from detpact.config import BackboneConfig, CSPDarknetArgs
+from detpact.models.backbones.norms import replace_batchnorm
 from detpact.models.layers import C2PSA, SPPF, C3k2, ConvBNAct, CSPBlock
 
 # Channels and block repeats of the full-size network; width_mult and depth_mult
@@ -26,9 +27,14 @@ def scale_depth(n: int, depth_mult: float) -> int:
 
 class CSPDarknet(nn.Module):
     """YOLOv8/11-style CSP-Darknet: a stride-2 stem, then four stride-2 CSP stages, SPPF and
-    optionally C2PSA attention on P5."""
+    optionally C2PSA attention on P5.
 
-    def __init__(self, args: CSPDarknetArgs):
+    forward(x [B, 3, H, W]) -> (P3, P4, P5): [B, out_channels[i], H / s, W / s] for s = 8, 16, 32.
+    """
+
+    strides = (8, 16, 32)
+
+    def __init__(self, args: CSPDarknetArgs | dict):
         super().__init__()
         args = CSPDarknetArgs.model_validate(args) if isinstance(args, dict) else args
         c = [scale_channels(x, args.width_mult) for x in BASE_CHANNELS]
@@ -58,10 +64,6 @@ class CSPDarknet(nn.Module):
         return p3, p4, p5
 
 
-BACKBONES = {"cspdarknet": CSPDarknet}
-
-
-def build_backbone(cfg: BackboneConfig) -> nn.Module:
-    if cfg.name not in BACKBONES:
-        raise ValueError(f"unknown backbone {cfg.name!r}; choices: {sorted(BACKBONES)}")
-    return BACKBONES[cfg.name](cfg.args)
+def cspdarknet(cfg: BackboneConfig) -> CSPDarknet:
+    # The shared YOLO blocks (layers.py) are built with BatchNorm; other norms replace it.
+    return replace_batchnorm(CSPDarknet(cfg.args), cfg.norm)
