@@ -14,10 +14,10 @@ from detpact.engine.multiscale import MultiScale, rescale_batch
 from detpact.errors import DetpactError
 from detpact.models.boxes import paired_ciou, paired_iou
 from detpact.models.detector import build_model
-from detpact.models.outputs import DetectorOutput
 from detpact.models.layers import WarmStartBatchNorm2d
 from detpact.models.losses import distribution_focal_loss
 from detpact.models.matching import TaskAlignedAssigner
+from detpact.models.outputs import DetectorOutput
 
 
 def outputs_for(points: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor) -> DetectorOutput:

@@ -14,6 +14,9 @@ A location claimed by several boxes takes the smallest one (the most specific).
 `topk` locations inside it whose predictions already agree best with it, by the
 alignment score^alpha * CIoU^beta, and their classification targets are that
 alignment rescaled so that each box's best location gets its best IoU.
+
+For the rtdetr head, `HungarianMatcher` pairs queries with boxes one to one (DETR's
+bipartite matching with RT-DETR's focal class cost); unmatched queries are background.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from detpact.config import AssignerConfig
-from detpact.models.boxes import box_area, paired_ciou
+from detpact.config import AssignerConfig, MatcherConfig
+from detpact.models.boxes import box_area, box_cxcywh_to_xyxy, generalized_box_iou, paired_ciou
 from detpact.models.outputs import DetectorOutput
 
 
@@ -158,3 +162,80 @@ def build_assigner(cfg: AssignerConfig) -> Assigner:
     if cfg.name == "task_aligned":
         return TaskAlignedAssigner(cfg.topk, cfg.alpha, cfg.beta, cfg.small_box_side)
     return CenterSamplingAssigner(cfg.center_radius, cfg.range_strides)
+
+
+# Stands in for NaN / inf costs (diverged predictions): linear_sum_assignment rejects
+# non-finite entries, and such a pair should simply be the last choice.
+LARGE_COST = 1e8
+
+
+def focal_class_cost(probs: Tensor, alpha: float, gamma: float) -> Tensor:
+    """RT-DETR's class cost from the probabilities p of the target classes (any shape).
+
+    The focal loss of calling the query positive minus that of calling it negative:
+    alpha (1 - p)^gamma (-log p) - (1 - alpha) p^gamma (-log(1 - p)), low when p is high.
+    """
+    pos = alpha * (1 - probs).pow(gamma) * -(probs + 1e-8).log()
+    neg = (1 - alpha) * probs.pow(gamma) * -(1 - probs + 1e-8).log()
+    return pos - neg
+
+
+class HungarianMatcher:
+    """One-to-one assignment of queries to ground-truth boxes (DETR's bipartite matching).
+
+    The cost of pairing query q with box j is
+        cost_class * focal_class_cost(p_q[label_j])
+      + cost_bbox  * L1(box_q, box_j)          (normalised cxcywh)
+      + cost_giou  * -GIoU(box_q, box_j)        (xyxy),
+    and each image's total cost is minimised exactly by `linear_sum_assignment`.
+    Queries left unmatched (Q > N) are background.
+    """
+
+    def __init__(self, cfg: MatcherConfig):
+        self.cfg = cfg
+
+    @torch.no_grad()
+    def __call__(self, logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+        """Match the queries of each image to its targets.
+
+        logits:  [B, Q, C] class logits (sigmoid = score).
+        boxes:   [B, Q, 4] predicted cxcywh boxes, normalised to [0, 1].
+        targets: B dicts with "labels" [N_i] int64 and "boxes" [N_i, 4] cxcywh, normalised;
+                 any device, N_i may be 0.
+        Returns B pairs (query_idx [K_i], target_idx [K_i]), int64 on the CPU, K_i = min(Q, N_i):
+        query query_idx[k] predicts box target_idx[k]; query_idx is ascending.
+        """
+        batch, num_queries = logits.shape[:2]
+        sizes = [len(t["labels"]) for t in targets]
+        empty = torch.empty(0, dtype=torch.int64)
+        if sum(sizes) == 0:
+            return [(empty, empty) for _ in range(batch)]
+
+        # One cost matrix for the whole batch, [B * Q, sum N_i]; the blocks pairing an
+        # image's queries with another image's boxes are computed and then ignored,
+        # which is cheaper than B small launches.
+        device = logits.device
+        probs = logits.detach().flatten(0, 1).float().sigmoid()  # [B*Q, C]
+        pred_boxes = boxes.detach().flatten(0, 1).float()  # [B*Q, 4]
+        gt_labels = torch.cat([t["labels"] for t in targets]).to(device)  # [T]
+        gt_boxes = torch.cat([t["boxes"] for t in targets]).to(device, torch.float32)  # [T, 4]
+
+        cost_class = focal_class_cost(probs[:, gt_labels], self.cfg.alpha, self.cfg.gamma)  # [B*Q, T]
+        cost_bbox = torch.cdist(pred_boxes, gt_boxes, p=1)  # [B*Q, T]
+        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(gt_boxes))  # [B*Q, T]
+        cost = self.cfg.cost_class * cost_class + self.cfg.cost_bbox * cost_bbox + self.cfg.cost_giou * cost_giou
+        cost = torch.nan_to_num(cost, nan=LARGE_COST, posinf=LARGE_COST, neginf=-LARGE_COST)
+        cost = cost.view(batch, num_queries, -1).cpu()  # [B, Q, T]
+
+        indices = []
+        for i, image_cost in enumerate(cost.split(sizes, dim=-1)):  # image_cost: [B, Q, N_i]
+            if sizes[i] == 0:
+                indices.append((empty, empty))
+                continue
+            query_idx, target_idx = linear_sum_assignment(image_cost[i].numpy())
+            indices.append((torch.as_tensor(query_idx, dtype=torch.int64), torch.as_tensor(target_idx, dtype=torch.int64)))
+        return indices
+
+
+def build_matcher(cfg: MatcherConfig) -> HungarianMatcher:
+    return HungarianMatcher(cfg)

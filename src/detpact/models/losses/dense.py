@@ -20,8 +20,8 @@ from torch import Tensor
 
 from detpact.config import HeadConfig, LossConfig
 from detpact.models.boxes import paired_ciou, paired_giou, paired_iou
-from detpact.models.outputs import DetectorOutput
 from detpact.models.matching import Assigner, build_assigner
+from detpact.models.outputs import DetectorOutput
 
 BOX_IOUS = {"giou": paired_giou, "ciou": paired_ciou}
 
