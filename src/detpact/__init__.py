@@ -7,11 +7,12 @@
     detpact.predict(run.root, ["photos/"], out="preds.json")
     detpact.verify(run.root)
     detpact.preflight("configs/coco128.yaml", output_json="preflight.json")
+    detpact.model_info("configs/quickstart.yaml")
 """
 
-from detpact.api import evaluate, export, predict, preflight, train, verify
+from detpact.api import evaluate, export, model_info, predict, preflight, train, verify
 from detpact.config import Config, config_hash, load_config
 from detpact.errors import DetpactError
 
-__all__ = ["Config", "DetpactError", "config_hash", "evaluate", "export", "load_config", "predict", "preflight", "train", "verify"]
+__all__ = ["Config", "DetpactError", "config_hash", "evaluate", "export", "load_config", "model_info", "predict", "preflight", "train", "verify"]
 __version__ = "0.1.0"

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import yaml
 
+from detpact.commands.model_info import describe_model
 from detpact.config import (
     Config,
     DataConfig,
@@ -187,7 +188,7 @@ def export(run_dir: str | Path, *, checkpoint: str = "best", environ: Mapping[st
     log.info("exporting %s to %s (%s exporter, opset %d)", ckpt_path, run.onnx_model, cfg.export.exporter, cfg.export.opset)
     export_onnx(deploy, run.onnx_model, cfg.data.image_size, cfg.export.opset, cfg.export.exporter)
     meta = onnx_metadata(cfg, loaded.class_names, loaded.bundle["config_hash"], cfg.export.exporter,
-                         str(ckpt_path.relative_to(run.root)))
+                         str(ckpt_path.relative_to(run.root)), loaded.model.nms_free)
     atomic_write_json(run.onnx_meta, meta)
 
     parity_samples = data.val[: cfg.export.parity_images]
@@ -245,6 +246,13 @@ def preflight(target: str | Path, *, output_json: str | Path | None = None, over
     if output_json is not None:
         atomic_write_json(Path(output_json), report.to_json())
     return report
+
+
+def model_info(config: str | Path, *, overrides: Sequence[str] = (), num_classes: int | None = None,
+               image_size: int | None = None, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Parameters, GFLOPs, output strides and channels and CPU forward time of a config's detector."""
+    return describe_model(config, overrides=overrides, num_classes=num_classes, image_size=image_size,
+                          cache_dir=_cache_dir(environ))
 
 
 def show_samples(config: str | Path, *, out: str | Path, count: int = 16, epoch: int = 0,

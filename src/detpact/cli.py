@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from detpact import __version__, api
+from detpact.commands.model_info import format_model_info
 from detpact.console import setup_logging
 from detpact.data.convert import SOURCE_FORMATS, TARGET_FORMATS, convert, format_summary
 from detpact.data.preflight import PreflightReport
@@ -98,6 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     convert_cmd.add_argument("--force", action="store_true",
                              help="convert despite error findings (defective boxes and unusable images are left out)")
 
+    model = commands.add_parser("model", help="inspect a configured detector")
+    model_commands = model.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND")
+    info = model_commands.add_parser(
+        "info", help="parameters, GFLOPs, output strides and channels, and CPU forward time of a config's detector")
+    info.add_argument("config", help="YAML config file, e.g. configs/rtdetr_quickstart.yaml")
+    info.add_argument("--num-classes", type=int, help="class count (default: from the config's dataset)")
+    info.add_argument("--image-size", type=int, help="input size (default: data.image_size)")
+    info.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value, e.g. --set model.backbone.name=resnet18")
+    info.add_argument("--json", action="store_true", help="print the report as JSON")
+
     runs = commands.add_parser("runs", help="inspect run folders")
     runs_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="RUNS_COMMAND")
     verify = runs_commands.add_parser(
@@ -142,6 +154,12 @@ def run_command(args: argparse.Namespace) -> int:
         report = api.preflight(args.target, output_json=args.output_json, overrides=args.overrides)
         print_preflight(report)
         return 1 if report.errors else 0
+    elif args.command == "model":
+        if args.num_classes is not None and args.num_classes < 1:
+            raise DetpactError("--num-classes must be at least 1.")
+        report = api.model_info(args.config, overrides=args.overrides, num_classes=args.num_classes,
+                                image_size=args.image_size)
+        print(json.dumps(report, indent=2) if args.json else format_model_info(report))
     elif args.command == "runs":
         checks = api.verify(args.run_dir, reevaluate=not args.no_eval)
         failed = [check for check in checks if check.status == "fail"]

@@ -21,7 +21,7 @@ def write(tmp_path: Path, data: dict, name: str = "cfg.yaml") -> Path:
     return path
 
 
-def base() -> dict:
+def base_config() -> dict:
     return {"config_version": 1, "data": {"format": "synthetic"}}
 
 
@@ -39,7 +39,7 @@ def test_quickstart_loads_and_defaults_fill_in():
      ({"trian": {"epochs": 3}}, "trian", "train")],
 )
 def test_unknown_key_named_with_valid_keys_and_suggestion(tmp_path, section, typo, suggestion):
-    raw = {**base(), **section}
+    raw = {**base_config(), **section}
     with pytest.raises(DetpactError) as err:
         load_config(write(tmp_path, raw))
     message = err.value.message
@@ -50,14 +50,14 @@ def test_unknown_key_named_with_valid_keys_and_suggestion(tmp_path, section, typ
 
 
 def test_wrong_type_names_the_key_and_value(tmp_path):
-    raw = {**base(), "train": {"epochs": "ten"}}
+    raw = {**base_config(), "train": {"epochs": "ten"}}
     with pytest.raises(DetpactError) as err:
         load_config(write(tmp_path, raw))
     assert "'train.epochs'" in err.value.message and "'ten'" in err.value.message
 
 
 def test_all_errors_reported_at_once(tmp_path):
-    raw = {**base(), "train": {"epochs": "ten", "batch_size": -1}, "eval": {"bogus": 1}}
+    raw = {**base_config(), "train": {"epochs": "ten", "batch_size": -1}, "eval": {"bogus": 1}}
     with pytest.raises(DetpactError) as err:
         load_config(write(tmp_path, raw))
     for key in ("train.epochs", "train.batch_size", "eval.bogus"):
@@ -81,7 +81,7 @@ def test_config_version_required_and_checked(tmp_path):
     with pytest.raises(DetpactError, match="config_version' is required"):
         load_config(write(tmp_path, {"data": {"format": "synthetic"}}))
     with pytest.raises(DetpactError, match="unsupported config_version 2"):
-        load_config(write(tmp_path, {**base(), "config_version": 2}))
+        load_config(write(tmp_path, {**base_config(), "config_version": 2}))
 
 
 def test_real_data_needs_a_path(tmp_path):
@@ -90,7 +90,7 @@ def test_real_data_needs_a_path(tmp_path):
 
 
 def test_override_precedence_cli_over_file_over_default(tmp_path):
-    path = write(tmp_path, {**base(), "train": {"epochs": 7, "batch_size": 4}})
+    path = write(tmp_path, {**base_config(), "train": {"epochs": 7, "batch_size": 4}})
     cfg = load_config(path)
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.accumulate) == (7, 4, 1)  # file, file, default
     cfg = load_config(path, ["train.epochs=3", "train.accumulate=2"])
@@ -100,7 +100,7 @@ def test_override_precedence_cli_over_file_over_default(tmp_path):
 
 
 def test_override_values_are_yaml_typed(tmp_path):
-    path = write(tmp_path, base())
+    path = write(tmp_path, base_config())
     cfg = load_config(path, ["train.optimizer.lr=1e-3", "run.deterministic=false", "data.classes=[a, b]",
                              "train.max_steps=null", "train.optimizer.betas=[0.8, 0.9]"])
     assert cfg.train.optimizer.lr == pytest.approx(1e-3)
@@ -111,7 +111,7 @@ def test_override_values_are_yaml_typed(tmp_path):
 
 
 def test_override_errors(tmp_path):
-    path = write(tmp_path, base())
+    path = write(tmp_path, base_config())
     with pytest.raises(DetpactError, match="Bad --set override"):
         load_config(path, ["train.epochs"])
     with pytest.raises(DetpactError, match="unknown key 'train.nope'"):
@@ -119,7 +119,7 @@ def test_override_errors(tmp_path):
     with pytest.raises(DetpactError, match="'train.epochs'"):
         load_config(path, ["train.epochs=abc"])
     with pytest.raises(DetpactError, match="is a value, not a section"):
-        load_config(write(tmp_path, {**base(), "task": "shapes"}), ["task.sub=1"])
+        load_config(write(tmp_path, {**base_config(), "task": "shapes"}), ["task.sub=1"])
 
 
 def test_hash_stable_and_sensitive():
@@ -136,7 +136,7 @@ def test_hash_stable_and_sensitive():
 
 
 def test_hash_ignores_key_order_and_explicit_defaults(tmp_path):
-    a = {**base(), "train": {"epochs": 3, "batch_size": 4}}
+    a = {**base_config(), "train": {"epochs": 3, "batch_size": 4}}
     b = {"train": {"batch_size": 4, "epochs": 3, "accumulate": 1}, "data": {"format": "synthetic"}, "config_version": 1}
     assert config_hash(validate_config(a)) == config_hash(validate_config(copy.deepcopy(b)))
 
@@ -155,3 +155,45 @@ def test_diff_lists_exactly_the_hashed_keys_that_differ():
     new = load_config(QUICKSTART, ["train.optimizer.lr=0.1", "run.name=renamed", "logging.progress=false"])
     assert diff_configs(resolved_dict(old), new) == ["train.optimizer.lr: 0.002 -> 0.1"]
     assert diff_configs(old, load_config(QUICKSTART, ["data.num_workers=0"])) == []
+
+
+def test_a_preset_is_a_diff_over_its_base(tmp_path):
+    base = {**base_config(), "train": {"epochs": 7, "batch_size": 4}, "model": {"backbone": {"name": "cspdarknet_n"}}}
+    write(tmp_path, base, "base.yaml")
+    (tmp_path / "presets").mkdir()
+    preset = {"base": "../base.yaml", "train": {"epochs": 3}, "model": {"backbone": {"name": "resnet18"}}}
+    cfg = load_config(write(tmp_path / "presets", preset, "r18.yaml"), ["train.batch_size=2"])
+    assert (cfg.train.epochs, cfg.train.batch_size) == (3, 2)  # preset over base, --set over both
+    assert cfg.model.backbone.name == "resnet18" and cfg.model.backbone.args == {"drop_path": 0.0}
+    cfg = load_config(tmp_path / "base.yaml")
+    assert cfg.model.backbone.name == "cspdarknet" and cfg.model.backbone.args["size"] == "n"
+
+
+def test_a_base_cycle_is_refused(tmp_path):
+    write(tmp_path, {**base_config(), "base": "b.yaml"}, "a.yaml")
+    write(tmp_path, {"base": "a.yaml"}, "b.yaml")
+    with pytest.raises(DetpactError, match="its own base"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_backbone_families_check_their_args():
+    cfg = validate_config({**base_config(), "model": {"backbone": {"name": "cspdarknet", "args": {"size": "m"}}}})
+    assert (cfg.model.backbone.args["width_mult"], cfg.model.backbone.args["depth_mult"]) == (0.75, 0.67)
+    explicit = {"name": "cspdarknet", "args": {"size": "m", "width_mult": 0.5}}
+    assert validate_config({**base_config(), "model": {"backbone": explicit}}).model.backbone.args["width_mult"] == 0.5
+    with pytest.raises(DetpactError, match="unknown backbone 'resnet99'.*resnet18"):
+        validate_config({**base_config(), "model": {"backbone": {"name": "resnet99"}}})
+    with pytest.raises(DetpactError, match="Valid keys of resnet18's args: drop_path"):
+        validate_config({**base_config(), "model": {"backbone": {"name": "resnet18", "args": {"width_mult": 1}}}})
+    with pytest.raises(DetpactError, match="LayerNorm"):
+        validate_config({**base_config(), "model": {"backbone": {"name": "convnext_tiny", "norm": "frozen_bn"}}})
+
+
+def test_rtdetr_head_defaults_to_no_neck_and_a_256_projector():
+    cfg = validate_config({**base_config(), "model": {"head": {"name": "rtdetr"}}})
+    assert cfg.model.neck.name == "none" and cfg.model.projector.d_model == 256
+    cfg = validate_config({**base_config(), "model": {"head": {"name": "rtdetr"}, "neck": {"name": "pan"},
+                                                      "projector": {"d_model": 64}}})
+    assert cfg.model.neck.name == "pan" and cfg.model.projector.d_model == 64
+    # the resolved config loads back to the same config
+    assert validate_config(resolved_dict(cfg)) == cfg

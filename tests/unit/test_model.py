@@ -146,6 +146,22 @@ def test_postprocess_threshold_nms_and_max_det():
     assert det.boxes.shape == (0, 4)
 
 
+
+def test_nms_free_postprocess_keeps_the_best_max_det_without_suppression():
+    # Two near-identical boxes of one class: NMS would drop one, an NMS-free head keeps both.
+    boxes = torch.tensor([[[0, 0, 10, 10], [0, 0, 10, 10.5], [20, 20, 30, 30], [40, 40, 50, 50.0]]])
+    probs = torch.tensor([[[0.9, 0.0], [0.8, 0.6], [0.0, 0.7], [0.0005, 0.0]]])
+    logits = torch.logit(probs.clamp(1e-6, 1 - 1e-6))
+    cfg = PostprocessConfig(score_threshold=0.001, iou_threshold=0.5, max_det=3, pre_nms_topk=1)
+    (det,) = postprocess(logits, boxes, cfg, nms=False)
+    # The top 3 of queries x classes, best first; pre_nms_topk does not apply.
+    assert list(zip(det.locations.tolist(), det.labels.tolist())) == [(0, 0), (1, 0), (2, 1)]
+    torch.testing.assert_close(det.scores, torch.tensor([0.9, 0.8, 0.7]), atol=1e-5, rtol=0)
+    (det,) = postprocess(logits, boxes, cfg.model_copy(update={"max_det": 10}), nms=False)
+    assert len(det.scores) == 4  # every pair above the threshold: a query may give two classes
+    (det,) = postprocess(torch.full_like(logits, -20.0), boxes, cfg, nms=False)
+    assert det.boxes.shape == (0, 4)
+
 YOLO11_BLOCKS = {"backbone": {"args": {"width_mult": 0.0625, "block": "c3k2", "attention": True}},
                  "neck": {"block": "c3k2"}, "head": {"reg_max": 8, "cls_conv": "depthwise"}}
 

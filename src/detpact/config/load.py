@@ -37,7 +37,7 @@ HASH_EXCLUDED_KEYS = (
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config, apply `--set key.path=value` overrides and validate it."""
     path = Path(path)
-    raw = _read_yaml(path)
+    raw = _read_with_base(path, ())
     for override in overrides:
         _apply_override(raw, override)
     return validate_config(raw, source=str(path))
@@ -99,6 +99,30 @@ def _diff_dicts(old: dict[str, Any], new: dict[str, Any], prefix: str) -> list[s
         elif a != b:
             diffs.append(f"{path}: {a!r} -> {b!r}")
     return diffs
+
+
+def _read_with_base(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """The YAML mapping at `path` laid over the file its `base:` key names (relative to
+    `path`, itself possibly based on another): a preset reads as a short diff over a
+    commented base config. Nested sections merge key by key; other values replace."""
+    raw = _read_yaml(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise DetpactError(f"'base' in {path} must be the path of another config file, got {base!r}.")
+    base_path = (path.parent / base).resolve()
+    if base_path in chain or base_path == path.resolve():
+        raise DetpactError(f"Config {path} is its own base (through {' -> '.join(map(str, chain))}): "
+                           "remove the cycle of 'base:' keys.")
+    return _merged(_read_with_base(base_path, (*chain, path.resolve())), raw)
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

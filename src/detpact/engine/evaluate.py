@@ -27,7 +27,7 @@ def predict_loader(
         images = prepare_images(images, device, channels_last)
         with autocast(device, amp):
             out = model(images)
-        for det, target in zip(postprocess(out.cls_logits, out.boxes, post_cfg), targets):
+        for det, target in zip(postprocess(out.cls_logits, out.boxes, post_cfg, nms=not model.nms_free), targets):
             height, width = target["orig_size"]
             placement = Letterbox(target["scale"], *target["pad"])
             boxes = placement.to_original(det.boxes.cpu().numpy(), width, height)

@@ -1,8 +1,9 @@
 """Export a trained detector to a self-contained ONNX file plus its metadata.
 
 The graph takes letterboxed images and returns decoded boxes and class scores for
-every location (pre-NMS), like most deployed YOLO models: NMS parameters are part
-of the metadata and applied by the consumer (detpact's ORT backend does the same).
+every location (pre-NMS), like most deployed YOLO models, or every query of an
+NMS-free (rtdetr) model: the postprocessing parameters are part of the metadata and
+applied by the consumer (detpact's ORT backend does the same).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from detpact.config import Config
+from detpact.config import Config, PostprocessConfig
 from detpact.data.transforms import PAD_VALUE
 from detpact.models.detector import Detector
 
@@ -62,10 +63,12 @@ def export_onnx(deploy: DeployModel, path: Path, image_size: int, opset: int, ex
         tmp.unlink(missing_ok=True)
 
 
-def onnx_metadata(cfg: Config, class_names: list[str], config_hash: str, exporter: str, checkpoint: str) -> dict[str, Any]:
+def onnx_metadata(cfg: Config, class_names: list[str], config_hash: str, exporter: str, checkpoint: str,
+                  nms_free: bool = False) -> dict[str, Any]:
     """Everything a consumer needs to feed the model and read its outputs."""
     size = cfg.data.image_size
     post = cfg.model.postprocess
+    candidates = "queries" if nms_free else "locations"
     return {
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32"},
         "preprocessing": {
@@ -73,13 +76,10 @@ def onnx_metadata(cfg: Config, class_names: list[str], config_hash: str, exporte
             "color": "RGB", "layout": "NCHW", "scale": "1/255 (pixel values in [0, 1])",
         },
         "outputs": {
-            "boxes": {"shape": ["batch", "locations", 4], "format": "xyxy, letterboxed-input pixels"},
-            "scores": {"shape": ["batch", "locations", len(class_names)], "format": "per-class probability (sigmoid)"},
+            "boxes": {"shape": ["batch", candidates, 4], "format": "xyxy, letterboxed-input pixels"},
+            "scores": {"shape": ["batch", candidates, len(class_names)], "format": "per-class probability (sigmoid)"},
         },
-        "postprocessing": {
-            "nms": "class-wise, greedy", "score_threshold": post.score_threshold,
-            "iou_threshold": post.iou_threshold, "max_det": post.max_det, "pre_nms_topk": post.pre_nms_topk,
-        },
+        "postprocessing": _postprocessing(post, nms_free),
         "class_names": list(class_names),
         "config_hash": config_hash,
         "checkpoint": checkpoint,
@@ -87,6 +87,15 @@ def onnx_metadata(cfg: Config, class_names: list[str], config_hash: str, exporte
         "exporter": exporter,
         "torch_version": torch.__version__,
     }
+
+
+def _postprocessing(post: PostprocessConfig, nms_free: bool) -> dict[str, Any]:
+    """How a consumer turns the outputs into detections, as detpact does."""
+    if nms_free:  # one query per object: no NMS
+        return {"nms": "none", "method": "the top max_det of queries x classes above score_threshold",
+                "score_threshold": post.score_threshold, "max_det": post.max_det}
+    return {"nms": "class-wise, greedy", "score_threshold": post.score_threshold,
+            "iou_threshold": post.iou_threshold, "max_det": post.max_det, "pre_nms_topk": post.pre_nms_topk}
 
 
 @contextlib.contextmanager

@@ -44,6 +44,7 @@ def check_parity(
     deploy: DeployModel, onnx_path: str, images: np.ndarray, post_cfg: PostprocessConfig, rtol: float, atol: float
 ) -> dict[str, Any]:
     """Compare ONNX Runtime with eager PyTorch (fp32) on `images` [N, 3, S, S] float32 in [0, 1]."""
+    nms = not deploy.detector.nms_free
     with torch.no_grad():
         reference = [t.numpy() for t in deploy.eval()(torch.from_numpy(images))]
     scales = {"boxes": float(images.shape[-1]), "scores": 0.0}
@@ -61,7 +62,7 @@ def check_parity(
             outputs = {
                 name: _elementwise(g, r, rtol, atol, scales[name]) for name, g, r in zip(OUTPUT_NAMES, got, reference)
             }
-            postnms = compare_detections(got, reference, post_cfg)
+            postnms = compare_detections(got, reference, post_cfg, nms)
             passed = all(o["pass"] for o in outputs.values()) and postnms["pass"]
             checks.append({"session": level_name, "batch": batch, "outputs": outputs, "postnms": postnms, "pass": passed})
     return {
@@ -101,22 +102,24 @@ class _Side:
 
     @classmethod
     def of(cls, name: str, dets: Detections, boxes: np.ndarray, scores: np.ndarray,
-           post_cfg: PostprocessConfig) -> _Side:
+           post_cfg: PostprocessConfig, nms: bool) -> _Side:
         keys = zip(dets.locations.tolist(), dets.labels.tolist())
-        return cls(name, dets, boxes, scores, _cutoff(dets, scores, post_cfg), {k: i for i, k in enumerate(keys)})
+        return cls(name, dets, boxes, scores, _cutoff(dets, scores, post_cfg, nms), {k: i for i, k in enumerate(keys)})
 
 
-def compare_detections(got: list[np.ndarray], ref: list[np.ndarray], post_cfg: PostprocessConfig) -> dict[str, Any]:
+def compare_detections(got: list[np.ndarray], ref: list[np.ndarray], post_cfg: PostprocessConfig,
+                       nms: bool = True) -> dict[str, Any]:
     """Gate B on raw outputs (boxes [B, A, 4], scores [B, A, C]) of onnxruntime (`got`) and
-    torch (`ref`): the same postprocessing must keep the same detections, but for ties."""
-    ours = postprocess_scores(torch.from_numpy(got[1]), torch.from_numpy(got[0]), post_cfg)
-    theirs = postprocess_scores(torch.from_numpy(ref[1]), torch.from_numpy(ref[0]), post_cfg)
+    torch (`ref`): the same postprocessing (with NMS or, for an NMS-free model, without)
+    must keep the same detections, but for ties."""
+    ours = postprocess_scores(torch.from_numpy(got[1]), torch.from_numpy(got[0]), post_cfg, nms)
+    theirs = postprocess_scores(torch.from_numpy(ref[1]), torch.from_numpy(ref[0]), post_cfg, nms)
     tally = {"changed": 0, "unexplained": 0, "score_cutoff": 0, "nms_tie": 0}
     examples: list[str] = []
     min_iou, max_score_diff = 1.0, 0.0
     for image, (a, b) in enumerate(zip(ours, theirs)):
-        ort_side = _Side.of("onnxruntime", a, got[0][image], got[1][image], post_cfg)
-        torch_side = _Side.of("torch", b, ref[0][image], ref[1][image], post_cfg)
+        ort_side = _Side.of("onnxruntime", a, got[0][image], got[1][image], post_cfg, nms)
+        torch_side = _Side.of("torch", b, ref[0][image], ref[1][image], post_cfg, nms)
         for key in ort_side.kept.keys() & torch_side.kept.keys():
             i, j = ort_side.kept[key], torch_side.kept[key]
             iou = float(box_iou(a.boxes[i : i + 1], b.boxes[j : j + 1])[0])
@@ -126,7 +129,7 @@ def compare_detections(got: list[np.ndarray], ref: list[np.ndarray], post_cfg: P
                 tally["changed"] += 1
                 _example(examples, f"image {image}: location {key[0]} class {key[1]} differs (box IoU {iou:.4f}, "
                                    f"score {float(a.scores[i]):.5f} vs {float(b.scores[j]):.5f})")
-        for reason, text in _judge_flips(image, ort_side, torch_side, post_cfg.iou_threshold):
+        for reason, text in _judge_flips(image, ort_side, torch_side, post_cfg.iou_threshold if nms else None):
             tally[reason] += 1
             if text:
                 _example(examples, text)
@@ -145,8 +148,10 @@ def compare_detections(got: list[np.ndarray], ref: list[np.ndarray], post_cfg: P
     }
 
 
-def _judge_flips(image: int, ort_side: _Side, torch_side: _Side, iou_threshold: float) -> list[tuple[str, str]]:
-    """(reason, example text) for every detection kept on one side only, best score first.
+def _judge_flips(image: int, ort_side: _Side, torch_side: _Side, iou_threshold: float | None
+                 ) -> list[tuple[str, str]]:
+    """(reason, example text) for every detection kept on one side only, best score first
+    (`iou_threshold` None: no NMS ran, so only a score cut-off can excuse a flip).
 
     A flip is excused when the detection sits near a score cut-off on either side, or when
     NMS suppressed it on the other side through a tie: a suppressor whose IoU with it is
@@ -164,7 +169,7 @@ def _judge_flips(image: int, ort_side: _Side, torch_side: _Side, iou_threshold: 
         if near_cutoff:
             excused.add(key)
             verdicts.append(("score_cutoff", ""))
-        elif _suppressed_by_tie(key, other, side, iou_threshold, excused):
+        elif iou_threshold is not None and _suppressed_by_tie(key, other, side, iou_threshold, excused):
             excused.add(key)
             verdicts.append(("nms_tie", ""))
         else:
@@ -201,11 +206,11 @@ def _example(examples: list[str], text: str) -> None:
         examples.append(text)
 
 
-def _cutoff(det: Detections, scores: np.ndarray, post_cfg: PostprocessConfig) -> float:
+def _cutoff(det: Detections, scores: np.ndarray, post_cfg: PostprocessConfig, nms: bool) -> float:
     """The score below which a detection could have been cut by a near-tie."""
     cutoff = post_cfg.score_threshold
     flat = scores.reshape(-1)
-    if (flat > post_cfg.score_threshold).sum() > post_cfg.pre_nms_topk:
+    if nms and (flat > post_cfg.score_threshold).sum() > post_cfg.pre_nms_topk:
         cutoff = max(cutoff, float(np.partition(flat, -post_cfg.pre_nms_topk)[-post_cfg.pre_nms_topk]))
     if len(det.scores) >= post_cfg.max_det:
         cutoff = max(cutoff, float(det.scores.min()))

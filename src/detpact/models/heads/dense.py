@@ -14,6 +14,7 @@ Both are computed in float32 so that bf16 autocast cannot overflow.
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import Tensor, nn
 
