@@ -10,6 +10,7 @@ import yaml
 
 from detpact.config import config_hash, diff_configs, dump_config_yaml, load_config, resolved_dict, validate_config
 from detpact.errors import DetpactError
+from detpact.models.detector import build_model
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -197,3 +198,12 @@ def test_rtdetr_head_defaults_to_no_neck_and_a_256_projector():
     assert cfg.model.neck.name == "pan" and cfg.model.projector.d_model == 64
     # the resolved config loads back to the same config
     assert validate_config(resolved_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_builds_its_model(path):
+    if path.parent.name == "datasets":  # Ultralytics dataset YAMLs, not detpact configs
+        pytest.skip("a dataset description")
+    cfg = load_config(path)
+    build_model(cfg.model, num_classes=3)
+    assert validate_config(resolved_dict(cfg)) == cfg  # the resolved form loads back as the same config

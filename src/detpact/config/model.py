@@ -197,7 +197,8 @@ class RTDETRConfig(Section):
     num_denoising: int = Field(100, ge=0)
     label_noise_ratio: float = Field(0.5, ge=0.0, le=1.0)
     box_noise_scale: float = Field(1.0, ge=0.0)
-    # Losses on every decoder layer and on the encoder's proposals, not only the last layer.
+    # Losses on every decoder layer, not only the last. (The encoder's proposals always
+    # have their loss: it trains the class scores that select the queries.)
     aux_loss: bool = True
     matcher: MatcherConfig = MatcherConfig()
     loss: SetLossConfig = SetLossConfig()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
 from detpact.config.data import DataConfig
 from detpact.config.model import ModelConfig
@@ -32,3 +32,10 @@ class Config(Section):
         if v != CONFIG_VERSION:
             raise ValueError(f"unsupported config_version {v}; this detpact reads version {CONFIG_VERSION}")
         return v
+
+    @model_validator(mode="after")
+    def _exporter_fits_the_head(self) -> Config:
+        if self.model.head.name == "rtdetr" and self.export.exporter == "torchscript":
+            raise ValueError("export.exporter: torchscript cannot export the rtdetr head (the legacy tracer bakes "
+                             "the batch size into its attention layers): use export.exporter: dynamo")
+        return self

@@ -41,6 +41,7 @@ from detpact.models.losses import DetectionCriterion, build_criterion
 from detpact.run.checkpoint import FORMAT_VERSION, commit_checkpoint
 from detpact.run.contract import RunDir, library_versions
 from detpact.run.metrics import truncate_jsonl
+from detpact.run.weights import apply_freeze, apply_initial_weights, carried_initial_weights
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,9 @@ class StepParts:
     grad_clip: float | None
     accumulate: int
     multi_scale: MultiScale | None = None
+    # Where the model's starting weights came from and what is frozen: the checkpoint's
+    # "weights" entry ({"init_from", "backbone_weights", "freeze"}, plain values).
+    weights: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -92,6 +96,7 @@ class FitResult:
     last_val: dict[str, Any] | None = None
     nonfinite_skipped: int = 0
     train_seconds: float = 0.0
+    weights: dict[str, Any] = field(default_factory=dict)  # StepParts.weights
 
 
 def train_step(parts: StepParts, batches: Iterator, lr: float, step: int, faults: Faults = NO_FAULTS,
@@ -172,14 +177,15 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
     total_steps = min(tcfg.epochs * steps_per_epoch, tcfg.max_steps or math.inf)
     train_loader, val_loader, recal_loader, sampler = _build_loaders(
         cfg, data, cache_dir, _mosaic_until(cfg, total_steps, steps_per_epoch))
-    parts = _build_step_parts(cfg, device, len(data.class_names), str(run.last_ckpt), total_steps)
+    parts = _build_step_parts(cfg, device, len(data.class_names), str(run.last_ckpt), total_steps, resume)
     progress, best = _restore(resume, parts, run) if resume is not None else (Progress(), Best())
     if progress.step_in_epoch >= steps_per_epoch:  # epochs got shorter (a resume with --allow-drift)
         progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
     result = FitResult(best=best, num_params=count_parameters(parts.model), start_step=progress.global_step,
-                       start_samples=progress.samples_seen)
-    log.info("model: %.2fM parameters; %d train / %d val images; %d steps per epoch, %d steps in all",
-             result.num_params / 1e6, len(data.train), len(data.val), steps_per_epoch, total_steps)
+                       start_samples=progress.samples_seen, weights=parts.weights)
+    log.info("model: %.2fM parameters (%.2fM trainable); %d train / %d val images; %d steps per epoch, %d steps "
+             "in all", result.num_params / 1e6, parts.weights["freeze"]["trainable_params"] / 1e6, len(data.train),
+             len(data.val), steps_per_epoch, total_steps)
     if progress.global_step >= total_steps:
         log.info("the run is already complete (step %d of %d): nothing left to train", progress.global_step, total_steps)
 
@@ -265,8 +271,13 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
 
 
 def _build_step_parts(cfg: Config, device: torch.device, num_classes: int, last_ckpt: str,
-                      total_steps: int) -> StepParts:
-    model = build_model(cfg.model, num_classes).to(device)
+                      total_steps: int, resume: dict | None = None) -> StepParts:
+    model = build_model(cfg.model, num_classes)
+    # Starting weights and freezing come before the optimizer and the EMA take the model's
+    # parameters. A resume's weights come from its checkpoint, with their record.
+    weights = apply_initial_weights(model, cfg.model) if resume is None else carried_initial_weights(resume)
+    weights["freeze"] = apply_freeze(model, cfg.model)
+    model = model.to(device)
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     tcfg = cfg.train
@@ -280,6 +291,7 @@ def _build_step_parts(cfg: Config, device: torch.device, num_classes: int, last_
         device=device, amp=cfg.run.amp, channels_last=cfg.run.channels_last,
         grad_clip=tcfg.grad_clip, accumulate=tcfg.micro_batches,
         multi_scale=MultiScale(cfg.run.seed, cfg.data.image_size, cfg.data.multi_scale) if cfg.data.multi_scale else None,
+        weights=weights,
     )
 
 
@@ -351,6 +363,7 @@ def _bundle(cfg: Config, data: DatasetSplits, run: RunDir, parts: StepParts, pro
         "dataset_fingerprint": data.fingerprint,
         "class_names": list(data.class_names),
         "best_metric": asdict(best),
+        "weights": parts.weights,
         "versions": library_versions(),
     }
 

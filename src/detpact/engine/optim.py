@@ -14,14 +14,18 @@ log = logging.getLogger(__name__)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay only on conv/linear weights (not on norms, biases or scales)."""
-    decay, no_decay = [], []
+    """AdamW; weight decay only on conv/linear weights (not on norms, biases or scales).
+    Frozen parameters (requires_grad False, `model.freeze`) are left out."""
+    decay, no_decay, frozen = [], [], []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
+        else:
+            frozen.append(param)
     log.info(
-        "optimizer %s: %d decayed tensors (%d params), %d not decayed (%d params)",
+        "optimizer %s: %d decayed tensors (%d params), %d not decayed (%d params), %d frozen left out (%d params)",
         cfg.name, len(decay), sum(p.numel() for p in decay), len(no_decay), sum(p.numel() for p in no_decay),
+        len(frozen), sum(p.numel() for p in frozen),
     )
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},

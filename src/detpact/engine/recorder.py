@@ -31,9 +31,9 @@ class Recorder:
         speed = images / max(now - self.tick, 1e-9)
         self.tick = now
         record: dict[str, Any] = {"step": step, "epoch": epoch, "lr": lr}
-        keys = ("loss", "loss_cls", "loss_box", "num_pos", "grad_norm")
-        record.update({k: None if stats is None else stats[k] for k in keys})
-        record.update({k: v for k, v in (stats or {}).items() if k.startswith("loss_") and k not in record})
+        record.update({k: None if stats is None else stats[k] for k in ("loss", "num_pos", "grad_norm")})
+        # The loss components are the criterion's (loss_cls, loss_box, ... or loss_vfl, loss_l1, ...).
+        record.update({k: v for k, v in (stats or {}).items() if k.startswith("loss_")})
         record.update(skipped=stats is None, nonfinite_skipped=skipped_total,
                       samples_per_s=round(speed, 2), time_s=round(now - self.started, 3))
         self.train_log.write(record)

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from detpact.config import ModelConfig
 from detpact.models.backbones import build_backbone
 from detpact.models.heads.dense import DenseHead
+from detpact.models.heads.rtdetr import RTDETRHead
 from detpact.models.necks import build_neck
 from detpact.models.outputs import DetectorOutput, DetrOutput
 from detpact.models.projector import Projector
@@ -48,8 +49,6 @@ def build_model(cfg: ModelConfig, num_classes: int) -> Detector:
     projector = Projector(neck.out_channels, cfg.projector.d_model) if cfg.projector.d_model else nn.Identity()
     channels = projector.out_channels if cfg.projector.d_model else neck.out_channels
     if cfg.head.name == "rtdetr":
-        from detpact.models.heads.rtdetr import RTDETRHead
-
         head = RTDETRHead(channels, num_classes, cfg.head.rtdetr)
     else:
         head = DenseHead(channels, num_classes, cfg.head.reg_max, cfg.head.cls_conv == "depthwise")

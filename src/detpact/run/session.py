@@ -107,6 +107,8 @@ def finish_train_report(run: RunDir, cfg: Config, result: FitResult, meta: dict)
         "best": {"map50_95": result.best.map50_95, "step": result.best.step, "epoch": result.best.epoch},
         "resumed_from_step": result.start_step or None,
         "final_val": result.last_val,
+        # Starting weights (load reports of model.init_from / model.backbone.weights) and freezing.
+        "weights": result.weights,
         "counters": {
             "steps": result.progress.global_step, "epochs": result.progress.epoch,
             "samples_seen": result.progress.samples_seen, "nonfinite_skipped": result.nonfinite_skipped,
