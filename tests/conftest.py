@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 # The shared datasets (coco128, raccoon, COCO eval fixtures) sit next to the checkout
@@ -80,3 +83,43 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 30
     return subprocess.run(
         [sys.executable, "-m", "detpact", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
+
+
+# Comparing two runs bit for bit (the resume tests).
+TIMING_FIELDS = {"time_s", "samples_per_s"}
+
+
+def state_digests(checkpoint: Path) -> dict[str, str]:
+    """sha256 of every model, EMA and optimizer tensor (and plain value) in a checkpoint."""
+    bundle = torch.load(checkpoint, weights_only=True)
+    digests: dict[str, str] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            raw = f"{value.dtype}{tuple(value.shape)}".encode() + value.numpy().tobytes()
+            digests[prefix] = hashlib.sha256(raw).hexdigest()
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}", item)
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                walk(f"{prefix}.{index}", item)
+        else:
+            digests[prefix] = repr(value)
+
+    for key in ("model", "ema", "optimizer"):
+        walk(key, bundle[key])
+    return digests
+
+
+def metric_lines(run: Path, name: str) -> list[dict]:
+    lines = (run / "reports" / name).read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS} for line in lines]
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    ours, theirs = state_digests(run / "checkpoints" / "last.pt"), state_digests(reference / "checkpoints" / "last.pt")
+    assert len(ours) > 100 and ours.keys() == theirs.keys()
+    assert [name for name in ours if ours[name] != theirs[name]] == []
+    for name in ("train_metrics.jsonl", "val_metrics.jsonl"):
+        assert metric_lines(run, name) == metric_lines(reference, name), name

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_env, run_cli, write_tiny_config
+from conftest import assert_same_run, make_env, metric_lines, run_cli, write_tiny_config
 from detpact import api
 from detpact.run.checkpoint import save_checkpoint
 from detpact.run.contract import RunDir, write_manifest
@@ -32,45 +32,8 @@ from detpact.run.contract import RunDir, write_manifest
 SETS = ["--set", "train.batch_size=3", "--set", "train.nominal_batch=9", "--set", "train.checkpoint.every_steps=2",
         "--set", "data.multi_scale=0.5", "--set", "train.recalibrate_bn.enabled=true",
         "--set", "train.recalibrate_bn.transform=train"]
-TIMING_FIELDS = {"time_s", "samples_per_s"}
 
 pytestmark = pytest.mark.slow
-
-
-def state_digests(checkpoint: Path) -> dict[str, str]:
-    """sha256 of every model, EMA and optimizer tensor (and plain value) in a checkpoint."""
-    bundle = torch.load(checkpoint, weights_only=True)
-    digests: dict[str, str] = {}
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, torch.Tensor):
-            raw = f"{value.dtype}{tuple(value.shape)}".encode() + value.numpy().tobytes()
-            digests[prefix] = hashlib.sha256(raw).hexdigest()
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}.{key}", item)
-        elif isinstance(value, (list, tuple)):
-            for index, item in enumerate(value):
-                walk(f"{prefix}.{index}", item)
-        else:
-            digests[prefix] = repr(value)
-
-    for key in ("model", "ema", "optimizer"):
-        walk(key, bundle[key])
-    return digests
-
-
-def metric_lines(run: Path, name: str) -> list[dict]:
-    lines = (run / "reports" / name).read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS} for line in lines]
-
-
-def assert_same_run(run: Path, reference: Path) -> None:
-    ours, theirs = state_digests(run / "checkpoints" / "last.pt"), state_digests(reference / "checkpoints" / "last.pt")
-    assert len(ours) > 100 and ours.keys() == theirs.keys()
-    assert [name for name in ours if ours[name] != theirs[name]] == []
-    for name in ("train_metrics.jsonl", "val_metrics.jsonl"):
-        assert metric_lines(run, name) == metric_lines(reference, name), name
 
 
 class Runner:

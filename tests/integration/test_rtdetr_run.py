@@ -10,8 +10,7 @@ import signal
 
 import pytest
 
-from conftest import make_env, run_cli, write_tiny_config
-from test_resume import assert_same_run
+from conftest import assert_same_run, make_env, run_cli, write_tiny_config
 
 # The tiny config with a small rtdetr head: 64 px images have 84 positions, 20 queries.
 RTDETR = ["--set", "model.head.name=rtdetr", "--set", "model.projector.d_model=32",
@@ -45,6 +44,12 @@ def test_rtdetr_run_resumes_to_the_same_bits_exports_and_verifies(setup):
     assert meta["postprocessing"]["nms"] == "none" and meta["outputs"]["scores"]["shape"][1] == "queries"
     verified = run_cli(["runs", "verify", str(reference)], env, root)
     assert verified.returncode == 0 and "verify: PASS" in verified.stdout, verified.stdout + verified.stderr
+
+    # A run whose end-of-training export failed is done once a re-export passes.
+    (reference / "status.json").write_text(json.dumps({"phase": "export_failed", "error": "parity check failed"}))
+    exported = run_cli(["export", str(reference)], env, root)
+    assert exported.returncode == 0 and "(parity pass)" in exported.stdout, exported.stderr
+    assert json.loads((reference / "status.json").read_text())["phase"] == "done"
 
     crashed = train(setup, "killed", fault="kill@step=4:micro=1")  # step 4: the first of epoch 2 (3 per epoch)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr

@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 from detpact.config import ModelConfig, PostprocessConfig
 from detpact.export.onnx import DeployModel, export_onnx
-from detpact.export.parity import check_parity, compare_detections, describe_failure
+from detpact.export.parity import align_queries, check_parity, compare_detections, describe_failure
 from detpact.models.detector import build_model
 
 
@@ -101,3 +101,22 @@ def test_a_changed_score_of_a_detection_kept_on_both_sides_fails():
                                 _raw([A, [0, 0, 100, 60.001], C, D], SCORES), PostprocessConfig(iou_threshold=0.6))
     assert not result["pass"] and result["changed"] == 1
     assert "location 3 class 0 differs" in result["examples"][0]
+
+
+def test_swapped_queries_are_realigned_and_a_changed_query_still_fails():
+    rng = np.random.default_rng(0)
+    boxes = rng.random((2, 6, 4)).astype(np.float32) * 64
+    scores = rng.random((2, 6, 3)).astype(np.float32)
+    swapped = [boxes.copy(), scores.copy()]
+    for out in swapped:  # image 1: queries 2 and 3 swap ranks (a score tie in the encoder)
+        out[1, [2, 3]] = out[1, [3, 2]]
+    aligned, moved = align_queries(swapped, [boxes, scores], 1e-3, 1e-5, [64.0, 0.0])
+    assert moved == 2
+    np.testing.assert_array_equal(aligned[0], boxes)
+    np.testing.assert_array_equal(aligned[1], scores)
+    assert align_queries([boxes, scores], [boxes, scores], 1e-3, 1e-5, [64.0, 0.0])[1] == 0
+
+    changed = [boxes.copy(), scores.copy()]
+    changed[0][0, 4] += 5.0  # a query that differs is no permutation of the reference
+    aligned, _ = align_queries(changed, [boxes, scores], 1e-3, 1e-5, [64.0, 0.0])
+    assert np.abs(aligned[0] - boxes).max() >= 5.0
