@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from detpact.config import Config
+from detpact.config.model import BACKBONE_ARGS
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 
@@ -35,3 +36,13 @@ def test_every_config_key_is_documented():
 def test_documented_keys_exist():
     documented = {line.split("`")[1] for line in DOCS.read_text().splitlines() if line.startswith("| `")}
     assert documented <= set(schema_keys(Config)), documented - set(schema_keys(Config))
+
+
+def test_every_backbone_and_its_args_are_in_the_models_page():
+    table = [line for line in (DOCS.parent / "models.md").read_text().splitlines() if line.startswith("| `")]
+    for name, schema in BACKBONE_ARGS.items():
+        row = next((line for line in table if line.startswith(f"| `{name}` |")), None)
+        assert row is not None, f"docs/models.md has no row for backbone {name}"
+        documented = row.split("|")[2]
+        missing = [arg for arg in schema.model_fields if f"`{arg}" not in documented and "as resnet18" not in documented]
+        assert not missing, f"docs/models.md: {name}'s args {missing} are not documented"
