@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from datetime import date
 from pathlib import Path
 
 import torch
@@ -77,11 +78,12 @@ def main() -> None:
                   + "  ".join(f"{r['gflops'][s]:.1f} GFLOPs / {r['ms'][s]:.0f} ms @{s}" for s in args.sizes),
                   flush=True)
     text = table(rows, args.sizes)
-    print(f"\n{text}\n\n({rows[0]['threads']} threads, batch 1, fp32, {NUM_CLASSES} classes)")
+    footer = f"({rows[0]['threads']} threads, batch 1, fp32, {NUM_CLASSES} classes, {date.today()})"
+    print(f"\n{text}\n\n{footer}")
     if args.write:
         doc = DOC.read_text()
-        new = re.sub(r"(<!-- BEGIN bench/models.py -->\n).*?(\n<!-- END bench/models.py -->)",
-                     lambda m: m.group(1) + text + m.group(2), doc, flags=re.S)
+        new = re.sub(r"(<!-- BEGIN bench/models.py -->\n).*?(<!-- END bench/models.py -->)",
+                     lambda m: f"{m.group(1)}{text}\n\n{footer}\n{m.group(2)}", doc, flags=re.S)
         DOC.write_text(new)
 
 
