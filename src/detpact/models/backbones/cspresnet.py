@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from detpact.config import BackboneConfig
 from detpact.config.model import CSPResNetArgs
 from detpact.models.backbones.norms import make_norm
+from detpact.models.backbones.stages import pyramid
 
 BASE_CHANNELS = (64, 128, 256, 512, 1024)
 BASE_DEPTHS = (3, 6, 6, 3)
@@ -113,13 +114,7 @@ class CSPResNet(nn.Module):
         self.out_channels = (c[2], c[3], c[4])
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x = self.stem(x)
-        outs = []
-        for stage in self.stages:
-            x = stage(x)
-            outs.append(x)
-        p3, p4, p5 = outs[1:]
-        return p3, p4, p5
+        return pyramid(self.stem(x), self.stages)
 
 
 def cspresnet(cfg: BackboneConfig) -> CSPResNet:

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from detpact.config import BackboneConfig
 from detpact.config.model import TinyCNNArgs
 from detpact.models.backbones.norms import make_norm
+from detpact.models.backbones.stages import pyramid
 
 
 def conv_norm_act(c_in: int, c_out: int, stride: int, norm: str) -> nn.Sequential:
@@ -36,13 +37,7 @@ class TinyCNN(nn.Module):
         self.out_channels = (c[2], c[3], c[4])
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x = self.stem(x)
-        outs = []
-        for stage in self.stages:
-            x = stage(x)
-            outs.append(x)
-        p3, p4, p5 = outs[1:]
-        return p3, p4, p5
+        return pyramid(self.stem(x), self.stages)
 
 
 def tiny_cnn(cfg: BackboneConfig) -> TinyCNN:
