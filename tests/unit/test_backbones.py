@@ -10,12 +10,15 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
-from detpact.config import BackboneConfig, validate_config
+from detpact.config import BackboneConfig, ModelConfig, validate_config
 from detpact.models.backbones import BACKBONES, build_backbone
 from detpact.models.backbones.convnext import ConvNeXt
 from detpact.models.backbones.norms import FrozenBatchNorm2d, group_count, make_norm, replace_batchnorm
+from detpact.models.detector import build_model
+from detpact.run.weights import apply_initial_weights
 
 # torchvision's state-dict layouts (keys, shapes, dtypes; PROVENANCE.md there), next to the
 # checkout (../shared/fixtures/weights) or at the workspace's fixed path.
@@ -213,3 +216,25 @@ def test_onnx_export_matches_torch(name, norm, tmp_path):
     for ours, theirs in zip(expected, exported):
         assert ours.shape == theirs.shape
         assert np.abs(ours.numpy() - theirs).max() < 1e-4
+
+
+@needs_fixtures
+@pytest.mark.parametrize("name,suffix", [("resnet18", ".pth"), ("convnext_tiny", ".safetensors")])
+def test_a_torchvision_file_loads_through_model_backbone_weights(name, suffix, tmp_path):
+    """The user's path: a whole torchvision file (classifier included) named by
+    model.backbone.weights loads every backbone tensor, by value, and reports the rest."""
+    weights = random_state_dict(FIXTURES / f"torchvision_{name}.json")
+    path = tmp_path / f"{name}-torchvision{suffix}"
+    if suffix == ".safetensors":
+        save_file(weights, path)
+    else:
+        torch.save(weights, path)
+    cfg = ModelConfig.model_validate({"backbone": {"name": name, "weights": str(path)}, "head": {"name": "rtdetr"},
+                                      "projector": {"d_model": 32}})
+    model = build_model(cfg, num_classes=3)
+    report = apply_initial_weights(model, cfg)["backbone_weights"]
+    assert report["into"] == "backbone" and report["missing"] == [] and report["shape_mismatched"] == []
+    assert report["counts"]["matched"] == len(model.backbone.state_dict())
+    assert sorted(report["unexpected"]) == sorted(k for k in weights if k.startswith(("fc.", "classifier.")))
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, weights[key]), key

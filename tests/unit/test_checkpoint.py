@@ -221,10 +221,10 @@ def test_pickled_module_is_refused_naming_its_globals(tmp_path):
 
 
 def test_old_torch_is_refused():
-    checkpoint_module._check_torch_version("2.13.0+cpu")
+    checkpoint_module.check_torch_version("2.13.0+cpu")
     for version in ("2.5.1", "2.9.0"):
         with pytest.raises(DetpactError, match="CVE-2026-24747"):
-            checkpoint_module._check_torch_version(version)
+            checkpoint_module.check_torch_version(version)
 
 
 @pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"), RuntimeError("boom")])

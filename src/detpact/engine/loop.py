@@ -37,7 +37,7 @@ from detpact.engine.runtime import autocast, rng_state, set_rng_state
 from detpact.engine.stop import stop_on_signals
 from detpact.errors import DetpactError, TrainingStopped
 from detpact.models.detector import build_model, count_parameters
-from detpact.models.losses import DetectionCriterion, build_criterion
+from detpact.models.losses import Criterion, build_criterion
 from detpact.run.checkpoint import FORMAT_VERSION, commit_checkpoint
 from detpact.run.contract import RunDir, library_versions
 from detpact.run.metrics import truncate_jsonl
@@ -68,7 +68,7 @@ class StepParts:
     """What one optimizer step touches."""
 
     model: nn.Module
-    criterion: DetectionCriterion
+    criterion: Criterion
     optimizer: torch.optim.Optimizer
     ema: ModelEMA | None
     scaler: torch.amp.GradScaler | None

@@ -268,8 +268,8 @@ def describe_failure(report: dict[str, Any]) -> str:
     parts = []
     if over:
         listing = ", ".join(f"{name} (max |diff| {m:.3g}, {pct:.3g} % of values)" for name, (m, pct) in over.items())
-        parts.append(f"raw outputs over tolerance: {listing}. Try export.exporter: torchscript or another "
-                     "export.opset, or inspect the model")
+        parts.append(f"raw outputs over tolerance: {listing}. Try another export.opset (or, for "
+                     "the dense head, export.exporter), or inspect the model")
     else:
         parts.append("every raw output is within tolerance")
     if postnms:

@@ -34,6 +34,13 @@ def box_xyxy_to_cxcywh(x: Tensor) -> Tensor:
     return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dim=-1)
 
 
+def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """logit(x) for normalised box coordinates, x clamped into [eps, 1 - eps] so that boxes
+    at the border stay finite (the rtdetr head refines boxes in this space)."""
+    x = x.clamp(0.0, 1.0)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
 def box_area(boxes: Tensor) -> Tensor:
     """[..., 4] xyxy -> [...]; an inverted side (x2 < x1) counts as length 0."""
     wh = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0)  # [..., 2]

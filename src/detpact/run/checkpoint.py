@@ -148,23 +148,23 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise DetpactError(f"Checkpoint not found: {path}.")
-    _check_torch_version(torch.__version__)
+    check_torch_version(torch.__version__)
     corrupt = f"Checkpoint {path} is corrupt or truncated ({{}}). Restore it from a copy, or start a new run."
     if not zipfile.is_zipfile(path):  # torch.save always writes a zip archive
         raise DetpactError(corrupt.format("not a complete torch zip archive"))
     try:
         bundle = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        unsafe = _unsafe_globals(path)
+        unsafe = unsafe_globals(path)
         if unsafe:
             raise CheckpointRefused(
                 f"Checkpoint {path} was refused: it holds objects other than tensors and plain values "
                 f"({', '.join(unsafe[:5])}), which could run code when loaded. Only load checkpoints "
                 "written by detpact or exported as plain state dicts."
             ) from None
-        raise DetpactError(corrupt.format(_first_line(exc))) from None
+        raise DetpactError(corrupt.format(first_line(exc))) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise DetpactError(corrupt.format(_first_line(exc))) from None
+        raise DetpactError(corrupt.format(first_line(exc))) from None
     if not isinstance(bundle, dict) or "format_version" not in bundle:
         raise DetpactError(f"{path} is not a detpact checkpoint (no format_version). Pass a checkpoint from a detpact run.")
     if bundle["format_version"] > FORMAT_VERSION:
@@ -247,7 +247,7 @@ def _write_temp(path: Path, bundle: dict[str, Any], on_write: Callable[[int], No
     return tmp, {"sha256": writer.digest.hexdigest(), "size": writer.size}
 
 
-def _check_torch_version(version: str) -> None:
+def check_torch_version(version: str) -> None:
     release = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
     if release < MIN_SAFE_TORCH:
         raise DetpactError(
@@ -256,7 +256,7 @@ def _check_torch_version(version: str) -> None:
         )
 
 
-def _unsafe_globals(path: Path) -> list[str]:
+def unsafe_globals(path: Path) -> list[str]:
     """Globals a checkpoint's pickle would import, found without running it."""
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
@@ -264,6 +264,6 @@ def _unsafe_globals(path: Path) -> list[str]:
         return []
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from detpact.config import ModelConfig
 from detpact.errors import DetpactError
-from detpact.run.checkpoint import _check_torch_version, _first_line, _unsafe_globals, inference_state_dict
+from detpact.run.checkpoint import check_torch_version, first_line, inference_state_dict, unsafe_globals
 from detpact.run.contract import sha256_file
 
 log = logging.getLogger(__name__)
@@ -252,18 +252,18 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
     try:
         return load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise DetpactError(f"{path} is not a readable .safetensors file ({_first_line(exc)}).") from None
+        raise DetpactError(f"{path} is not a readable .safetensors file ({first_line(exc)}).") from None
 
 
 def _read_torch(path: Path) -> Any:
-    _check_torch_version(torch.__version__)
+    check_torch_version(torch.__version__)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "Weights only load failed" not in text and "Unsupported global" not in text:
-            raise DetpactError(f"{path} is not a weights file or is damaged ({_first_line(exc)}).") from None
-        unsafe = _unsafe_globals(path) or [line.split("GLOBAL ")[1].split(" ")[0]
+            raise DetpactError(f"{path} is not a weights file or is damaged ({first_line(exc)}).") from None
+        unsafe = unsafe_globals(path) or [line.split("GLOBAL ")[1].split(" ")[0]
                                            for line in text.splitlines() if "GLOBAL " in line]
         objects = f" ({', '.join(unsafe[:5])})" if unsafe else ""
         raise DetpactError(
@@ -271,7 +271,7 @@ def _read_torch(path: Path) -> Any:
             f"reading it would run code from the file. {HOW_TO_CONVERT.replace('FILE', repr(str(path)))}"
         ) from None
     except Exception as exc:  # torch.load reports a non-torch file as KeyError, EOFError, RuntimeError, ...
-        raise DetpactError(f"{path} is not a weights file or is damaged ({_first_line(exc)}). Pass a "
+        raise DetpactError(f"{path} is not a weights file or is damaged ({first_line(exc)}). Pass a "
                            "state dict saved with torch.save, a checkpoint or a .safetensors file.") from None
 
 

@@ -18,14 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from detpact.models.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from detpact.models.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
 from detpact.models.outputs import DenoisingGroups
-
-
-def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
-    """logit(x) with x clamped into [eps, 1 - eps], so boxes at the border stay finite."""
-    x = x.clamp(0.0, 1.0)
-    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
 @dataclass

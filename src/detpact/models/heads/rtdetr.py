@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detpact.config.model import RTDETRConfig
-from detpact.models.boxes import box_cxcywh_to_xyxy
+from detpact.models.boxes import box_cxcywh_to_xyxy, inverse_sigmoid
 from detpact.models.heads.deformable import MSDeformableAttention
-from detpact.models.heads.denoising import DenoisingQueries, build_denoising_queries, inverse_sigmoid
+from detpact.models.heads.denoising import DenoisingQueries, build_denoising_queries
 from detpact.models.heads.hybrid_encoder import HybridEncoder
 from detpact.models.outputs import DetrOutput, QueryPrediction
 
