@@ -159,3 +159,29 @@ def test_a_failed_parity_gate_is_reported_alike_by_train_status_and_verify(tmp_p
     checks = {c["name"]: c for c in json.loads(verified.stdout)["checks"]}
     assert checks["ONNX parity"]["status"] == "fail" and "raw outputs over tolerance" in checks["ONNX parity"]["detail"]
     assert checks["status.json"]["status"] == "fail" and "training finished" in checks["status.json"]["detail"]
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_model_info_reports_the_configured_detector(tmp_path, env):
+    info = run_cli(["model", "info", str(REPO / "configs" / "rtdetr_quickstart.yaml"), "--json"], env, tmp_path)
+    assert info.returncode == 0, info.stderr
+    report = json.loads(info.stdout)
+    assert (report["backbone"], report["neck"], report["head"], report["num_classes"]) == ("cspdarknet", "none",
+                                                                                          "rtdetr", 5)
+    assert report["params"] == sum(report["params_by_part"].values()) and report["gflops"] > 0.1
+    assert [level["stride"] for level in report["levels"]] == [8, 16, 32]
+    assert report["outputs"]["boxes"] == [1, 100, 4] and report["outputs"]["decoding"] == "top-k (NMS-free)"
+    assert report["cpu_forward_ms"] > 0
+
+    text = run_cli(["model", "info", str(REPO / "configs" / "quickstart.yaml"), "--num-classes", "80",
+                    "--image-size", "320", "--set", "model.backbone.name=resnet18"], env, tmp_path)
+    assert text.returncode == 0, text.stderr
+    assert "resnet18 + pan neck + dense head, 80 classes" in text.stdout and "at 320x320" in text.stdout
+    assert "stride 32, 512 ch" in text.stdout and "decoded by NMS" in text.stdout
+
+    for bad, message in ((["--image-size", "100"], "multiple of 32"),
+                         (["--set", "model.backbone.name=resnet99"], "choices: tiny_cnn, cspdarknet")):
+        refused = run_cli(["model", "info", str(REPO / "configs" / "quickstart.yaml"), *bad], env, tmp_path)
+        assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -44,6 +45,15 @@ def test_rtdetr_run_resumes_to_the_same_bits_exports_and_verifies(setup):
     assert meta["postprocessing"]["nms"] == "none" and meta["outputs"]["scores"]["shape"][1] == "queries"
     verified = run_cli(["runs", "verify", str(reference)], env, root)
     assert verified.returncode == 0 and "verify: PASS" in verified.stdout, verified.stdout + verified.stderr
+
+    # predict decodes NMS-free: with no score threshold every (query, class) pair is a
+    # detection, 20 x 5 = max_det 100, none suppressed however much they overlap.
+    image = sorted(Path(env["DETPACT_CACHE_DIR"]).rglob("images/val/*.jpg"))[0]
+    predicted = run_cli(["predict", str(reference), str(image), "--out", str(root / "preds.json"), "--conf", "0.0"],
+                        env, root)
+    assert predicted.returncode == 0, predicted.stderr
+    detections = json.loads((root / "preds.json").read_text())["images"][0]["detections"]
+    assert len(detections) == 100 and detections == sorted(detections, key=lambda d: -d["score"])
 
     # A run whose end-of-training export failed is done once a re-export passes.
     (reference / "status.json").write_text(json.dumps({"phase": "export_failed", "error": "parity check failed"}))
