@@ -209,3 +209,16 @@ def test_every_shipped_config_loads_and_builds_its_model(path):
     cfg = load_config(path)
     build_model(cfg.model, num_classes=3)
     assert validate_config(resolved_dict(cfg)) == cfg  # the resolved form loads back as the same config
+
+
+def test_rtdetr_sizes_are_checked_when_the_config_loads():
+    rtdetr = {"head": {"name": "rtdetr", "rtdetr": {"num_queries": 300}}}
+    with pytest.raises(DetpactError, match=r"num_queries \(300\) exceeds the 84 positions of a 64 px input"):
+        validate_config({**base_config(), "data": {"format": "synthetic", "image_size": 64}, "model": rtdetr})
+    with pytest.raises(DetpactError, match="exceeds the 84 positions of a 64 px input"):  # multi-scale's smallest
+        validate_config({**base_config(), "data": {"format": "synthetic", "image_size": 256, "multi_scale": 0.7},
+                         "model": rtdetr})
+    validate_config({**base_config(), "data": {"format": "synthetic", "image_size": 256, "multi_scale": 0.5},
+                     "model": rtdetr})  # 128 px: 336 positions
+    with pytest.raises(DetpactError, match=r"num_heads \(8\) must divide model.projector.d_model \(100\)"):
+        validate_config({**base_config(), "model": {**rtdetr, "projector": {"d_model": 100}}})

@@ -177,3 +177,15 @@ def test_yolo11_blocks_keep_the_output_contract_and_batch_independence():
     assert out.cls_logits.shape == (2, locations, 2) and out.box_logits.shape == (2, locations, 4, 8)
     single = model(images[1:])
     torch.testing.assert_close(single.boxes[0], out.boxes[1], atol=1e-3, rtol=1e-4)
+
+
+def test_the_projector_brings_every_level_to_d_model_for_the_dense_head():
+    torch.manual_seed(0)
+    cfg = ModelConfig.model_validate({"backbone": {"name": "tiny_cnn", "args": {"width": 8}}, "neck": {"name": "none"},
+                                      "projector": {"d_model": 24}})
+    model = build_model(cfg, num_classes=2).eval()
+    assert model.projector.out_channels == (24, 24, 24)
+    feats = model.projector(model.neck(model.backbone(torch.rand(1, 3, 64, 64))))
+    assert [tuple(f.shape[1:]) for f in feats] == [(24, 8, 8), (24, 4, 4), (24, 2, 2)]
+    out = model(torch.rand(2, 3, 64, 64))
+    assert out.cls_logits.shape == (2, 84, 2) and not model.nms_free

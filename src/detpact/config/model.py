@@ -263,4 +263,8 @@ class ModelConfig(Section):
                 self.neck = NeckConfig(name="none")  # the head fuses scales itself
             if self.projector.d_model is None:
                 self.projector = ProjectorConfig(d_model=256)
+            d_model, heads = self.projector.d_model, self.head.rtdetr.num_heads
+            if d_model % heads or d_model % 4:
+                raise ValueError(f"model.head.rtdetr.num_heads ({heads}) must divide model.projector.d_model "
+                                 f"({d_model}), and d_model must be a multiple of 4 (e.g. 256 with 8 heads)")
         return self
