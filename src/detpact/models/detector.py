@@ -40,7 +40,7 @@ class Detector(nn.Module):
 
     def forward(self, images: Tensor, targets: list[dict[str, Tensor]] | None = None) -> DetectorOutput | DetrOutput:
         feats = self.projector(self.neck(self.backbone(images)))
-        return self.head(feats, targets) if self.head.nms_free else self.head(feats)
+        return self.head(feats, targets)
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> Detector:

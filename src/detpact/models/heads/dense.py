@@ -58,7 +58,9 @@ class DenseHead(nn.Module):
         for branch in self.reg_branches:
             nn.init.zeros_(branch[-1].bias)
 
-    def forward(self, feats: tuple[Tensor, ...]) -> DetectorOutput:
+    def forward(self, feats: tuple[Tensor, ...], targets: list[dict[str, Tensor]] | None = None) -> DetectorOutput:
+        """The outputs of every location; `targets` is not read (the rtdetr head's denoising
+        reads its own), so both heads share one call."""
         logits, ltrb, box_logits, points, strides = [], [], [], [], []
         for level, x in enumerate(feats):
             b, _, h, w = x.shape
