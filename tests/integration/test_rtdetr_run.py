@@ -1,6 +1,6 @@
 """The run contract holds for the rtdetr head: a run killed inside an accumulation group
-resumes to the same bits as one left alone (denoising noise, Hungarian matching and the
-deformable sampling included), and the finished run exports (dynamo, parity-gated) and
+resumes to the same bits as one left alone (denoising noise, Hungarian matching, the
+deformable sampling and SGD's momentum in per-part groups included), and the finished run exports (dynamo, parity-gated) and
 passes `runs verify`. Real subprocesses, a real SIGKILL, real onnxruntime."""
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from conftest import assert_same_run, make_env, run_cli, write_tiny_config
 RTDETR = ["--set", "model.head.name=rtdetr", "--set", "model.projector.d_model=32",
           "--set", "model.head.rtdetr={num_queries: 20, num_decoder_layers: 2, num_heads: 2, dim_feedforward: 64, "
                    "encoder_ffn: 64, num_denoising: 12}",
-          "--set", "train.batch_size=4", "--set", "train.nominal_batch=8"]
+          "--set", "train.batch_size=4", "--set", "train.nominal_batch=8",
+          # SGD with a slower backbone: the resume must restore momentum and every group.
+          "--set", "train.optimizer={name: sgd, lr: 0.01, momentum: 0.9, nesterov: true, backbone_lr_mult: 0.1}"]
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +41,9 @@ def test_rtdetr_run_resumes_to_the_same_bits_exports_and_verifies(setup):
     straight = train(setup, "straight", "--set", "export.onnx=true")
     assert straight.returncode == 0, straight.stderr
     reference = root / "runs" / "straight"
+    groups = json.loads((reference / "reports" / "train_report.json").read_text())["optimizer"]["groups"]
+    assert [(g["name"], g["lr_mult"]) for g in groups] == [("backbone/decay", 0.1), ("backbone/no_decay", 0.1),
+                                                            ("head/decay", 1.0), ("head/no_decay", 1.0)]
     parity = json.loads((reference / "reports" / "onnx_parity.json").read_text())
     assert parity["verdict"] == "pass"
     meta = json.loads((reference / "exports" / "model.onnx.meta.json").read_text())

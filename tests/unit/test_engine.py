@@ -11,7 +11,7 @@ from detpact.config import EMAConfig, HeadConfig, ModelConfig, OptimizerConfig, 
 from detpact.engine.ema import ModelEMA
 from detpact.engine.guards import NonFiniteGuard
 from detpact.engine.loop import StepParts, train_step
-from detpact.engine.optim import build_optimizer, lr_at, warmup_length
+from detpact.engine.optim import build_optimizer, describe_groups, lr_at, set_lr, warmup_length
 from detpact.errors import TrainingAborted
 from detpact.models.detector import build_model
 from detpact.models.losses import build_criterion
@@ -39,10 +39,51 @@ def test_default_warmup_is_three_epochs_at_most_a_tenth_of_the_run():
 def test_optimizer_groups_decay_only_weights():
     model = build_model(ModelConfig(), 3)
     opt = build_optimizer(model, OptimizerConfig(weight_decay=0.05))
-    decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert list(groups) == ["backbone/decay", "backbone/no_decay", "head/decay", "head/no_decay"]
+    assert [g["weight_decay"] for g in groups.values()] == [0.05, 0.0, 0.05, 0.0]
+    for name, group in groups.items():
+        assert all((p.ndim >= 2) == name.endswith("/decay") for p in group["params"]), name
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
+    backbone = {id(p) for p in model.backbone.parameters()}
+    assert all(id(p) in backbone for g in opt.param_groups if g["name"].startswith("backbone") for p in g["params"])
+
+
+def test_exclusion_switches_and_part_multipliers():
+    model = build_model(ModelConfig.model_validate(
+        {"backbone": {"name": "tiny_cnn", "args": {"width": 8}}, "head": {"name": "rtdetr", "rtdetr": {
+            "num_queries": 10, "num_decoder_layers": 1, "num_heads": 2, "dim_feedforward": 32, "encoder_ffn": 32}},
+         "projector": {"d_model": 16}}), 3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    cfg = OptimizerConfig(weight_decay=0.1, wd_exclude_norm=False, backbone_lr_mult=0.1, backbone_wd_mult=0.5,
+                          head_wd_mult=2.0)
+    opt = build_optimizer(model, cfg)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert (groups["backbone/decay"]["lr_mult"], groups["backbone/decay"]["weight_decay"]) == (0.1, 0.05)
+    assert (groups["head/decay"]["lr_mult"], groups["head/decay"]["weight_decay"]) == (1.0, 0.2)
+    # wd_exclude_norm off: batch- and layer-norm weights decay; their biases still do not.
+    decayed = {names[id(p)] for g in opt.param_groups if g["name"].endswith("/decay") for p in g["params"]}
+    assert "backbone.stem.1.weight" in decayed and "head.decoder.0.norms.0.weight" in decayed
+    assert not any(name.endswith("bias") for name in decayed)
+    no_bias_exclusion = build_optimizer(model, OptimizerConfig(wd_exclude_bias=False))
+    decayed = {names[id(p)] for g in no_bias_exclusion.param_groups if g["name"].endswith("/decay")
+               for p in g["params"]}
+    assert "head.decoder.0.self_attn.in_proj_bias" in decayed and "backbone.stem.1.weight" not in decayed
+
+    set_lr(opt, 0.01)
+    assert {g["name"]: g["lr"] for g in opt.param_groups}["backbone/decay"] == pytest.approx(0.001)
+    assert {g["name"]: g["lr"] for g in opt.param_groups}["head/no_decay"] == 0.01
+    assert [g["name"] for g in describe_groups(opt)] == list(groups)
+    assert sum(g["params"] for g in describe_groups(opt)) == sum(p.numel() for p in model.parameters())
+
+
+def test_sgd_with_nesterov_momentum():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    opt = build_optimizer(model, OptimizerConfig(name="sgd", lr=0.1, momentum=0.8, nesterov=True))
+    assert isinstance(opt, torch.optim.SGD)
+    assert all(g["momentum"] == 0.8 and g["nesterov"] for g in opt.param_groups)
+    with pytest.raises(ValueError, match="nesterov needs a momentum"):
+        OptimizerConfig(name="sgd", momentum=0.0, nesterov=True)
 
 
 def test_ema_ramp_update_and_state_round_trip():

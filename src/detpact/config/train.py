@@ -10,10 +10,31 @@ from detpact.config.section import Section
 
 
 class OptimizerConfig(Section):
-    name: Literal["adamw"] = "adamw"
+    # adamw: decoupled weight decay; sgd: momentum SGD with L2 weight decay (as YOLO's).
+    name: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(2e-3, gt=0.0)
     weight_decay: float = Field(5e-4, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd
+    nesterov: bool = False  # sgd
+    # No weight decay on biases, and on the weights of normalisation layers (decaying a
+    # scale towards 0 only fights the normalisation). Other vectors and scalars (e.g.
+    # learned scales) never decay.
+    wd_exclude_bias: bool = True
+    wd_exclude_norm: bool = True
+    # Multipliers of lr and weight_decay for the backbone's parameters and for all the
+    # others (neck, projector, head): e.g. backbone_lr_mult 0.1 fine-tunes a pretrained
+    # backbone slower than the new head (RT-DETR trains its backbone at 0.1x).
+    backbone_lr_mult: float = Field(1.0, ge=0.0)
+    head_lr_mult: float = Field(1.0, ge=0.0)
+    backbone_wd_mult: float = Field(1.0, ge=0.0)
+    head_wd_mult: float = Field(1.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _sgd_nesterov_needs_momentum(self) -> OptimizerConfig:
+        if self.name == "sgd" and self.nesterov and self.momentum == 0:
+            raise ValueError("train.optimizer.nesterov needs a momentum above 0")
+        return self
 
 
 class SchedulerConfig(Section):

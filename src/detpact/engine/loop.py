@@ -29,7 +29,7 @@ from detpact.engine.evaluate import evaluate, prepare_images
 from detpact.engine.faults import NO_FAULTS, Faults
 from detpact.engine.guards import NonFiniteGuard
 from detpact.engine.multiscale import MultiScale, rescale_batch
-from detpact.engine.optim import build_optimizer, lr_at, set_lr
+from detpact.engine.optim import build_optimizer, describe_groups, lr_at, set_lr
 from detpact.engine.progress import train_progress
 from detpact.engine.recalibrate import EpochSampler, recalibrate_batchnorm, recalibration_indices
 from detpact.engine.recorder import Recorder
@@ -97,6 +97,7 @@ class FitResult:
     nonfinite_skipped: int = 0
     train_seconds: float = 0.0
     weights: dict[str, Any] = field(default_factory=dict)  # StepParts.weights
+    optimizer_groups: list[dict[str, Any]] = field(default_factory=list)  # optim.describe_groups
 
 
 def train_step(parts: StepParts, batches: Iterator, lr: float, step: int, faults: Faults = NO_FAULTS,
@@ -182,7 +183,8 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
     if progress.step_in_epoch >= steps_per_epoch:  # epochs got shorter (a resume with --allow-drift)
         progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
     result = FitResult(best=best, num_params=count_parameters(parts.model), start_step=progress.global_step,
-                       start_samples=progress.samples_seen, weights=parts.weights)
+                       start_samples=progress.samples_seen, weights=parts.weights,
+                       optimizer_groups=describe_groups(parts.optimizer))
     log.info("model: %.2fM parameters (%.2fM trainable); %d train / %d val images; %d steps per epoch, %d steps "
              "in all", result.num_params / 1e6, parts.weights["freeze"]["trainable_params"] / 1e6, len(data.train),
              len(data.val), steps_per_epoch, total_steps)

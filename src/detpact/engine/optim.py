@@ -1,9 +1,15 @@
-"""Optimizer with explicit decay / no-decay groups, and the LR schedule as a pure function."""
+"""The optimizer over explicit parameter groups, and the LR schedule as a pure function.
+
+Groups are (backbone | head) x (decay | no_decay): "head" is everything that is not the
+backbone (neck, projector, head). Each group carries its `lr_mult`, so `set_lr` applies
+the schedule's value times the multiplier, and its own weight decay.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,26 +18,57 @@ from detpact.config import OptimizerConfig, SchedulerConfig
 
 log = logging.getLogger(__name__)
 
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def parameter_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict[str, Any]]:
+    """The optimizer's groups, in a fixed order, empty ones left out (so the same model and
+    config always give the same groups: a checkpoint's optimizer state fits them).
+
+    A parameter decays unless it is a bias (`wd_exclude_bias`), the weight of a
+    normalisation layer (`wd_exclude_norm`) or another vector or scalar; frozen
+    parameters (requires_grad False, `model.freeze`) are left out.
+    """
+    norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+    sorted_params: dict[str, list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        part = "backbone" if name.startswith("backbone.") else "head"
+        if name.endswith("bias"):  # conv, linear, norm and attention (in_proj_bias) biases
+            excluded = cfg.wd_exclude_bias
+        elif id(param) in norm_params:
+            excluded = cfg.wd_exclude_norm
+        else:
+            excluded = param.ndim < 2  # learned scales and gains
+        sorted_params.setdefault(f"{part}/{'no_decay' if excluded else 'decay'}", []).append(param)
+    mults = {"backbone": (cfg.backbone_lr_mult, cfg.backbone_wd_mult), "head": (cfg.head_lr_mult, cfg.head_wd_mult)}
+    groups = []
+    for name in ("backbone/decay", "backbone/no_decay", "head/decay", "head/no_decay"):
+        if name in sorted_params:
+            lr_mult, wd_mult = mults[name.split("/")[0]]
+            decay = cfg.weight_decay * wd_mult if name.endswith("/decay") else 0.0
+            groups.append({"params": sorted_params[name], "name": name, "lr_mult": lr_mult, "weight_decay": decay})
+    return groups
+
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay only on conv/linear weights (not on norms, biases or scales).
-    Frozen parameters (requires_grad False, `model.freeze`) are left out."""
-    decay, no_decay, frozen = [], [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-        else:
-            frozen.append(param)
-    log.info(
-        "optimizer %s: %d decayed tensors (%d params), %d not decayed (%d params), %d frozen left out (%d params)",
-        cfg.name, len(decay), sum(p.numel() for p in decay), len(no_decay), sum(p.numel() for p in no_decay),
-        len(frozen), sum(p.numel() for p in frozen),
-    )
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    """AdamW or SGD over `parameter_groups`; the groups are logged with their sizes."""
+    groups = parameter_groups(model, cfg)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    log.info("optimizer %s: %s; %d frozen tensors (%d params) left out", cfg.name,
+             ", ".join(f"{g['name']} {len(g['params'])} tensors ({sum(p.numel() for p in g['params'])} params, "
+                       f"lr x{g['lr_mult']:g}, wd {g['weight_decay']:g})" for g in groups),
+             len(frozen), sum(p.numel() for p in frozen))
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=True)
+
+
+def describe_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each group's name, size, lr multiplier and weight decay (plain values, for reports)."""
+    return [{"name": g["name"], "tensors": len(g["params"]), "params": sum(p.numel() for p in g["params"]),
+             "lr_mult": g["lr_mult"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
 
 
 def warmup_length(cfg: SchedulerConfig, total_steps: int, steps_per_epoch: int) -> int:
@@ -56,5 +93,6 @@ def lr_at(step: int, total_steps: int, base_lr: float, cfg: SchedulerConfig, ste
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's `lr` times each group's multiplier."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)

@@ -109,6 +109,8 @@ def finish_train_report(run: RunDir, cfg: Config, result: FitResult, meta: dict)
         "final_val": result.last_val,
         # Starting weights (load reports of model.init_from / model.backbone.weights) and freezing.
         "weights": result.weights,
+        # The optimizer's parameter groups: sizes, lr multipliers, weight decay.
+        "optimizer": {"name": cfg.train.optimizer.name, "groups": result.optimizer_groups},
         "counters": {
             "steps": result.progress.global_step, "epochs": result.progress.epoch,
             "samples_seen": result.progress.samples_seen, "nonfinite_skipped": result.nonfinite_skipped,
