@@ -1,6 +1,6 @@
 """The run contract holds for the rtdetr head: a run killed inside an accumulation group
 resumes to the same bits as one left alone (denoising noise, Hungarian matching, the
-deformable sampling and SGD's momentum in per-part groups included), and the finished run exports (dynamo, parity-gated) and
+deformable sampling, SGD's momentum in per-part groups and a multistep schedule included), and the finished run exports (dynamo, parity-gated) and
 passes `runs verify`. Real subprocesses, a real SIGKILL, real onnxruntime."""
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ RTDETR = ["--set", "model.head.name=rtdetr", "--set", "model.projector.d_model=3
                    "encoder_ffn: 64, num_denoising: 12}",
           "--set", "train.batch_size=4", "--set", "train.nominal_batch=8",
           # SGD with a slower backbone: the resume must restore momentum and every group.
-          "--set", "train.optimizer={name: sgd, lr: 0.01, momentum: 0.9, nesterov: true, backbone_lr_mult: 0.1}"]
+          "--set", "train.optimizer={name: sgd, lr: 0.01, momentum: 0.9, nesterov: true, backbone_lr_mult: 0.1}",
+          "--set", "train.scheduler={name: multistep, milestones: [3, 5], gamma: 0.5, warmup_steps: 1}"]
 
 pytestmark = pytest.mark.slow
 

@@ -28,6 +28,32 @@ def test_lr_warmup_then_cosine_to_floor():
     assert lr_at(0, 1, 1.0, cfg, 1) > 0  # a one-step run still trains
 
 
+def test_each_schedule_against_hand_computed_values():
+    def lr(name: str, step: int, **kw) -> float:
+        return lr_at(step, 100, 2.0, SchedulerConfig(name=name, warmup_steps=9, min_lr_ratio=0.1, **kw), 10)
+
+    # Linear warm-up over 9 steps from warmup_init x lr: step s reaches (s + 1) / 10 of the way.
+    assert lr("none", 0) == pytest.approx(0.2) and lr("none", 4) == pytest.approx(1.0)
+    assert lr("none", 0, warmup_init=0.5) == pytest.approx(2.0 * (0.5 + 0.5 * 0.1))
+    assert lr("none", 9) == lr("none", 99) == 2.0
+    # After it, progress p = (step - 9) / 91: linear 2.0 -> 0.2, cosine likewise.
+    assert lr("linear", 9) == pytest.approx(2.0) and lr("linear", 100) == pytest.approx(0.2)
+    assert lr("linear", 54) == pytest.approx(0.2 + 1.8 * (1 - 45 / 91))
+    assert lr("cosine", 54) == pytest.approx(0.2 + 0.9 * (1 + math.cos(math.pi * 45 / 91)))
+    # multistep: x gamma from each milestone on.
+    ms = {"milestones": [50, 80], "gamma": 0.5}
+    assert [lr("multistep", s, **ms) for s in (9, 49, 50, 79, 80, 99)] == [2.0, 2.0, 1.0, 1.0, 0.5, 0.5]
+    # onecycle: a half-cosine rise from warmup_init x lr, then cosine decay.
+    assert lr("onecycle", 4, warmup_init=0.04) == pytest.approx(2.0 * (0.04 + 0.96 * 0.5 * (1 - math.cos(math.pi / 2))))
+    assert lr("onecycle", 54) == lr("cosine", 54)
+    auto = SchedulerConfig(name="onecycle")
+    assert warmup_length(auto, total_steps=1000, steps_per_epoch=10) == 300  # torch's pct_start 0.3
+    with pytest.raises(ValueError, match="milestones is required"):
+        SchedulerConfig(name="multistep")
+    with pytest.raises(ValueError, match="increasing"):
+        SchedulerConfig(name="multistep", milestones=[5, 3])
+
+
 def test_default_warmup_is_three_epochs_at_most_a_tenth_of_the_run():
     auto = SchedulerConfig()
     assert warmup_length(auto, total_steps=1000, steps_per_epoch=10) == 30

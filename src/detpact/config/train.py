@@ -38,10 +38,30 @@ class OptimizerConfig(Section):
 
 
 class SchedulerConfig(Section):
-    name: Literal["cosine"] = "cosine"
-    # Linear warm-up length in optimizer steps; None = 3 epochs, at most 10 % of the run.
+    """The learning rate as a pure function of the optimizer step (engine/optim.py: lr_at)."""
+
+    # After the warm-up: none (constant), linear or cosine decay to min_lr_ratio x lr,
+    # onecycle (a half-cosine rise over the warm-up, then cosine decay), multistep
+    # (x gamma at each milestone).
+    name: Literal["none", "linear", "cosine", "onecycle", "multistep"] = "cosine"
+    # Warm-up length in optimizer steps; None = 3 epochs, at most 10 % of the run (onecycle:
+    # 30 % of the run, torch's pct_start).
     warmup_steps: int | None = Field(None, ge=0)
+    # The warm-up starts from warmup_init x lr.
+    warmup_init: float = Field(0.0, ge=0.0, le=1.0)
+    # The final learning rate of linear, cosine and onecycle, as a fraction of lr.
     min_lr_ratio: float = Field(0.05, ge=0.0, le=1.0)
+    # multistep: optimizer steps at which the learning rate is multiplied by gamma.
+    milestones: list[int] = []
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _milestones_increase(self) -> SchedulerConfig:
+        if self.name == "multistep" and not self.milestones:
+            raise ValueError("train.scheduler.milestones is required by the multistep schedule (e.g. [800, 1100])")
+        if any(b <= a for a, b in zip(self.milestones, self.milestones[1:])) or any(m < 1 for m in self.milestones):
+            raise ValueError(f"train.scheduler.milestones must be increasing step numbers >= 1, got {self.milestones}")
+        return self
 
 
 class EMAConfig(Section):

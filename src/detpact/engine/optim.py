@@ -73,23 +73,39 @@ def describe_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
 
 def warmup_length(cfg: SchedulerConfig, total_steps: int, steps_per_epoch: int) -> int:
     """Warm-up steps: `warmup_steps`, else 3 epochs but at most a tenth of the run (a short
-    run must not spend itself warming up); never the whole run."""
-    steps = cfg.warmup_steps if cfg.warmup_steps is not None else min(3 * steps_per_epoch, total_steps // 10)
+    run must not spend itself warming up; onecycle: 30 % of the run); never the whole run."""
+    if cfg.warmup_steps is not None:
+        steps = cfg.warmup_steps
+    elif cfg.name == "onecycle":
+        steps = int(0.3 * total_steps)
+    else:
+        steps = min(3 * steps_per_epoch, total_steps // 10)
     return min(steps, max(total_steps - 1, 0))
 
 
 def lr_at(step: int, total_steps: int, base_lr: float, cfg: SchedulerConfig, steps_per_epoch: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine decay.
-
-    A pure function of the step, so resuming needs nothing but the step counter.
+    """Learning rate for optimizer step `step` (0-based): warm-up from `warmup_init` x lr,
+    then the named decay. A pure function of the step, so resuming needs nothing but the
+    step counter.
     """
     warmup = warmup_length(cfg, total_steps, steps_per_epoch)
     if step < warmup:
-        return base_lr * (step + 1) / (warmup + 1)
+        if cfg.name == "onecycle":  # a half-cosine rise
+            rise = 0.5 * (1.0 - math.cos(math.pi * (step + 1) / (warmup + 1)))
+            return base_lr * (cfg.warmup_init + (1.0 - cfg.warmup_init) * rise)
+        # linear from warmup_init x lr: init * (warmup - step) + step + 1 is (warmup + 1) x the
+        # fraction reached, written so that warmup_init 0 gives the recipe's exact bits
+        return base_lr * (cfg.warmup_init * (warmup - step) + step + 1) / (warmup + 1)
+    if cfg.name == "none":
+        return base_lr
+    if cfg.name == "multistep":
+        return base_lr * cfg.gamma ** sum(step >= milestone for milestone in cfg.milestones)
     progress = (step - warmup) / max(1, total_steps - warmup)
     progress = min(max(progress, 0.0), 1.0)
     min_lr = base_lr * cfg.min_lr_ratio
-    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+    if cfg.name == "linear":
+        return min_lr + (base_lr - min_lr) * (1.0 - progress)
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))  # cosine, onecycle
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
