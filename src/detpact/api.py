@@ -54,7 +54,13 @@ from detpact.run.contract import (
     utc_now,
     write_manifest,
 )
-from detpact.run.session import finish_train_report, resume_bundle, resume_num_threads, write_run_meta
+from detpact.run.session import (
+    finish_train_report,
+    resume_bundle,
+    resume_num_threads,
+    seed_from_environment,
+    write_run_meta,
+)
 from detpact.run.status import set_phase
 from detpact.run.verify import Check, check_config_hashes, check_manifest, check_parity_report
 
@@ -80,6 +86,7 @@ def train(
     """
     environ = os.environ if environ is None else environ
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
+    cfg, seed_source = seed_from_environment(cfg, environ, overrides)
     faults = parse_faults(environ.get("DETPACT_FAULT"))
     output_root = resolve_output_root(cfg.run.output_root, environ)
     if resume and not run_id:
@@ -108,7 +115,7 @@ def train(
     check_batches_per_epoch(cfg.train, len(data.train))  # before the run folder exists
     run.create()
     atomic_write_text(run.config_resolved, dump_config_yaml(cfg))
-    meta = write_run_meta(run, cfg, data, device, determinism, resumed=resume, drift=drift)
+    meta = write_run_meta(run, cfg, data, device, determinism, resumed=resume, drift=drift, seed_source=seed_source)
     log.info("run folder: %s (dataset: %s, %s)", run.root, data.mode, data.root)
 
     result = fit(cfg, run, data, device, bundle, faults, cache_dir=_cache_dir(environ))

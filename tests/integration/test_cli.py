@@ -185,3 +185,22 @@ def test_model_info_reports_the_configured_detector(tmp_path, env):
                          (["--set", "model.backbone.name=resnet99"], "choices: tiny_cnn, cspdarknet")):
         refused = run_cli(["model", "info", str(REPO / "configs" / "quickstart.yaml"), *bad], env, tmp_path)
         assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_detpact_seed_overrides_the_config_and_is_recorded(tmp_path, env, tiny_config):
+    short = ["--set", "train.max_steps=1", "--set", "train.epochs=1"]
+    seeded = run_cli(["train", str(tiny_config), "--run-id", "env_seed", *short], {**env, "DETPACT_SEED": "7"},
+                     tmp_path)
+    assert seeded.returncode == 0, seeded.stderr
+    meta = json.loads((tmp_path / "runs" / "env_seed" / "reports" / "run_meta.json").read_text())
+    assert (meta["seed"], meta["seed_source"]) == (7, "DETPACT_SEED")
+    assert "seed: 7" in (tmp_path / "runs" / "env_seed" / "reports" / "config_resolved.yaml").read_text()
+
+    explicit = run_cli(["train", str(tiny_config), "--run-id", "set_seed", *short, "--set", "run.seed=5"],
+                       {**env, "DETPACT_SEED": "7"}, tmp_path)
+    assert explicit.returncode == 0, explicit.stderr
+    meta = json.loads((tmp_path / "runs" / "set_seed" / "reports" / "run_meta.json").read_text())
+    assert (meta["seed"], meta["seed_source"]) == (5, "--set")  # the command line wins
+
+    bad = run_cli(["train", str(tiny_config), "--run-id", "bad_seed", *short], {**env, "DETPACT_SEED": "x"}, tmp_path)
+    assert bad.returncode == 2 and "DETPACT_SEED must be an integer" in bad.stderr and "Traceback" not in bad.stderr

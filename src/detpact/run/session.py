@@ -4,12 +4,13 @@ thread checks) and the records a session writes (run_meta.json, train_report).""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from detpact.config import Config, config_hash, diff_configs, load_config, resolved_dict
+from detpact.config import Config, config_hash, diff_configs, load_config, resolved_dict, validate_config
 from detpact.data.build import DatasetSplits
 from detpact.errors import DetpactError
 from detpact.evaluation.coco import format_table
@@ -69,8 +70,25 @@ def resume_num_threads(cfg: Config, bundle: dict[str, Any] | None) -> int | None
     return cfg.run.num_threads or recorded
 
 
+def seed_from_environment(cfg: Config, environ: Mapping[str, str], overrides: Sequence[str]) -> tuple[Config, str]:
+    """`cfg` with run.seed from $DETPACT_SEED when it is set (a --set run.seed=N still wins:
+    CLI > environment > file), and where the seed came from: "config", "DETPACT_SEED" or "--set"."""
+    if any(o.partition("=")[0].strip() == "run.seed" for o in overrides):
+        return cfg, "--set"
+    text = environ.get("DETPACT_SEED", "").strip()
+    if not text:
+        return cfg, "config"
+    try:
+        seed = int(text)
+    except ValueError:
+        raise DetpactError(f"DETPACT_SEED must be an integer, got {text!r}. Unset it or set e.g. DETPACT_SEED=1.") from None
+    raw = resolved_dict(cfg)
+    raw["run"]["seed"] = seed
+    return validate_config(raw, source="the config with DETPACT_SEED"), "DETPACT_SEED"
+
+
 def write_run_meta(run: RunDir, cfg: Config, data: DatasetSplits, device: torch.device,
-                    determinism: dict, resumed: bool, drift: dict[str, Any]) -> dict[str, Any]:
+                    determinism: dict, resumed: bool, drift: dict[str, Any], seed_source: str = "config") -> dict[str, Any]:
     previous = read_json(run.run_meta)
     now = utc_now()
     meta = previous if resumed and previous else {
@@ -84,6 +102,7 @@ def write_run_meta(run: RunDir, cfg: Config, data: DatasetSplits, device: torch.
         "dataset": data.summary(),
         "dataset_fingerprint": data.fingerprint,
         "seed": cfg.run.seed,
+        "seed_source": seed_source,
         "determinism": determinism,
         **git_info(Path(__file__).resolve().parents[1]),
         "versions": library_versions(),
