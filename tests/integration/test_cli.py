@@ -3,6 +3,7 @@ train -> crash -> resume -> eval -> export -> predict on a tiny synthetic config
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import signal
@@ -187,11 +188,19 @@ def test_model_info_reports_the_configured_detector(tmp_path, env):
         assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr
 
 
-def test_detpact_seed_overrides_the_config_and_is_recorded(tmp_path, env, tiny_config):
+def test_detpact_seed_overrides_the_config_and_is_recorded_and_metrics_csv(tmp_path, env, tiny_config):
     short = ["--set", "train.max_steps=1", "--set", "train.epochs=1"]
-    seeded = run_cli(["train", str(tiny_config), "--run-id", "env_seed", *short], {**env, "DETPACT_SEED": "7"},
-                     tmp_path)
+    seeded = run_cli(["train", str(tiny_config), "--run-id", "env_seed", *short, "--set", "logging.metrics_csv=true"],
+                     {**env, "DETPACT_SEED": "7"}, tmp_path)
     assert seeded.returncode == 0, seeded.stderr
+    # logging.metrics_csv mirrors the step log as CSV, listed in the manifest.
+    reports = tmp_path / "runs" / "env_seed" / "reports"
+    with (reports / "train_metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    steps = read_jsonl(reports / "train_metrics.jsonl")
+    assert [int(r["step"]) for r in rows] == [s["step"] for s in steps] and float(rows[0]["loss"]) == steps[0]["loss"]
+    manifest = json.loads((tmp_path / "runs" / "env_seed" / "manifest.json").read_text())["files"]
+    assert "reports/train_metrics.csv" in manifest
     meta = json.loads((tmp_path / "runs" / "env_seed" / "reports" / "run_meta.json").read_text())
     assert (meta["seed"], meta["seed_source"]) == (7, "DETPACT_SEED")
     assert "seed: 7" in (tmp_path / "runs" / "env_seed" / "reports" / "config_resolved.yaml").read_text()

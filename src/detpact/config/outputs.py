@@ -31,3 +31,6 @@ class ExportConfig(Section):
 class LoggingConfig(Section):
     progress: bool = True
     status_every_s: float = Field(2.0, gt=0.0)
+    # Also write reports/train_metrics.csv (the rows of train_metrics.jsonl, for
+    # spreadsheets) when training ends.
+    metrics_csv: bool = False

@@ -55,6 +55,7 @@ class RunDir:
         self.prev_ckpt = self.checkpoints / "last.prev.pt"  # the checkpoint before last.pt, its fallback
         self.best_ckpt = self.checkpoints / "best.pt"
         self.train_metrics = self.reports / "train_metrics.jsonl"
+        self.train_metrics_csv = self.reports / "train_metrics.csv"
         self.val_metrics = self.reports / "val_metrics.jsonl"
         self.config_resolved = self.reports / "config_resolved.yaml"
         self.run_meta = self.reports / "run_meta.json"
@@ -96,7 +97,8 @@ class RunDir:
     def artifacts(self) -> list[Path]:
         """Every contract artifact that exists now (what the manifest covers)."""
         paths = [
-            self.last_ckpt, self.prev_ckpt, self.best_ckpt, self.train_metrics, self.val_metrics, self.config_resolved,
+            self.last_ckpt, self.prev_ckpt, self.best_ckpt, self.train_metrics, self.train_metrics_csv, self.val_metrics,
+            self.config_resolved,
             self.run_meta, self.train_report_json, self.train_report_md, self.onnx_parity,
             self.eval_report, self.onnx_model, self.onnx_meta,
         ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -46,6 +48,20 @@ def truncate_jsonl(path: Path, max_step: int, size: int | None = None) -> None:
     kept = [r for r in records if r.get("step", 0) <= max_step]
     if len(kept) != len(records) or (text and not text.endswith("\n")):
         atomic_write_text(path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in kept))
+
+
+def write_csv_mirror(jsonl: Path, csv_path: Path) -> int:
+    """Write the records of `jsonl` as CSV (a column per key, in first-seen order; a missing
+    or null value is an empty cell), atomically. Returns the number of rows."""
+    records = read_jsonl(jsonl)
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for record in records:
+        writer.writerow({k: "" if v is None else v for k, v in record.items()})
+    atomic_write_text(csv_path, out.getvalue())
+    return len(records)
 
 
 def _parse_jsonl(text: str) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ from detpact.evaluation.coco import format_table
 from detpact.run.atomic import atomic_write_json, read_json
 from detpact.run.checkpoint import resume_checkpoint
 from detpact.run.contract import RunDir, git_info, host_info, library_versions, utc_now
-from detpact.run.metrics import truncate_jsonl
+from detpact.run.metrics import truncate_jsonl, write_csv_mirror
 from detpact.run.report import write_train_report
 
 if TYPE_CHECKING:
@@ -139,5 +139,7 @@ def finish_train_report(run: RunDir, cfg: Config, result: FitResult, meta: dict)
         },
     }
     write_train_report(run, summary)
+    if cfg.logging.metrics_csv:
+        write_csv_mirror(run.train_metrics, run.train_metrics_csv)
     if result.last_val:
         log.info("final validation:\n%s", format_table(result.last_val))
