@@ -39,6 +39,7 @@ from detpact.config.run import RunConfig
 from detpact.config.train import (
     BNRecalibrationConfig,
     CheckpointConfig,
+    EarlyStopConfig,
     EMAConfig,
     NonFiniteConfig,
     OptimizerConfig,
@@ -50,7 +51,7 @@ from detpact.config.tree import CONFIG_VERSION, Config
 __all__ = [
     "CONFIG_VERSION", "HASH_EXCLUDED_KEYS", "AssignerConfig", "AugmentConfig", "BackboneConfig", "BNRecalibrationConfig",
     "CSPDarknetArgs",
-    "CheckpointConfig", "Config", "DataConfig", "EMAConfig", "EvalConfig", "ExportConfig", "HeadConfig",
+    "CheckpointConfig", "Config", "EarlyStopConfig", "DataConfig", "EMAConfig", "EvalConfig", "ExportConfig", "HeadConfig",
     "LoggingConfig", "LossConfig", "MatcherConfig", "ModelConfig", "NeckConfig", "NonFiniteConfig", "OptimizerConfig",
     "PostprocessConfig", "ProjectorConfig", "RTDETRConfig", "RunConfig", "SetLossConfig", "SchedulerConfig", "SplitSource", "SyntheticConfig", "TrainConfig",
     "config_hash", "diff_configs", "dump_config_yaml", "load_config", "resolved_dict", "validate_config",

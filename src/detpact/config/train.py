@@ -90,6 +90,14 @@ class BNRecalibrationConfig(Section):
     transform: Literal["val", "train"] = "val"
 
 
+class EarlyStopConfig(Section):
+    # End the run after this many validations in a row without improvement; None = off.
+    patience: int | None = Field(None, ge=1)
+    # An improvement must beat the best value so far by more than this.
+    min_delta: float = Field(0.0, ge=0.0)
+    metric: Literal["map50_95", "map50", "map75"] = "map50_95"
+
+
 class CheckpointConfig(Section):
     every_steps: int | None = Field(None, ge=1)
     every_epochs: int | None = Field(1, ge=1)
@@ -120,6 +128,7 @@ class TrainConfig(Section):
     recalibrate_bn: BNRecalibrationConfig = BNRecalibrationConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     nonfinite: NonFiniteConfig = NonFiniteConfig()
+    early_stop: EarlyStopConfig = EarlyStopConfig()
 
     @model_validator(mode="after")
     def _one_way_to_accumulate(self) -> TrainConfig:

@@ -24,6 +24,7 @@ from detpact.data.build import DatasetSplits
 from detpact.data.cache import ImageCache
 from detpact.data.dataset import DetectionDataset, eval_loader, make_loader, resolve_num_workers
 from detpact.data.sampler import ResumableSampler
+from detpact.engine.early_stop import EarlyStopping
 from detpact.engine.ema import ModelEMA
 from detpact.engine.evaluate import evaluate, prepare_images
 from detpact.engine.faults import NO_FAULTS, Faults
@@ -98,6 +99,7 @@ class FitResult:
     train_seconds: float = 0.0
     weights: dict[str, Any] = field(default_factory=dict)  # StepParts.weights
     optimizer_groups: list[dict[str, Any]] = field(default_factory=list)  # optim.describe_groups
+    end_reason: str = "steps_done"  # or "early_stop"; a signal or an abort raises instead
 
 
 def train_step(parts: StepParts, batches: Iterator, lr: float, step: int, faults: Faults = NO_FAULTS,
@@ -180,6 +182,9 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
         cfg, data, cache_dir, _mosaic_until(cfg, total_steps, steps_per_epoch))
     parts = _build_step_parts(cfg, device, len(data.class_names), str(run.last_ckpt), total_steps, resume)
     progress, best = _restore(resume, parts, run) if resume is not None else (Progress(), Best())
+    early = EarlyStopping(tcfg.early_stop)
+    if resume is not None and resume.get("early_stop"):
+        early.load_state_dict(resume["early_stop"])
     if progress.step_in_epoch >= steps_per_epoch:  # epochs got shorter (a resume with --allow-drift)
         progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
     result = FitResult(best=best, num_params=count_parameters(parts.model), start_step=progress.global_step,
@@ -188,15 +193,16 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
     log.info("model: %.2fM parameters (%.2fM trainable); %d train / %d val images; %d steps per epoch, %d steps "
              "in all", result.num_params / 1e6, parts.weights["freeze"]["trainable_params"] / 1e6, len(data.train),
              len(data.val), steps_per_epoch, total_steps)
-    if progress.global_step >= total_steps:
-        log.info("the run is already complete (step %d of %d): nothing left to train", progress.global_step, total_steps)
+    if progress.global_step >= total_steps or early.stopped:
+        log.info("the run is already complete (step %d of %d%s): nothing left to train", progress.global_step,
+                 total_steps, ", stopped early" if early.stopped else "")
 
     saved_at = -1
 
     def save(improved: bool) -> None:
         nonlocal saved_at
         parts.guard.check_weights(progress.global_step, parts.model, parts.ema.module if parts.ema else None)
-        bundle = _bundle(cfg, data, run, parts, progress, sampler, best)
+        bundle = {**_bundle(cfg, data, run, parts, progress, sampler, best), "early_stop": early.state_dict()}
         commit_checkpoint(run, bundle, best=improved, on_write=faults.save_monitor(progress.global_step))
         saved_at = progress.global_step
 
@@ -219,6 +225,7 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
         log.info("step %d epoch %d: val map50_95 %.4f map50 %.4f%s", progress.global_step, progress.epoch,
                  score, metrics["map50"] or 0.0, " (best)" if improved else "")
         result.last_val = metrics
+        early.update(metrics)
         return improved
 
     started = time.perf_counter()
@@ -226,7 +233,7 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
         recorder = Recorder(run, bar, cfg.logging.status_every_s, total_steps, progress.global_step)
         batches: Iterator | None = None
         try:
-            while progress.global_step < total_steps:
+            while progress.global_step < total_steps and not early.stopped:
                 if batches is None:  # an epoch starts, or resumes at step_in_epoch
                     sampler.set_epoch(progress.epoch, start=progress.step_in_epoch * images_per_step)
                     batches = iter(train_loader)
@@ -247,7 +254,7 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
                     progress.epoch, progress.step_in_epoch, batches = progress.epoch + 1, 0, None
                 finished = progress.global_step >= total_steps
                 improved = validate() if finished or (epoch_done and _due(cfg.eval.every_epochs, progress.epoch)) else False
-                if improved or finished or _due(tcfg.checkpoint.every_steps, step) or (
+                if improved or finished or early.stopped or _due(tcfg.checkpoint.every_steps, step) or (
                         epoch_done and _due(tcfg.checkpoint.every_epochs, progress.epoch)):
                     save(improved)
                 faults.after_step(step)
@@ -265,7 +272,8 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
             raise
         finally:
             recorder.close()
-    recorder.phase("trained", progress.global_step, progress.epoch)
+    result.end_reason = "early_stop" if early.stopped else "steps_done"
+    recorder.phase("trained", progress.global_step, progress.epoch, end_reason=result.end_reason)
     result.progress = progress
     result.nonfinite_skipped = parts.guard.skipped
     result.train_seconds = time.perf_counter() - started

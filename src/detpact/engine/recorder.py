@@ -47,8 +47,8 @@ class Recorder:
         self.status.update("train", force=True,
                            last_val={k: metrics.get(k) for k in ("map50_95", "map50", "map75")})
 
-    def phase(self, name: str, step: int, epoch: int) -> None:
-        self.status.update(name, force=True, step=step, epoch=epoch)
+    def phase(self, name: str, step: int, epoch: int, **fields: Any) -> None:
+        self.status.update(name, force=True, step=step, epoch=epoch, **fields)
 
     def close(self) -> None:
         self.train_log.close()

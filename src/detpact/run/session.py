@@ -125,6 +125,8 @@ def finish_train_report(run: RunDir, cfg: Config, result: FitResult, meta: dict)
         "dataset_fingerprint": meta["dataset_fingerprint"],
         "best": {"map50_95": result.best.map50_95, "step": result.best.step, "epoch": result.best.epoch},
         "resumed_from_step": result.start_step or None,
+        # Why training ended: "steps_done" (epochs / max_steps) or "early_stop" (train.early_stop).
+        "end_reason": result.end_reason,
         "final_val": result.last_val,
         # Starting weights (load reports of model.init_from / model.backbone.weights) and freezing.
         "weights": result.weights,
