@@ -31,9 +31,10 @@ from pathlib import Path
 from detpact.api import _cache_dir
 from detpact.config import dump_config_yaml, load_config
 from detpact.data.build import build_datasets
-from detpact.engine.loop import Best, Progress, _build_loaders, _build_step_parts, _bundle, train_step
+from detpact.engine.loop import Best, Progress, _build_loaders, _build_step_parts, _bundle
 from detpact.engine.optim import lr_at
 from detpact.engine.runtime import resolve_device, setup_determinism
+from detpact.engine.step import train_step
 from detpact.run.checkpoint import commit_checkpoint
 from detpact.run.contract import RunDir
 

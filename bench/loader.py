@@ -31,8 +31,9 @@ from detpact.api import _cache_dir
 from detpact.config import load_config
 from detpact.data.build import build_datasets
 from detpact.data.dataset import collate, make_loader, resolve_num_workers
-from detpact.engine.loop import _build_loaders, _build_step_parts, train_step
+from detpact.engine.loop import _build_loaders, _build_step_parts
 from detpact.engine.runtime import resolve_device, setup_determinism
+from detpact.engine.step import train_step
 
 REPO = Path(__file__).resolve().parents[1]
 

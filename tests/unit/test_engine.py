@@ -10,8 +10,8 @@ import torch
 from detpact.config import EMAConfig, HeadConfig, ModelConfig, OptimizerConfig, SchedulerConfig
 from detpact.engine.ema import ModelEMA
 from detpact.engine.guards import NonFiniteGuard
-from detpact.engine.loop import StepParts, train_step
 from detpact.engine.optim import build_optimizer, describe_groups, lr_at, set_lr, warmup_length
+from detpact.engine.step import StepParts, train_step
 from detpact.errors import TrainingAborted
 from detpact.models.detector import build_model
 from detpact.models.losses import build_criterion

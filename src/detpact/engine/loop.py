@@ -1,8 +1,8 @@
 """The training loop.
 
 `fit()` reads top to bottom: build data, model and optimiser -> maybe resume ->
-per epoch { train steps, evaluate, record, checkpoint }. `train_step()` is one
-optimizer step: forward, loss, non-finite guard, backward, clip, step, EMA.
+per epoch { train steps, evaluate, record, checkpoint }. One optimizer step is
+`train_step()` (engine/step.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from detpact.config import Config, TrainConfig, config_hash, resolved_dict
@@ -26,19 +25,20 @@ from detpact.data.dataset import DetectionDataset, eval_loader, make_loader, res
 from detpact.data.sampler import ResumableSampler
 from detpact.engine.early_stop import EarlyStopping
 from detpact.engine.ema import ModelEMA
-from detpact.engine.evaluate import evaluate, prepare_images
+from detpact.engine.evaluate import evaluate
 from detpact.engine.faults import NO_FAULTS, Faults
 from detpact.engine.guards import NonFiniteGuard
-from detpact.engine.multiscale import MultiScale, rescale_batch
-from detpact.engine.optim import build_optimizer, describe_groups, lr_at, set_lr
+from detpact.engine.multiscale import MultiScale
+from detpact.engine.optim import build_optimizer, describe_groups, lr_at
 from detpact.engine.progress import train_progress
 from detpact.engine.recalibrate import EpochSampler, recalibrate_batchnorm, recalibration_indices
 from detpact.engine.recorder import Recorder
-from detpact.engine.runtime import autocast, rng_state, set_rng_state
+from detpact.engine.runtime import rng_state, set_rng_state
+from detpact.engine.step import StepParts, train_step
 from detpact.engine.stop import stop_on_signals
 from detpact.errors import DetpactError, TrainingStopped
 from detpact.models.detector import build_model, count_parameters
-from detpact.models.losses import Criterion, build_criterion
+from detpact.models.losses import build_criterion
 from detpact.run.checkpoint import FORMAT_VERSION, commit_checkpoint
 from detpact.run.contract import RunDir, library_versions
 from detpact.run.metrics import truncate_jsonl
@@ -65,27 +65,6 @@ class Best:
 
 
 @dataclass
-class StepParts:
-    """What one optimizer step touches."""
-
-    model: nn.Module
-    criterion: Criterion
-    optimizer: torch.optim.Optimizer
-    ema: ModelEMA | None
-    scaler: torch.amp.GradScaler | None
-    guard: NonFiniteGuard
-    device: torch.device
-    amp: str
-    channels_last: bool
-    grad_clip: float | None
-    accumulate: int
-    multi_scale: MultiScale | None = None
-    # Where the model's starting weights came from and what is frozen: the checkpoint's
-    # "weights" entry ({"init_from", "backbone_weights", "freeze"}, plain values).
-    weights: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
 class FitResult:
     """What `fit` reports back for the run's summary."""
 
@@ -100,71 +79,6 @@ class FitResult:
     weights: dict[str, Any] = field(default_factory=dict)  # StepParts.weights
     optimizer_groups: list[dict[str, Any]] = field(default_factory=list)  # optim.describe_groups
     end_reason: str = "steps_done"  # or "early_stop"; a signal or an abort raises instead
-
-
-def train_step(parts: StepParts, batches: Iterator, lr: float, step: int, faults: Faults = NO_FAULTS,
-               micro_batches: int | None = None) -> dict[str, float] | None:
-    """Optimizer step number `step`, over `micro_batches` batches (default `parts.accumulate`;
-    an epoch's last step may have fewer). Returns its metrics, or None when the step was
-    skipped because the loss or the gradients were not finite."""
-    micro_batches = micro_batches or parts.accumulate
-    size = parts.multi_scale.size_at(step) if parts.multi_scale else None
-    set_lr(parts.optimizer, lr)
-    parts.optimizer.zero_grad(set_to_none=True)
-    sums: dict[str, float] = {}
-    finite = True
-    images_seen = 0
-    for micro in range(1, micro_batches + 1):
-        images, targets = next(batches)
-        images_seen += len(images)
-        # After a non-finite loss the group's remaining batches are still drawn, so that
-        # the data order does not depend on it.
-        if finite:
-            finite = _accumulate_gradients(parts, images, targets, sums, micro_batches, size,
-                                           faults.loss_is_poisoned(step))
-        faults.after_microbatch(step, micro)
-    if finite:
-        if parts.scaler:
-            parts.scaler.unscale_(parts.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            parts.model.parameters(), parts.grad_clip or float("inf"), foreach=True
-        ).item()
-        finite = math.isfinite(grad_norm)
-        if parts.scaler:
-            # GradScaler skips the update itself on inf/NaN gradients and lowers its scale.
-            # (It needs gradients to have been unscaled: after a non-finite loss it is left alone.)
-            parts.scaler.step(parts.optimizer)
-            parts.scaler.update()
-        elif finite:
-            parts.optimizer.step()
-    if not finite:
-        parts.optimizer.zero_grad(set_to_none=True)
-        return None
-    if parts.ema is not None:
-        parts.ema.update(parts.model)
-    return {**sums, "grad_norm": grad_norm, "images": images_seen}
-
-
-def _accumulate_gradients(parts: StepParts, images: torch.Tensor, targets: list[dict], sums: dict[str, float],
-                          micro_batches: int, size: int | None, poison: bool) -> bool:
-    """Forward and backward of one micro-batch (resized to `size` for multi-scale training),
-    adding its share to `sums`; False when its loss is not finite (nothing is
-    back-propagated then). `poison` (fault injection) makes the loss NaN."""
-    pixels = prepare_images(images, parts.device, parts.channels_last)
-    if size is not None:
-        pixels, targets = rescale_batch(pixels, targets, size)
-    with autocast(parts.device, parts.amp):
-        outputs = parts.model(pixels, targets)
-    losses = parts.criterion(outputs, targets)  # float32, outside autocast
-    if poison:
-        losses = {**losses, "loss": losses["loss"] * float("nan")}
-    if not math.isfinite(losses["loss"].detach().item()):
-        return False
-    loss = losses["loss"] / micro_batches
-    (parts.scaler.scale(loss) if parts.scaler else loss).backward()
-    for key, value in losses.items():
-        sums[key] = sums.get(key, 0.0) + float(value.detach()) / micro_batches
-    return True
 
 
 def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, resume: dict | None,

@@ -1,0 +1,107 @@
+"""One optimizer step: forward, loss, non-finite guard, backward (accumulated over
+micro-batches), clip, step, EMA. `fit()` (engine/loop.py) calls it once per step."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from detpact.engine.ema import ModelEMA
+from detpact.engine.evaluate import prepare_images
+from detpact.engine.faults import NO_FAULTS, Faults
+from detpact.engine.guards import NonFiniteGuard
+from detpact.engine.multiscale import MultiScale, rescale_batch
+from detpact.engine.optim import set_lr
+from detpact.engine.runtime import autocast
+from detpact.models.losses import Criterion
+
+
+@dataclass
+class StepParts:
+    """What one optimizer step touches."""
+
+    model: nn.Module
+    criterion: Criterion
+    optimizer: torch.optim.Optimizer
+    ema: ModelEMA | None
+    scaler: torch.amp.GradScaler | None
+    guard: NonFiniteGuard
+    device: torch.device
+    amp: str
+    channels_last: bool
+    grad_clip: float | None
+    accumulate: int
+    multi_scale: MultiScale | None = None
+    # Where the model's starting weights came from and what is frozen: the checkpoint's
+    # "weights" entry ({"init_from", "backbone_weights", "freeze"}, plain values).
+    weights: dict[str, Any] = field(default_factory=dict)
+
+
+def train_step(parts: StepParts, batches: Iterator, lr: float, step: int, faults: Faults = NO_FAULTS,
+               micro_batches: int | None = None) -> dict[str, float] | None:
+    """Optimizer step number `step`, over `micro_batches` batches (default `parts.accumulate`;
+    an epoch's last step may have fewer). Returns its metrics, or None when the step was
+    skipped because the loss or the gradients were not finite."""
+    micro_batches = micro_batches or parts.accumulate
+    size = parts.multi_scale.size_at(step) if parts.multi_scale else None
+    set_lr(parts.optimizer, lr)
+    parts.optimizer.zero_grad(set_to_none=True)
+    sums: dict[str, float] = {}
+    finite = True
+    images_seen = 0
+    for micro in range(1, micro_batches + 1):
+        images, targets = next(batches)
+        images_seen += len(images)
+        # After a non-finite loss the group's remaining batches are still drawn, so that
+        # the data order does not depend on it.
+        if finite:
+            finite = _accumulate_gradients(parts, images, targets, sums, micro_batches, size,
+                                           faults.loss_is_poisoned(step))
+        faults.after_microbatch(step, micro)
+    if finite:
+        if parts.scaler:
+            parts.scaler.unscale_(parts.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            parts.model.parameters(), parts.grad_clip or float("inf"), foreach=True
+        ).item()
+        finite = math.isfinite(grad_norm)
+        if parts.scaler:
+            # GradScaler skips the update itself on inf/NaN gradients and lowers its scale.
+            # (It needs gradients to have been unscaled: after a non-finite loss it is left alone.)
+            parts.scaler.step(parts.optimizer)
+            parts.scaler.update()
+        elif finite:
+            parts.optimizer.step()
+    if not finite:
+        parts.optimizer.zero_grad(set_to_none=True)
+        return None
+    if parts.ema is not None:
+        parts.ema.update(parts.model)
+    return {**sums, "grad_norm": grad_norm, "images": images_seen}
+
+
+def _accumulate_gradients(parts: StepParts, images: torch.Tensor, targets: list[dict], sums: dict[str, float],
+                          micro_batches: int, size: int | None, poison: bool) -> bool:
+    """Forward and backward of one micro-batch (resized to `size` for multi-scale training),
+    adding its share to `sums`; False when its loss is not finite (nothing is
+    back-propagated then). `poison` (fault injection) makes the loss NaN."""
+    pixels = prepare_images(images, parts.device, parts.channels_last)
+    if size is not None:
+        pixels, targets = rescale_batch(pixels, targets, size)
+    with autocast(parts.device, parts.amp):
+        outputs = parts.model(pixels, targets)
+    losses = parts.criterion(outputs, targets)  # float32, outside autocast
+    if poison:
+        losses = {**losses, "loss": losses["loss"] * float("nan")}
+    if not math.isfinite(losses["loss"].detach().item()):
+        return False
+    loss = losses["loss"] / micro_batches
+    (parts.scaler.scale(loss) if parts.scaler else loss).backward()
+    for key, value in losses.items():
+        sums[key] = sums.get(key, 0.0) + float(value.detach()) / micro_batches
+    return True
