@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import run_cli
+from detpact.run.checkpoint import inference_state_dict
 
 CONTRACT = [
     "checkpoints/last.pt", "checkpoints/best.pt", "reports/train_metrics.jsonl", "reports/val_metrics.jsonl",
@@ -135,11 +136,18 @@ def test_nonfinite_steps_are_skipped_then_abort(tmp_path, env, tiny_config):
     aborted = run_cli(["train", str(tiny_config), "--run-id", "abort", "--set", "train.epochs=2", "--set",
                        "train.nonfinite.max_consecutive=2"], {**env, "DETPACT_FAULT": "nan@step=4..5"}, tmp_path)
     assert aborted.returncode == 3, aborted.stderr
-    assert "not finite for 2 steps in a row" in aborted.stderr and "Traceback" not in aborted.stderr
+    assert "not finite for 2 step(s) in a row" in aborted.stderr and "Traceback" not in aborted.stderr
     abort_run = tmp_path / "runs" / "abort"
     assert len(read_jsonl(abort_run / "reports" / "train_metrics.jsonl")) == 5  # nothing written is lost
     assert (abort_run / "checkpoints" / "last.pt").is_file()  # the epoch-1 checkpoint stays
     assert json.loads((abort_run / "status.json").read_text())["phase"] == "failed"
+
+    # policy abort: the first non-finite step ends the run, whatever max_consecutive says.
+    strict = run_cli(["train", str(tiny_config), "--run-id", "strict", "--set", "train.epochs=2", "--set",
+                      "train.nonfinite={policy: abort, max_consecutive: 5}"], {**env, "DETPACT_FAULT": "nan@step=4"},
+                     tmp_path)
+    assert strict.returncode == 3 and "Training aborted at step 4" in strict.stderr, strict.stderr
+    assert len(read_jsonl(tmp_path / "runs" / "strict" / "reports" / "train_metrics.jsonl")) == 4
 
 
 @pytest.mark.slow
@@ -213,3 +221,21 @@ def test_detpact_seed_overrides_the_config_and_is_recorded_and_metrics_csv(tmp_p
 
     bad = run_cli(["train", str(tiny_config), "--run-id", "bad_seed", *short], {**env, "DETPACT_SEED": "x"}, tmp_path)
     assert bad.returncode == 2 and "DETPACT_SEED must be an integer" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_ema_eval_off_validates_and_exports_the_raw_weights(tmp_path, env, tiny_config):
+    for run_id, extra in (("raw", ["--set", "train.ema.eval=false"]), ("ema", [])):
+        trained = run_cli(["train", str(tiny_config), "--run-id", run_id, "--set", "train.epochs=1", *extra], env,
+                          tmp_path)
+        assert trained.returncode == 0, trained.stderr
+    raw, ema = tmp_path / "runs" / "raw", tmp_path / "runs" / "ema"
+    # Both runs train the same weights; only what they validate differs. A 3-step model scores
+    # 0 mAP, but its detections (kept at score 0.001) depend on every weight.
+    recorded = {run.name: read_jsonl(run / "reports" / "val_metrics.jsonl")[-1]["num_dets"] for run in (raw, ema)}
+    assert recorded["raw"] != recorded["ema"], recorded
+    bundle = torch.load(raw / "checkpoints" / "best.pt", weights_only=True)
+    assert bundle["ema"] is not None and inference_state_dict(bundle) is bundle["model"]  # EMA kept, not used
+    evaluated = run_cli(["eval", str(raw), "--json"], env, tmp_path)
+    assert evaluated.returncode == 0 and json.loads(evaluated.stdout)["num_dets"] == recorded["raw"], evaluated.stderr
+    verified = run_cli(["runs", "verify", str(raw)], env, tmp_path)
+    assert verified.returncode == 0 and "verify: PASS" in verified.stdout, verified.stdout + verified.stderr

@@ -76,6 +76,9 @@ class EMAConfig(Section):
     # copying the model's: steadier long runs, worse short ones (docs/recipe.md). With
     # recalibrate_bn on, validation and checkpoints use recalibrated statistics instead.
     average_buffers: bool = False
+    # Validate, choose best.pt, export and predict with the EMA weights (true) or the raw
+    # ones (false; the EMA is still kept and checkpointed).
+    eval: bool = True
 
 
 class BNRecalibrationConfig(Section):
@@ -104,8 +107,10 @@ class CheckpointConfig(Section):
 
 
 class NonFiniteConfig(Section):
-    # A step whose loss or gradients are not finite is skipped; this many in a row
-    # abort the run (its last good checkpoint stays in place).
+    # skip: a step whose loss or gradients are not finite is skipped, and max_consecutive
+    # of them in a row abort the run; abort: the first one does. The last good checkpoint
+    # stays in place either way.
+    policy: Literal["skip", "abort"] = "skip"
     max_consecutive: int = Field(5, ge=1)
 
 

@@ -122,7 +122,7 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
 
     def validate() -> bool:
         recorder.phase("eval", progress.global_step, progress.epoch)
-        eval_model = parts.ema.module if parts.ema is not None else parts.model
+        eval_model = parts.ema.module if parts.ema is not None and tcfg.ema.eval else parts.model
         if recal_loader is not None:  # the statistics go into the checkpoint with the weights
             # the epoch just trained: a finished one has already moved progress.epoch on
             recal_loader.sampler.epoch = progress.epoch - 1 if progress.step_in_epoch == 0 else progress.epoch
@@ -211,7 +211,7 @@ def _build_step_parts(cfg: Config, device: torch.device, num_classes: int, last_
         optimizer=build_optimizer(model, tcfg.optimizer),
         ema=ModelEMA(model, tcfg.ema, total_steps) if tcfg.ema.enabled else None,
         scaler=torch.amp.GradScaler(device.type) if cfg.run.amp == "fp16" else None,
-        guard=NonFiniteGuard(tcfg.nonfinite.max_consecutive, last_ckpt),
+        guard=NonFiniteGuard(tcfg.nonfinite.max_consecutive if tcfg.nonfinite.policy == "skip" else 1, last_ckpt),
         device=device, amp=cfg.run.amp, channels_last=cfg.run.channels_last,
         grad_clip=tcfg.grad_clip, accumulate=tcfg.micro_batches,
         multi_scale=MultiScale(cfg.run.seed, cfg.data.image_size, cfg.data.multi_scale) if cfg.data.multi_scale else None,

@@ -176,9 +176,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def inference_state_dict(bundle: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The weights to evaluate, export and predict with: the EMA's when training kept one."""
+    """The weights to evaluate, export and predict with: the EMA's when training kept one,
+    unless its config says to evaluate the raw weights (train.ema.eval: false)."""
     ema = bundle.get("ema")
-    return ema["module"] if ema else bundle["model"]
+    use_ema = (bundle.get("config") or {}).get("train", {}).get("ema", {}).get("eval", True)
+    return ema["module"] if ema and use_ema else bundle["model"]
 
 
 def _disk_full_error(exc: BaseException | None) -> OSError | None:
