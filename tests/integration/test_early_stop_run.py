@@ -40,6 +40,12 @@ def test_early_stop_ends_the_run_resumes_exactly_and_stays_stopped(tmp_path, cac
     assert again.returncode == 0 and "nothing left to train" in again.stderr, again.stderr
     assert json.loads((run / "reports" / "train_report.json").read_text())["counters"]["steps"] == 6
 
+    # Validation every 2 steps as well (mid-epoch): step 2, then the epoch end at step 3, stale.
+    by_steps = train("by_steps", "--set", "eval.every_steps=2")
+    assert by_steps.returncode == 0, by_steps.stderr
+    val = tmp_path / "runs" / "by_steps" / "reports" / "val_metrics.jsonl"
+    assert [json.loads(line)["step"] for line in val.read_text().splitlines()] == [2, 3]
+
     killed = train("killed", fault="kill@step=5")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     resumed = train("killed", "--resume")

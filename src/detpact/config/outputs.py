@@ -11,6 +11,8 @@ from detpact.config.section import Section
 
 class EvalConfig(Section):
     every_epochs: int = Field(1, ge=1)
+    # Also validate every N optimizer steps (mid-epoch too); None = only by epochs.
+    every_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(32, ge=1)
 
 

@@ -167,7 +167,8 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
                 if epoch_done:
                     progress.epoch, progress.step_in_epoch, batches = progress.epoch + 1, 0, None
                 finished = progress.global_step >= total_steps
-                improved = validate() if finished or (epoch_done and _due(cfg.eval.every_epochs, progress.epoch)) else False
+                due = (epoch_done and _due(cfg.eval.every_epochs, progress.epoch)) or _due(cfg.eval.every_steps, step)
+                improved = validate() if finished or due else False
                 if improved or finished or early.stopped or _due(tcfg.checkpoint.every_steps, step) or (
                         epoch_done and _due(tcfg.checkpoint.every_epochs, progress.epoch)):
                     save(improved)
