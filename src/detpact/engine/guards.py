@@ -30,8 +30,8 @@ class NonFiniteGuard:
         if self.consecutive >= self.max_consecutive:
             raise TrainingAborted(
                 f"Training aborted at step {step}: the loss or gradients were not finite for "
-                f"{self.consecutive} step(s) in a row (train.nonfinite: policy abort stops at the first, policy "
-                f"skip after max_consecutive = {self.max_consecutive}). "
+                f"{self.consecutive} step(s) in a row, the limit of train.nonfinite (policy abort stops at the first, "
+                "policy skip after max_consecutive). "
                 f"The last good checkpoint is {self.last_good_checkpoint}. Lower train.optimizer.lr, "
                 "check the labels for degenerate boxes, or try run.amp: none, then resume or restart."
             )

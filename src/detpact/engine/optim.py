@@ -55,14 +55,16 @@ def parameter_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict[str, A
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     """AdamW or SGD over `parameter_groups`; the groups are logged with their sizes."""
     groups = parameter_groups(model, cfg)
+    if cfg.name == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=True)
     frozen = [p for p in model.parameters() if not p.requires_grad]
     log.info("optimizer %s: %s; %d frozen tensors (%d params) left out", cfg.name,
-             ", ".join(f"{g['name']} {len(g['params'])} tensors ({sum(p.numel() for p in g['params'])} params, "
-                       f"lr x{g['lr_mult']:g}, wd {g['weight_decay']:g})" for g in groups),
+             ", ".join(f"{g['name']} {g['tensors']} tensors ({g['params']} params, lr x{g['lr_mult']:g}, "
+                       f"wd {g['weight_decay']:g})" for g in describe_groups(optimizer)),
              len(frozen), sum(p.numel() for p in frozen))
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=True)
+    return optimizer
 
 
 def describe_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:

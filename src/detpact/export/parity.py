@@ -100,8 +100,7 @@ def align_queries(got: list[np.ndarray], ref: list[np.ndarray], rtol: float, ato
         violation = np.zeros((ref[0].shape[1], ref[0].shape[1]))
         for g, r, scale in zip(got, ref, scales):
             a, b = g[image].astype(np.float64), r[image].astype(np.float64)  # [Q, K]
-            allowed = atol + rtol * np.maximum(np.abs(b), scale)
-            violation = np.maximum(violation, (np.abs(a[:, None] - b[None]) / allowed[None]).max(-1))
+            violation = np.maximum(violation, (np.abs(a[:, None] - b[None]) / _allowed(b, rtol, atol, scale)).max(-1))
         unsettled = np.nonzero(np.diag(violation) > 1.0)[0]
         if len(unsettled) == 0:
             continue
@@ -114,10 +113,14 @@ def align_queries(got: list[np.ndarray], ref: list[np.ndarray], rtol: float, ato
     return aligned, moved
 
 
+def _allowed(ref: np.ndarray, rtol: float, atol: float, scale: float) -> np.ndarray:
+    """Gate A's tolerance of each value: atol + rtol * max(|ref|, scale) (see the module docstring)."""
+    return atol + rtol * np.maximum(np.abs(ref.astype(np.float64)), scale)
+
+
 def _elementwise(got: np.ndarray, ref: np.ndarray, rtol: float, atol: float, scale: float) -> dict[str, Any]:
     diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
-    allowed = atol + rtol * np.maximum(np.abs(ref.astype(np.float64)), scale)
-    over = diff > allowed
+    over = diff > _allowed(ref, rtol, atol, scale)
     return {
         "shape": list(got.shape),
         "max_abs": float(diff.max(initial=0.0)),

@@ -10,7 +10,7 @@ from detpact.models.heads.dense import DenseHead
 from detpact.models.heads.rtdetr import RTDETRHead
 from detpact.models.necks import build_neck
 from detpact.models.outputs import DetectorOutput, DetrOutput
-from detpact.models.projector import Projector
+from detpact.models.projector import NoProjector, Projector
 
 
 class Detector(nn.Module):
@@ -46,12 +46,12 @@ class Detector(nn.Module):
 def build_model(cfg: ModelConfig, num_classes: int) -> Detector:
     backbone = build_backbone(cfg.backbone)
     neck = build_neck(cfg.neck, backbone.out_channels)
-    projector = Projector(neck.out_channels, cfg.projector.d_model) if cfg.projector.d_model else nn.Identity()
-    channels = projector.out_channels if cfg.projector.d_model else neck.out_channels
+    d_model = cfg.projector.d_model
+    projector = Projector(neck.out_channels, d_model) if d_model else NoProjector(neck.out_channels)
     if cfg.head.name == "rtdetr":
-        head = RTDETRHead(channels, num_classes, cfg.head.rtdetr)
+        head = RTDETRHead(projector.out_channels, num_classes, cfg.head.rtdetr)
     else:
-        head = DenseHead(channels, num_classes, cfg.head.reg_max, cfg.head.cls_conv == "depthwise")
+        head = DenseHead(projector.out_channels, num_classes, cfg.head.reg_max, cfg.head.cls_conv == "depthwise")
     return Detector(backbone, neck, projector, head)
 
 

@@ -23,7 +23,6 @@ def model_info(model: Detector, image_size: int, time_runs: int = 5) -> dict[str
     """
     model = model.eval()
     image = torch.rand(1, 3, image_size, image_size)
-    feats = model.backbone(image)
     with FlopCounterMode(display=False) as counter:
         out = model(image)
     model(image)  # warm-up
@@ -38,16 +37,11 @@ def model_info(model: Detector, image_size: int, time_runs: int = 5) -> dict[str
         "params": count_parameters(model),
         "params_by_part": parts,
         "gflops": counter.get_total_flops() / 1e9,
-        "levels": [{"stride": image_size // f.shape[-1], "backbone_channels": f.shape[1]} for f in feats],
-        "head_channels": list(_head_channels(model)),
+        "levels": [{"stride": stride, "backbone_channels": channels}
+                   for stride, channels in zip(model.backbone.strides, model.backbone.out_channels)],
+        "head_channels": list(model.projector.out_channels),
         "outputs": {"boxes": list(out.boxes.shape), "cls_logits": list(out.cls_logits.shape),
                     "decoding": "top-k (NMS-free)" if model.nms_free else "NMS"},
         "cpu_forward_ms": 1000 * statistics.median(times),
         "threads": torch.get_num_threads(),
     }
-
-
-def _head_channels(model: Detector) -> tuple[int, ...]:
-    """Channels of the maps the head receives (after neck and projector)."""
-    projector = getattr(model.projector, "out_channels", None)
-    return projector or model.neck.out_channels

@@ -18,3 +18,11 @@ class Projector(nn.Module):
 
     def forward(self, feats: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         return tuple(level(x) for level, x in zip(self.levels, feats))
+
+
+class NoProjector(nn.Identity):
+    """The neck's maps unchanged (no model.projector.d_model)."""
+
+    def __init__(self, in_channels: tuple[int, ...]):
+        super().__init__()
+        self.out_channels = tuple(in_channels)

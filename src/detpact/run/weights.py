@@ -281,7 +281,8 @@ def _unwrap(payload: Any, depth: int = 0) -> tuple[dict[str, Tensor], str] | Non
     if not isinstance(payload, Mapping) or depth > 4:
         return None
     if "format_version" in payload and "model" in payload:  # a detpact checkpoint bundle
-        return _tensors(inference_state_dict(payload)), "ema.module" if payload.get("ema") else "model"
+        state = inference_state_dict(payload)  # the EMA's, unless the run evaluated its raw weights
+        return _tensors(state), "model" if state is payload["model"] else "ema.module"
     for key in PAYLOAD_KEYS:
         found = _unwrap(payload.get(key), depth + 1)
         if found is not None:
