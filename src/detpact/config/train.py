@@ -10,25 +10,36 @@ from detpact.config.section import Section
 
 
 class OptimizerConfig(Section):
-    # adamw: decoupled weight decay; sgd: momentum SGD with L2 weight decay (as YOLO's).
     name: Literal["adamw", "sgd"] = "adamw"
+    """`adamw` (decoupled weight decay) or `sgd` (momentum SGD, L2 weight decay as YOLO's).
+    Parameters go into the groups `backbone/decay`, `backbone/no_decay`, `head/decay`,
+    `head/no_decay` ("head": everything but the backbone), printed at start with their sizes
+    and recorded under `optimizer` in `train_report.json`"""
     lr: float = Field(2e-3, gt=0.0)
+    """peak learning rate"""
     weight_decay: float = Field(5e-4, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.999)  # adamw
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd
-    nesterov: bool = False  # sgd
-    # No weight decay on biases, and on the weights of normalisation layers (decaying a
-    # scale towards 0 only fights the normalisation). Other vectors and scalars (e.g.
-    # learned scales) never decay.
+    """weight decay of the decayed groups"""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas (`adamw`)"""
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """momentum (`sgd`)"""
+    nesterov: bool = False
+    """Nesterov momentum (`sgd`; needs a momentum above 0)"""
     wd_exclude_bias: bool = True
+    """no weight decay on biases"""
     wd_exclude_norm: bool = True
-    # Multipliers of lr and weight_decay for the backbone's parameters and for all the
-    # others (neck, projector, head): e.g. backbone_lr_mult 0.1 fine-tunes a pretrained
-    # backbone slower than the new head (RT-DETR trains its backbone at 0.1x).
+    """no weight decay on the weights of batch, group and layer norms (decaying a scale
+    towards 0 only fights the normalisation); other vectors and scalars (learned scales)
+    never decay"""
     backbone_lr_mult: float = Field(1.0, ge=0.0)
+    """the backbone's learning rate is the schedule's times this (e.g. 0.1 to fine-tune a
+    pretrained backbone slower than the new head, as RT-DETR trains its backbone at 0.1x)"""
     head_lr_mult: float = Field(1.0, ge=0.0)
+    """the same for every other part (neck, projector, head)"""
     backbone_wd_mult: float = Field(1.0, ge=0.0)
+    """the backbone's weight decay is `weight_decay` times this"""
     head_wd_mult: float = Field(1.0, ge=0.0)
+    """the same for every other part"""
 
     @model_validator(mode="after")
     def _sgd_nesterov_needs_momentum(self) -> OptimizerConfig:
@@ -40,20 +51,22 @@ class OptimizerConfig(Section):
 class SchedulerConfig(Section):
     """The learning rate as a pure function of the optimizer step (engine/optim.py: lr_at)."""
 
-    # After the warm-up: none (constant), linear or cosine decay to min_lr_ratio x lr,
-    # onecycle (a half-cosine rise over the warm-up, then cosine decay), multistep
-    # (x gamma at each milestone).
     name: Literal["none", "linear", "cosine", "onecycle", "multistep"] = "cosine"
-    # Warm-up length in optimizer steps; None = 3 epochs, at most 10 % of the run (onecycle:
-    # 30 % of the run, torch's pct_start).
+    """the learning rate as a pure function of the step: a warm-up, then `none` (constant),
+    `linear` or `cosine` decay to `min_lr_ratio x lr`, `onecycle` (a half-cosine rise over
+    the warm-up, then cosine decay) or `multistep` (x `gamma` at each of `milestones`)"""
     warmup_steps: int | None = Field(None, ge=0)
-    # The warm-up starts from warmup_init x lr.
+    """warm-up length in optimizer steps (linear; onecycle's is a half-cosine); `null` = 3
+    epochs, at most a tenth of the run (onecycle: 30 % of the run, torch's `pct_start`)"""
     warmup_init: float = Field(0.0, ge=0.0, le=1.0)
-    # The final learning rate of linear, cosine and onecycle, as a fraction of lr.
+    """the warm-up starts from `warmup_init x lr`"""
     min_lr_ratio: float = Field(0.05, ge=0.0, le=1.0)
-    # multistep: optimizer steps at which the learning rate is multiplied by gamma.
+    """final learning rate of `linear`, `cosine` and `onecycle`, as a fraction of the peak"""
     milestones: list[int] = []
+    """`multistep`: increasing optimizer steps (0-based) from which the rate is multiplied by
+    `gamma` once more; required by it"""
     gamma: float = Field(0.1, gt=0.0, le=1.0)
+    """`multistep`: the factor at each milestone"""
 
     @model_validator(mode="after")
     def _milestones_increase(self) -> SchedulerConfig:
@@ -66,74 +79,101 @@ class SchedulerConfig(Section):
 
 class EMAConfig(Section):
     enabled: bool = True
-    # None = a fifth of the run: 1 - 5 / total_steps, at most 0.9998 (engine/ema.py).
+    """keep an EMA of the weights, used for validation, `best.pt` weights and export"""
     decay: float | None = Field(None, gt=0.0, lt=1.0)
-    # The effective decay ramps up as decay * (1 - exp(-updates / warmup_steps)),
-    # so a short run's EMA tracks the model instead of lagging behind its init.
-    # None = a tenth of the run.
+    """EMA decay; the effective decay ramps up as `decay x (1 - exp(-updates / warmup_steps))`.
+    `null` = `1 - 5 / total_steps`, at most 0.9998: the EMA averages about the last fifth of
+    the run, whatever its length (engine/ema.py)"""
     warmup_steps: int | None = Field(None, ge=1)
-    # Average BatchNorm running statistics with the weights (as Ultralytics does) instead of
-    # copying the model's: steadier long runs, worse short ones (docs/recipe.md). With
-    # recalibrate_bn on, validation and checkpoints use recalibrated statistics instead.
+    """EMA ramp length, so that a short run's EMA tracks the model instead of lagging behind
+    its init; `null` = a tenth of the run"""
     average_buffers: bool = False
-    # Validate, choose best.pt, export and predict with the EMA weights (true) or the raw
-    # ones (false; the EMA is still kept and checkpointed).
+    """average the BatchNorm running statistics with the weights (as Ultralytics does)
+    instead of copying the model's: steadier runs of 50+ epochs, worse short ones (see
+    [recipe.md](recipe.md)); with `train.recalibrate_bn.enabled`, validations and the
+    checkpoints after them use recalibrated statistics instead"""
     eval: bool = True
+    """validate, pick `best.pt`, evaluate, export and predict with the EMA weights; `false`:
+    with the raw weights (the EMA is still kept and checkpointed, so a resume stays exact)"""
 
 
 class BNRecalibrationConfig(Section):
-    # Before every validation the evaluated (EMA) model's BatchNorm statistics are
-    # recomputed on this many training images and saved with it (engine/recalibrate.py):
-    # the statistics gathered in training come from the raw model, which the EMA lags.
-    # Off by default: it lifted a long run but lowered the 36-epoch ones (docs/recipe.md).
     enabled: bool = False
+    """before every validation, recompute the evaluated (EMA) model's BatchNorm statistics on
+    training images (engine/recalibrate.py) and save them with it in the checkpoint, instead
+    of the statistics gathered in training (from the raw model, which the EMA weights lag).
+    Off: it lifted a 61-epoch raccoon run but lowered the 36-epoch ones (see
+    [recipe.md](recipe.md))"""
     images: int = Field(256, ge=1)
-    # val: the plain letterbox of validation; train: the images as the epoch just trained
-    # augmented them (mosaic while it is on).
+    """training images used for it, spread evenly over the split (all of a smaller split)"""
     transform: Literal["val", "train"] = "val"
+    """`val`: those images plainly letterboxed, as validation sees them; `train`: as the epoch
+    just trained augmented them (mosaic while it is on)"""
 
 
 class EarlyStopConfig(Section):
-    # End the run after this many validations in a row without improvement; None = off.
     patience: int | None = Field(None, ge=1)
-    # An improvement must beat the best value so far by more than this.
+    """end the run after this many validations in a row without improvement (its checkpoint
+    is written first); `null` = off. `train_report.json` and `status.json` say why a run
+    ended (`end_reason`: `steps_done` or `early_stop`), and resuming a stopped run trains
+    nothing more"""
     min_delta: float = Field(0.0, ge=0.0)
+    """a validation improves when it beats the best so far by more than this"""
     metric: Literal["map50_95", "map50", "map75"] = "map50_95"
+    """the validation metric watched: `map50_95`, `map50` or `map75`"""
 
 
 class CheckpointConfig(Section):
     every_steps: int | None = Field(None, ge=1)
+    """also write `last.pt` every N optimizer steps (mid-epoch). A write costs about one
+    training step of the quickstart model ([benchmarks.md](benchmarks.md)), so N = 50
+    spends about 2 % of the time on checkpoints"""
     every_epochs: int | None = Field(1, ge=1)
+    """write `last.pt` every N epochs; the end of training always writes it"""
 
 
 class NonFiniteConfig(Section):
-    # skip: a step whose loss or gradients are not finite is skipped, and max_consecutive
-    # of them in a row abort the run; abort: the first one does. The last good checkpoint
-    # stays in place either way.
     policy: Literal["skip", "abort"] = "skip"
+    """`skip`: a step whose loss or gradients are not finite is skipped and counted, and
+    `max_consecutive` of them in a row abort the run; `abort`: the first one aborts it (exit
+    status 3; the last good checkpoint stays in place either way)"""
     max_consecutive: int = Field(5, ge=1)
+    """with `policy: skip`, this many non-finite steps in a row abort the run (exit status 3)"""
 
 
 class TrainConfig(Section):
     epochs: int = Field(100, ge=1)
-    # Optimizer steps; the run ends at whichever of epochs / max_steps comes first.
+    """training length in epochs (with the nominal batch of 64 and a batch of 16, an
+    optimizer step per 4 batches)"""
     max_steps: int | None = Field(None, ge=1)
+    """training length in optimizer steps; the run ends at whichever of `epochs` and
+    `max_steps` comes first"""
     batch_size: int = Field(16, ge=1)
-    # Images per optimizer step whatever the batch size: the gradients of
-    # round(nominal_batch / batch_size) batches are accumulated (YOLO's nbs), so that a
-    # smaller batch does not change the recipe.
+    """images per micro-batch"""
     nominal_batch: int | None = Field(64, ge=1)
-    # Or a fixed number of batches per optimizer step: a value above 1 (without
-    # nominal_batch) turns nominal_batch off; nominal_batch: null alone steps every batch.
+    """images per optimizer step whatever the batch size: the gradients of
+    `round(nominal_batch / batch_size)` batches are accumulated (YOLO's nominal batch), so
+    that a smaller batch does not change the recipe. The last step of an epoch takes the
+    batches left, so every image is used. `null` = a step every `accumulate` batches"""
     accumulate: int = Field(1, ge=1)
+    """a fixed number of batches per optimizer step; a value above 1 without `nominal_batch`
+    turns `nominal_batch` off, both set is an error"""
     optimizer: OptimizerConfig = OptimizerConfig()
+    """the optimizer and its parameter groups"""
     scheduler: SchedulerConfig = SchedulerConfig()
+    """the learning rate schedule (engine/optim.py: `lr_at`)"""
     grad_clip: float | None = Field(10.0, gt=0.0)
+    """max gradient norm (`null` = no clipping; the norm is still logged)"""
     ema: EMAConfig = EMAConfig()
+    """the exponential moving average of the weights (engine/ema.py)"""
     recalibrate_bn: BNRecalibrationConfig = BNRecalibrationConfig()
+    """BatchNorm statistics recomputed before validation (engine/recalibrate.py)"""
     checkpoint: CheckpointConfig = CheckpointConfig()
+    """how often `last.pt` is written"""
     nonfinite: NonFiniteConfig = NonFiniteConfig()
+    """what a step with a non-finite loss or gradient does"""
     early_stop: EarlyStopConfig = EarlyStopConfig()
+    """ending the run when validation stops improving"""
 
     @model_validator(mode="after")
     def _one_way_to_accumulate(self) -> TrainConfig:
