@@ -40,5 +40,10 @@ bench: $(STAMP)
 	$(PY) bench/overhead.py
 	$(PY) bench/checkpoint.py
 
+# docs/training.md's table of train.* keys, rewritten from the config schema's docstrings.
+.PHONY: docs
+docs: $(STAMP)
+	$(PY) -m detpact.config.reference docs/training.md
+
 clean-venv:
 	rm -rf $(VENV)
