@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import tempfile
@@ -33,6 +32,7 @@ from detpact.config import dump_config_yaml, load_config
 from detpact.data.build import build_datasets
 from detpact.engine.loop import Best, Progress, _build_loaders, _build_step_parts, _bundle
 from detpact.engine.optim import lr_at
+from detpact.engine.plan import plan_training
 from detpact.engine.runtime import resolve_device, setup_determinism
 from detpact.engine.step import train_step
 from detpact.run.checkpoint import commit_checkpoint
@@ -82,7 +82,8 @@ def main() -> None:
     data = build_datasets(cfg.data, _cache_dir(None))
     loader, _, sampler = _build_loaders(cfg, data)
     tcfg = cfg.train
-    steps_per_epoch = math.ceil(len(data.train) // tcfg.batch_size / tcfg.micro_batches)
+    plan = plan_training(tcfg, len(data.train))
+    steps_per_epoch = plan.steps_per_epoch
     total_steps = tcfg.epochs * steps_per_epoch
     batches = epochs_of_batches(loader, sampler)
     progress, best = Progress(), Best(map50_95=0.1, step=0, epoch=0)
@@ -90,7 +91,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         run = RunDir(Path(root))
         run.create()
-        parts = _build_step_parts(cfg, device, len(data.class_names), str(run.last_ckpt), total_steps)
+        parts = _build_step_parts(cfg, device, len(data.class_names), str(run.last_ckpt), total_steps,
+                                  micro_batches=plan.micro_batches)
         run.config_resolved.write_text(dump_config_yaml(cfg))
         run.val_metrics.write_text(json.dumps({"step": 0, "epoch": 0, "map50_95": 0.1, "map50": 0.2}) + "\n")
 
@@ -107,7 +109,7 @@ def main() -> None:
         def save(improved: bool) -> float:  # as fit()'s save()
             started = time.perf_counter()
             parts.guard.check_weights(progress.global_step, parts.model, parts.ema.module if parts.ema else None)
-            bundle = _bundle(cfg, data, run, parts, progress, sampler, best)
+            bundle = _bundle(cfg, data, run, parts, progress, sampler, best, plan)
             commit_checkpoint(run, bundle, best=improved)
             return time.perf_counter() - started
 

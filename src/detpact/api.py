@@ -30,10 +30,20 @@ from detpact.data.build import DatasetSplits, Sources, build_datasets, read_sour
 from detpact.data.dataset import DetectionDataset, eval_loader
 from detpact.data.preflight import PreflightReport, run_preflight
 from detpact.data.show import save_grid
+from detpact.engine.distributed import (
+    Distributed,
+    barrier,
+    broadcast_from_main,
+    close,
+    init_distributed,
+    launched_by_torchrun,
+    process_device,
+)
 from detpact.engine.evaluate import evaluate as evaluate_model
 from detpact.engine.evaluate import prepare_images
 from detpact.engine.faults import parse_faults
-from detpact.engine.loop import check_batches_per_epoch, fit
+from detpact.engine.loop import fit
+from detpact.engine.plan import plan_training
 from detpact.engine.runtime import check_amp, resolve_device, setup_determinism
 from detpact.errors import CheckFailed, DetpactError
 from detpact.export.onnx import DeployModel, export_onnx, onnx_metadata
@@ -47,6 +57,7 @@ from detpact.inference.predictor import (
     write_predictions,
 )
 from detpact.run.atomic import atomic_write_json, atomic_write_text, read_json
+from detpact.run.checkpoint import load_checkpoint
 from detpact.run.contract import (
     RunDir,
     default_run_id,
@@ -55,6 +66,7 @@ from detpact.run.contract import (
     write_manifest,
 )
 from detpact.run.session import (
+    check_world_size,
     finish_train_report,
     resume_bundle,
     resume_num_threads,
@@ -77,49 +89,66 @@ def train(
     allow_drift: bool = False,
     overrides: Sequence[str] = (),
     environ: Mapping[str, str] | None = None,
+    ddp: bool = False,
+    allow_world_size_change: bool = False,
 ) -> RunDir:
     """Train a detector per `config` into `<output_root>/<run_id>`; returns the run folder.
 
     With `resume=True`, continue the run from its `checkpoints/last.pt`; the config must
     hash the same as the one the run was started with, and the dataset must be unchanged,
     unless `allow_drift` (then the differences are logged and recorded in run_meta.json).
+    Under torchrun (or with `ddp`, which requires it) every process trains its share of
+    each batch and rank 0 writes the run; a resume needs the number of processes the run
+    was trained with unless `allow_world_size_change`.
     """
     environ = os.environ if environ is None else environ
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
     cfg, seed_source = seed_from_environment(cfg, environ, overrides)
-    faults = parse_faults(environ.get("DETPACT_FAULT"))
     output_root = resolve_output_root(cfg.run.output_root, environ)
     if resume and not run_id:
         raise DetpactError("--resume needs the --run-id of the run to continue (its folder name under "
                            f"{output_root}).")
-    run = RunDir.for_run_id(output_root, run_id or default_run_id(cfg.run.name, datetime.now()))
-    drift: dict[str, Any] = {}
-    bundle = resume_bundle(run, cfg, drift, allow_drift) if resume else None
-    if not resume and run.root.exists() and any(run.root.iterdir()):
-        raise DetpactError(f"Run folder {run.root} already exists. Add --resume to continue it, or pass "
-                           "another --run-id.")
+    if run_id is None and (ddp or launched_by_torchrun(environ)):
+        raise DetpactError("Training with several processes needs --run-id: every process must write to the "
+                           "same run folder.")
+    ctx = init_distributed(environ, ddp, cfg.run.device)
+    try:
+        if not ctx.is_main:
+            logging.getLogger("detpact").setLevel(logging.WARNING)  # rank 0 reports for all
+        faults = parse_faults(environ.get("DETPACT_FAULT"), ctx.rank)
+        run = RunDir.for_run_id(output_root, run_id or default_run_id(cfg.run.name, datetime.now()))
+        drift: dict[str, Any] = {}
+        bundle = _open_for_training(run, cfg, ctx, resume, allow_drift, allow_world_size_change, drift)
+        device = process_device(ctx, resolve_device(cfg.run.device))
+        check_amp(cfg.run.amp, device)
+        determinism = setup_determinism(cfg.run.seed, cfg.run.deterministic, resume_num_threads(cfg, bundle))
+        data = build_datasets(cfg.data, _cache_dir(environ))
+        if bundle is not None and bundle["dataset_fingerprint"] != data.fingerprint:
+            if not allow_drift:
+                raise DetpactError(
+                    f"Cannot resume {run.root}: the dataset at {data.root} changed since the checkpoint was written "
+                    "(fingerprint differs). Restore the data, start a new run, or pass --allow-drift to continue "
+                    "on the new data anyway (recorded in run_meta.json)."
+                )
+            log.warning("resuming on changed data (--allow-drift): the dataset fingerprint differs from the "
+                        "checkpoint's")
+            drift["dataset_fingerprint"] = {"checkpoint": bundle["dataset_fingerprint"], "now": data.fingerprint}
+        plan_training(cfg.train, len(data.train), ctx.world_size)  # a split too small: before the folder exists
+        meta = None
+        if ctx.is_main:
+            run.create()
+            atomic_write_text(run.config_resolved, dump_config_yaml(cfg))
+            meta = write_run_meta(run, cfg, data, device, determinism, resumed=resume, drift=drift,
+                                  seed_source=seed_source, distributed=ctx.describe())
+            log.info("run folder: %s (dataset: %s, %s)", run.root, data.mode, data.root)
+        barrier(ctx)  # the folder exists before any rank trains
 
-    device = resolve_device(cfg.run.device)
-    check_amp(cfg.run.amp, device)
-    determinism = setup_determinism(cfg.run.seed, cfg.run.deterministic, resume_num_threads(cfg, bundle))
-    data = build_datasets(cfg.data, _cache_dir(environ))
-    if bundle is not None and bundle["dataset_fingerprint"] != data.fingerprint:
-        if not allow_drift:
-            raise DetpactError(
-                f"Cannot resume {run.root}: the dataset at {data.root} changed since the checkpoint was written "
-                "(fingerprint differs). Restore the data, start a new run, or pass --allow-drift to continue "
-                "on the new data anyway (recorded in run_meta.json)."
-            )
-        log.warning("resuming on changed data (--allow-drift): the dataset fingerprint differs from the checkpoint's")
-        drift["dataset_fingerprint"] = {"checkpoint": bundle["dataset_fingerprint"], "now": data.fingerprint}
-    check_batches_per_epoch(cfg.train, len(data.train))  # before the run folder exists
-    run.create()
-    atomic_write_text(run.config_resolved, dump_config_yaml(cfg))
-    meta = write_run_meta(run, cfg, data, device, determinism, resumed=resume, drift=drift, seed_source=seed_source)
-    log.info("run folder: %s (dataset: %s, %s)", run.root, data.mode, data.root)
-
-    result = fit(cfg, run, data, device, bundle, faults, cache_dir=_cache_dir(environ))
-    finish_train_report(run, cfg, result, meta)
+        result = fit(cfg, run, data, device, bundle, faults, cache_dir=_cache_dir(environ), ctx=ctx)
+        if not ctx.is_main:
+            return run
+        finish_train_report(run, cfg, result, meta)
+    finally:
+        close(ctx)
     if cfg.export.onnx:
         set_phase(run.status, "export")
         try:
@@ -132,6 +161,34 @@ def train(
     set_phase(run.status, "done")
     write_manifest(run)
     return run
+
+
+def _open_for_training(run: RunDir, cfg: Config, ctx: Distributed, resume: bool, allow_drift: bool,
+                       allow_world_size_change: bool, drift: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint bundle to resume from (None for a fresh run), after the checks that
+    refuse to start: an existing folder without --resume, config drift, another number of
+    processes. Rank 0 checks (and repairs a damaged last.pt); the other ranks take its
+    verdict, then read the checkpoint it settled on."""
+    bundle, failure, outcome = None, None, None
+    if ctx.is_main:
+        try:
+            if resume:
+                bundle = resume_bundle(run, cfg, drift, allow_drift)
+                check_world_size(bundle, ctx.world_size, allow_world_size_change, drift)
+            elif run.root.exists() and any(run.root.iterdir()):
+                raise DetpactError(f"Run folder {run.root} already exists. Add --resume to continue it, or pass "
+                                   "another --run-id.")
+            outcome = ("ok", bundle is not None)
+        except DetpactError as exc:
+            failure, outcome = exc, ("error", exc.message)
+    status, detail = broadcast_from_main(ctx, outcome)
+    if failure is not None:
+        raise failure
+    if status == "error":
+        raise DetpactError(detail)
+    if not ctx.is_main and detail:
+        bundle = load_checkpoint(run.last_ckpt)
+    return bundle
 
 
 def evaluate(run_dir: str | Path, *, checkpoint: str = "best", environ: Mapping[str, str] | None = None,

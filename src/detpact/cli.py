@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run from its checkpoints/last.pt")
     train.add_argument("--allow-drift", action="store_true",
                        help="with --resume: continue even though the config or the data changed (recorded in run_meta.json)")
+    train.add_argument("--ddp", action="store_true",
+                       help="train with several processes; needs torchrun (torchrun's environment also turns it on)")
+    train.add_argument("--allow-world-size-change", action="store_true",
+                       help="with --resume: continue with another number of processes than the run was trained with")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.epochs=5 (repeatable)")
 
@@ -122,11 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_command(args: argparse.Namespace) -> int:
     if args.command == "train":
-        if args.allow_drift and not args.resume:
-            raise DetpactError("--allow-drift only applies to --resume.")
+        for flag in ("allow_drift", "allow_world_size_change"):
+            if getattr(args, flag) and not args.resume:
+                raise DetpactError(f"--{flag.replace('_', '-')} only applies to --resume.")
         run = api.train(args.config, run_id=args.run_id, resume=args.resume, allow_drift=args.allow_drift,
-                        overrides=args.overrides)
-        print(f"run directory: {run.root}")
+                        overrides=args.overrides, ddp=args.ddp, allow_world_size_change=args.allow_world_size_change)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+            print(f"run directory: {run.root}")
     elif args.command == "eval":
         metrics = api.evaluate(args.run_dir, checkpoint=args.checkpoint, verify_config=args.verify_config,
                                data_config=args.data, out=args.out)
@@ -212,7 +218,9 @@ def print_preflight(report: PreflightReport, limit: int = 50) -> None:
 
 def resume_command(args: argparse.Namespace, run_id: str) -> str:
     """The command line that continues a stopped `train` command."""
-    words = ["detpact", "train", args.config, "--run-id", run_id, "--resume"]
+    world_size = os.environ.get("WORLD_SIZE")
+    launcher = ["torchrun", f"--nproc_per_node={world_size}", "-m", "detpact"] if world_size else ["detpact"]
+    words = [*launcher, "train", args.config, "--run-id", run_id, "--resume"]
     for override in args.overrides:
         words += ["--set", override]
     return shlex.join(words)

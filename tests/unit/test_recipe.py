@@ -11,6 +11,7 @@ import torch
 from detpact.config import AugmentConfig, ModelConfig, TrainConfig, validate_config
 from detpact.data.dataset import DetectionDataset
 from detpact.engine.multiscale import MultiScale, rescale_batch
+from detpact.engine.plan import plan_training
 from detpact.errors import DetpactError
 from detpact.models.boxes import paired_ciou, paired_iou
 from detpact.models.detector import build_model
@@ -122,12 +123,18 @@ def test_every_batchnorm_of_the_detector_warm_starts():
 
 
 def test_nominal_batch_sets_the_micro_batches_per_step():
-    assert TrainConfig(batch_size=16, nominal_batch=64).micro_batches == 4
-    assert TrainConfig(batch_size=24, nominal_batch=64).micro_batches == 3  # round(2.67)
-    assert TrainConfig(batch_size=128, nominal_batch=64).micro_batches == 1
+    def plan(tcfg: TrainConfig, world_size: int = 1):
+        return plan_training(tcfg, 1000, world_size)
+
+    assert plan(TrainConfig(batch_size=16, nominal_batch=64)).micro_batches == 4
+    assert plan(TrainConfig(batch_size=24, nominal_batch=64)).micro_batches == 3  # round(2.67)
+    assert plan(TrainConfig(batch_size=128, nominal_batch=64)).micro_batches == 1
+    # With 2 processes the nominal batch counts images over both: half the accumulation.
+    two = plan(TrainConfig(batch_size=16, nominal_batch=64), world_size=2)
+    assert (two.micro_batches, two.global_batch, two.images_per_step, two.batches_per_epoch) == (2, 32, 64, 31)
     explicit = TrainConfig(batch_size=8, accumulate=3)  # a fixed accumulation turns the nominal batch off
-    assert explicit.nominal_batch is None and explicit.images_per_step == 24
-    assert TrainConfig.model_validate(explicit.model_dump()).images_per_step == 24  # as reloaded from the run
+    assert explicit.nominal_batch is None and plan(explicit).images_per_step == 24
+    assert plan(TrainConfig.model_validate(explicit.model_dump())).images_per_step == 24  # as reloaded from the run
     with pytest.raises(DetpactError, match="train.accumulate or train.nominal_batch"):
         validate_config({"config_version": 1, "data": {"format": "synthetic"},
                          "train": {"accumulate": 2, "nominal_batch": 64}})

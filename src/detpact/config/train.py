@@ -141,6 +141,12 @@ class NonFiniteConfig(Section):
     """with `policy: skip`, this many non-finite steps in a row abort the run (exit status 3)"""
 
 
+class DDPConfig(Section):
+    sync_bn: bool = False
+    """under torchrun: BatchNorm layers normalise over the global batch (torch's
+    SyncBatchNorm; CUDA only) instead of each process's share of it"""
+
+
 class TrainConfig(Section):
     epochs: int = Field(100, ge=1)
     """training length in epochs (with the nominal batch of 64 and a batch of 16, an
@@ -149,11 +155,12 @@ class TrainConfig(Section):
     """training length in optimizer steps; the run ends at whichever of `epochs` and
     `max_steps` comes first"""
     batch_size: int = Field(16, ge=1)
-    """images per micro-batch"""
+    """images per micro-batch, per process under torchrun (the global batch is this times the
+    number of processes)"""
     nominal_batch: int | None = Field(64, ge=1)
     """images per optimizer step whatever the batch size: the gradients of
-    `round(nominal_batch / batch_size)` batches are accumulated (YOLO's nominal batch), so
-    that a smaller batch does not change the recipe. The last step of an epoch takes the
+    `round(nominal_batch / global batch)` batches are accumulated (YOLO's nominal batch), so
+    that a smaller batch or more processes do not change the recipe. The last step of an epoch takes the
     batches left, so every image is used. `null` = a step every `accumulate` batches"""
     accumulate: int = Field(1, ge=1)
     """a fixed number of batches per optimizer step; a value above 1 without `nominal_batch`
@@ -174,6 +181,8 @@ class TrainConfig(Section):
     """what a step with a non-finite loss or gradient does"""
     early_stop: EarlyStopConfig = EarlyStopConfig()
     """ending the run when validation stops improving"""
+    ddp: DDPConfig = DDPConfig()
+    """several training processes (torchrun)"""
 
     @model_validator(mode="after")
     def _one_way_to_accumulate(self) -> TrainConfig:
@@ -183,14 +192,3 @@ class TrainConfig(Section):
             raise ValueError("set train.accumulate or train.nominal_batch, not both "
                              "(train.nominal_batch: null to accumulate a fixed number of batches)")
         return self
-
-    @property
-    def micro_batches(self) -> int:
-        """Batches per optimizer step (from `nominal_batch` when it is set)."""
-        if self.nominal_batch is None:
-            return self.accumulate
-        return max(1, round(self.nominal_batch / self.batch_size))
-
-    @property
-    def images_per_step(self) -> int:
-        return self.batch_size * self.micro_batches

@@ -13,12 +13,19 @@ class ResumableSampler(Sampler[tuple[int, int]]):
 
     `set_epoch(epoch, start)` selects the epoch's permutation and skips its first
     `start` entries without loading them: resuming mid-epoch costs nothing.
+
+    With several training processes, rank r of `world_size` takes every world_size-th
+    entry from r on: its k-th batch of B and the other ranks' k-th batches together are
+    the k-th batch of B x world_size a single process would draw. The tail that cannot
+    give every rank an entry is left out, so all ranks see the same number of batches.
     """
 
-    def __init__(self, num_samples: int, seed: int, shuffle: bool = True):
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
         self.num_samples = num_samples
         self.seed = seed
         self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
         self.start = 0
 
@@ -31,11 +38,12 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         self.epoch, self.start = epoch, start
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in self.order(self.epoch)[self.start :]:
+        end = self.start + len(self) * self.world_size
+        for index in self.order(self.epoch)[self.start + self.rank : end : self.world_size]:
             yield self.epoch, int(index)
 
     def __len__(self) -> int:
-        return max(0, self.num_samples - self.start)
+        return max(0, self.num_samples - self.start) // self.world_size
 
     def state_at(self, epoch: int, start: int) -> dict[str, int]:
         """The sampler's state for a checkpoint whose next batch begins at `start` of `epoch`

@@ -9,6 +9,8 @@ as a comma-separated list of:
                           B bytes of it (default 1024)
   term@step=N             send this process SIGTERM right after step N (graceful stop)
   nan@step=N[..M]         make the loss NaN at steps N..M
+Any entry may end in `@rank=R`: under torchrun only rank R acts on it (e.g.
+nan@step=3@rank=1 poisons the loss of one process).
 Steps are 1-based, as logged. Tests use these to check resume after a crash, the
 graceful stop and the non-finite guard on real runs, through real signals.
 """
@@ -31,6 +33,7 @@ _PATTERNS = {
     "nan": re.compile(r"nan@step=(\d+)(?:\.\.(\d+))?"),
 }
 _DEFAULT_SAVE_BYTES = 1024
+_RANK = re.compile(r"(.+)@rank=(\d+)")
 
 
 @dataclass(frozen=True)
@@ -70,18 +73,24 @@ class Faults:
 NO_FAULTS = Faults()
 
 
-def parse_faults(spec: str | None) -> Faults:
+def parse_faults(spec: str | None, rank: int = 0) -> Faults:
+    """The faults of DETPACT_FAULT that this process (`rank`) acts on."""
     if not spec:
         return NO_FAULTS
     found: dict = {"nan_steps": set()}
     for item in spec.split(","):
         item = item.strip()
+        ranked = _RANK.fullmatch(item)
+        if ranked is not None:
+            item = ranked.group(1)
         kind, match = next(((k, m) for k, p in _PATTERNS.items() if (m := p.fullmatch(item))), (None, None))
         if match is None:
             raise DetpactError(
                 f"Bad DETPACT_FAULT entry {item!r}: use kill@step=N, kill@step=N:micro=M, "
-                "kill@save=N[:bytes=B], term@step=N or nan@step=N[..M]."
+                "kill@save=N[:bytes=B], term@step=N or nan@step=N[..M], each optionally followed by @rank=R."
             )
+        if ranked is not None and int(ranked.group(2)) != rank:
+            continue
         numbers = [int(g) if g is not None else None for g in match.groups()]
         if kind == "kill_step":
             found["kill_after_step"] = numbers[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -18,11 +19,19 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from detpact.config import Config, TrainConfig, config_hash, resolved_dict
+from detpact.config import Config, config_hash, resolved_dict
 from detpact.data.build import DatasetSplits
 from detpact.data.cache import ImageCache
 from detpact.data.dataset import DetectionDataset, eval_loader, make_loader, resolve_num_workers
 from detpact.data.sampler import ResumableSampler
+from detpact.engine.distributed import (
+    SINGLE,
+    Distributed,
+    any_rank,
+    broadcast_from_main,
+    broadcast_state,
+    sync_batchnorm,
+)
 from detpact.engine.early_stop import EarlyStopping
 from detpact.engine.ema import ModelEMA
 from detpact.engine.evaluate import evaluate
@@ -30,13 +39,14 @@ from detpact.engine.faults import NO_FAULTS, Faults
 from detpact.engine.guards import NonFiniteGuard
 from detpact.engine.multiscale import MultiScale
 from detpact.engine.optim import build_optimizer, describe_groups, lr_at
+from detpact.engine.plan import TrainPlan, plan_training
 from detpact.engine.progress import train_progress
 from detpact.engine.recalibrate import EpochSampler, recalibrate_batchnorm, recalibration_indices
-from detpact.engine.recorder import Recorder
+from detpact.engine.recorder import NullRecorder, Recorder
 from detpact.engine.runtime import rng_state, set_rng_state
 from detpact.engine.step import StepParts, train_step
 from detpact.engine.stop import stop_on_signals
-from detpact.errors import DetpactError, TrainingStopped
+from detpact.errors import DetpactError, TrainingAborted, TrainingStopped
 from detpact.models.detector import build_model, count_parameters
 from detpact.models.losses import build_criterion
 from detpact.run.checkpoint import FORMAT_VERSION, commit_checkpoint
@@ -79,34 +89,43 @@ class FitResult:
     weights: dict[str, Any] = field(default_factory=dict)  # StepParts.weights
     optimizer_groups: list[dict[str, Any]] = field(default_factory=list)  # optim.describe_groups
     end_reason: str = "steps_done"  # or "early_stop"; a signal or an abort raises instead
+    plan: TrainPlan | None = None
 
 
 def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, resume: dict | None,
-        faults: Faults = NO_FAULTS, cache_dir: Path | None = None) -> FitResult:
+        faults: Faults = NO_FAULTS, cache_dir: Path | None = None, ctx: Distributed = SINGLE) -> FitResult:
     """Train per `cfg` into `run`; `resume` is the checkpoint bundle to continue from.
 
+    Under torchrun (`ctx`) every rank runs this on its shard of the data; rank 0 alone
+    validates and writes, and the ranks meet at each validation and checkpoint.
     Raises TrainingStopped (after saving last.pt) when SIGINT/SIGTERM asks it to stop.
     """
     tcfg = cfg.train
-    images_per_step = tcfg.images_per_step
-    batches_per_epoch = check_batches_per_epoch(tcfg, len(data.train))
-    steps_per_epoch = math.ceil(batches_per_epoch / tcfg.micro_batches)
-    total_steps = min(tcfg.epochs * steps_per_epoch, tcfg.max_steps or math.inf)
+    plan = plan_training(tcfg, len(data.train), ctx.world_size)
+    steps_per_epoch, total_steps = plan.steps_per_epoch, plan.total_steps
     train_loader, val_loader, recal_loader, sampler = _build_loaders(
-        cfg, data, cache_dir, _mosaic_until(cfg, total_steps, steps_per_epoch))
-    parts = _build_step_parts(cfg, device, len(data.class_names), str(run.last_ckpt), total_steps, resume)
-    progress, best = _restore(resume, parts, run) if resume is not None else (Progress(), Best())
+        cfg, data, cache_dir, _mosaic_until(cfg, total_steps, steps_per_epoch), ctx)
+    parts = _build_step_parts(cfg, device, len(data.class_names), str(run.last_ckpt), total_steps, resume, ctx,
+                              plan.micro_batches)
+    progress, best = _restore(resume, parts, run, ctx) if resume is not None else (Progress(), Best())
+    broadcast_state(ctx, parts.model)  # the ranks start from the same weights, whatever their seeds
     early = EarlyStopping(tcfg.early_stop)
     if resume is not None and resume.get("early_stop"):
         early.load_state_dict(resume["early_stop"])
+    if resume is not None and resume["runtime"].get("world_size", 1) != ctx.world_size:
+        # --allow-world-size-change: go on from the first step the new processes have not trained
+        progress.step_in_epoch = resume["sampler"]["start"] // plan.images_per_step
     if progress.step_in_epoch >= steps_per_epoch:  # epochs got shorter (a resume with --allow-drift)
         progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
     result = FitResult(best=best, num_params=count_parameters(parts.model), start_step=progress.global_step,
                        start_samples=progress.samples_seen, weights=parts.weights,
-                       optimizer_groups=describe_groups(parts.optimizer))
+                       optimizer_groups=describe_groups(parts.optimizer), plan=plan)
     log.info("model: %.2fM parameters (%.2fM trainable); %d train / %d val images; %d steps per epoch, %d steps "
              "in all", result.num_params / 1e6, parts.weights["freeze"]["trainable_params"] / 1e6, len(data.train),
              len(data.val), steps_per_epoch, total_steps)
+    if ctx.enabled:
+        log.info("%d processes (%s): %d images per process and micro-batch, %d per optimizer step in all",
+                 ctx.world_size, ctx.backend, plan.batch_size, plan.images_per_step)
     if progress.global_step >= total_steps or early.stopped:
         log.info("the run is already complete (step %d of %d%s): nothing left to train", progress.global_step,
                  total_steps, ", stopped early" if early.stopped else "")
@@ -115,20 +134,33 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
 
     def save(improved: bool) -> None:
         nonlocal saved_at
-        parts.guard.check_weights(progress.global_step, parts.model, parts.ema.module if parts.ema else None)
-        bundle = {**_bundle(cfg, data, run, parts, progress, sampler, best), "early_stop": early.state_dict()}
-        commit_checkpoint(run, bundle, best=improved, on_write=faults.save_monitor(progress.global_step))
+        error: DetpactError | None = None
+        if ctx.is_main:
+            try:
+                parts.guard.check_weights(progress.global_step, parts.model, parts.ema.module if parts.ema else None)
+                bundle = {**_bundle(cfg, data, run, parts, progress, sampler, best, plan),
+                          "early_stop": early.state_dict()}
+                commit_checkpoint(run, bundle, best=improved, on_write=faults.save_monitor(progress.global_step))
+            except DetpactError as exc:
+                error = exc
+        # A barrier, and every rank stops together when rank 0 could not write.
+        if any_rank(ctx, error is not None, device):
+            raise error or TrainingAborted(f"Training aborted at step {progress.global_step}: rank 0 could not "
+                                           "write its checkpoint (its log says why).")
         saved_at = progress.global_step
 
     def validate() -> bool:
         recorder.phase("eval", progress.global_step, progress.epoch)
-        eval_model = parts.ema.module if parts.ema is not None and tcfg.ema.eval else parts.model
-        if recal_loader is not None:  # the statistics go into the checkpoint with the weights
-            # the epoch just trained: a finished one has already moved progress.epoch on
-            recal_loader.sampler.epoch = progress.epoch - 1 if progress.step_in_epoch == 0 else progress.epoch
-            recalibrate_batchnorm(eval_model, recal_loader, device, cfg.run.amp, cfg.run.channels_last)
-        metrics = evaluate(eval_model, val_loader, data.val, data.class_names, cfg.model.postprocess,
-                           device, cfg.run.amp, cfg.run.channels_last)
+        metrics = None
+        if ctx.is_main:  # validation runs once, on rank 0; the others wait for its metrics
+            eval_model = parts.ema.module if parts.ema is not None and tcfg.ema.eval else parts.model
+            if recal_loader is not None:  # the statistics go into the checkpoint with the weights
+                # the epoch just trained: a finished one has already moved progress.epoch on
+                recal_loader.sampler.epoch = progress.epoch - 1 if progress.step_in_epoch == 0 else progress.epoch
+                recalibrate_batchnorm(eval_model, recal_loader, device, cfg.run.amp, cfg.run.channels_last)
+            metrics = evaluate(eval_model, val_loader, data.val, data.class_names, cfg.model.postprocess,
+                               device, cfg.run.amp, cfg.run.channels_last)
+        metrics = broadcast_from_main(ctx, metrics)
         recorder.validation(progress.global_step, progress.epoch, metrics)
         # map50_95 is None when the val split has no ground truth; the first validation
         # still writes best.pt so that export always has a checkpoint to take.
@@ -143,23 +175,25 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
         return improved
 
     started = time.perf_counter()
-    with stop_on_signals() as stop, train_progress(total_steps, progress.global_step, cfg.logging.progress) as bar:
-        recorder = Recorder(run, bar, cfg.logging.status_every_s, total_steps, progress.global_step)
+    with stop_on_signals() as stop, train_progress(total_steps, progress.global_step,
+                                                   cfg.logging.progress and ctx.is_main) as bar:
+        recorder = (Recorder(run, bar, cfg.logging.status_every_s, total_steps, progress.global_step) if ctx.is_main
+                    else NullRecorder())
         batches: Iterator | None = None
         try:
             while progress.global_step < total_steps and not early.stopped:
                 if batches is None:  # an epoch starts, or resumes at step_in_epoch
-                    sampler.set_epoch(progress.epoch, start=progress.step_in_epoch * images_per_step)
+                    sampler.set_epoch(progress.epoch, start=progress.step_in_epoch * plan.images_per_step)
                     batches = iter(train_loader)
                 step = progress.global_step + 1
                 lr = lr_at(progress.global_step, total_steps, tcfg.optimizer.lr, tcfg.scheduler, steps_per_epoch)
                 # Every batch of the epoch is used: its last step may accumulate fewer of them.
-                micro = min(tcfg.micro_batches, batches_per_epoch - progress.step_in_epoch * tcfg.micro_batches)
+                micro = min(plan.micro_batches, plan.batches_per_epoch - progress.step_in_epoch * plan.micro_batches)
                 stats = train_step(parts, batches, lr, step, faults, micro)
                 parts.guard.record(ok=stats is not None)
                 progress.global_step, progress.step_in_epoch = step, progress.step_in_epoch + 1
-                progress.samples_seen += micro * tcfg.batch_size
-                recorder.step(step, progress.epoch, lr, micro * tcfg.batch_size, stats, parts.guard.skipped)
+                progress.samples_seen += micro * plan.global_batch
+                recorder.step(step, progress.epoch, lr, micro * plan.global_batch, stats, parts.guard.skipped)
                 parts.guard.check(step)  # may abort: after the step's line is on disk
 
                 # The step boundary: end of epoch, validation, checkpoint, stop.
@@ -173,12 +207,12 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
                         epoch_done and _due(tcfg.checkpoint.every_epochs, progress.epoch)):
                     save(improved)
                 faults.after_step(step)
-                if stop.requested:  # the signal may have come at any point of the step: save it now
+                if any_rank(ctx, stop.requested, device):  # the ranks stop at the same step  # the signal may have come at any point of the step: save it now
                     if saved_at != step:
                         save(improved=False)
                     raise TrainingStopped(
-                        f"Training stopped by {stop.signal_name} after step {step} of {total_steps} (epoch "
-                        f"{progress.epoch}); its full state is saved in {run.last_ckpt}.", stop.signum, run.root.name)
+                        f"Training stopped by {stop.signal_name or 'a signal to another rank'} after step {step} of {total_steps} (epoch "
+                        f"{progress.epoch}); its full state is saved in {run.last_ckpt}.", stop.signum or signal.SIGTERM, run.root.name)
         except TrainingStopped:
             recorder.phase("stopped", progress.global_step, progress.epoch)
             raise
@@ -196,8 +230,9 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
 
 
 def _build_step_parts(cfg: Config, device: torch.device, num_classes: int, last_ckpt: str,
-                      total_steps: int, resume: dict | None = None) -> StepParts:
-    model = build_model(cfg.model, num_classes)
+                      total_steps: int, resume: dict | None = None, ctx: Distributed = SINGLE,
+                      micro_batches: int = 1) -> StepParts:
+    model = sync_batchnorm(ctx, build_model(cfg.model, num_classes), cfg.train.ddp.sync_bn, device)
     # Starting weights and freezing come before the optimizer and the EMA take the model's
     # parameters. A resume's weights come from its checkpoint, with their record.
     weights = apply_initial_weights(model, cfg.model) if resume is None else carried_initial_weights(resume)
@@ -214,21 +249,10 @@ def _build_step_parts(cfg: Config, device: torch.device, num_classes: int, last_
         scaler=torch.amp.GradScaler(device.type) if cfg.run.amp == "fp16" else None,
         guard=NonFiniteGuard(tcfg.nonfinite.max_consecutive if tcfg.nonfinite.policy == "skip" else 1, last_ckpt),
         device=device, amp=cfg.run.amp, channels_last=cfg.run.channels_last,
-        grad_clip=tcfg.grad_clip, accumulate=tcfg.micro_batches,
+        grad_clip=tcfg.grad_clip, accumulate=micro_batches,
         multi_scale=MultiScale(cfg.run.seed, cfg.data.image_size, cfg.data.multi_scale) if cfg.data.multi_scale else None,
-        weights=weights,
+        weights=weights, dist=ctx,
     )
-
-
-def check_batches_per_epoch(tcfg: TrainConfig, num_train: int) -> int:
-    """Full batches per epoch (a partial last batch is dropped); a user error when the split
-    cannot fill one batch."""
-    if num_train < tcfg.batch_size:
-        raise DetpactError(
-            f"The training split has {num_train} images, fewer than train.batch_size = {tcfg.batch_size}. "
-            "Lower train.batch_size or add images."
-        )
-    return num_train // tcfg.batch_size
 
 
 def _mosaic_until(cfg: Config, total_steps: int, steps_per_epoch: int) -> int | None:
@@ -238,7 +262,7 @@ def _mosaic_until(cfg: Config, total_steps: int, steps_per_epoch: int) -> int | 
 
 
 def _build_loaders(cfg: Config, data: DatasetSplits, cache_dir: Path | None = None,
-                   mosaic_until: int | None = None) -> tuple[DataLoader, DataLoader, DataLoader | None,
+                   mosaic_until: int | None = None, ctx: Distributed = SINGLE) -> tuple[DataLoader, DataLoader, DataLoader | None,
                                                              ResumableSampler]:
     """Training loader (augmented, resumable order), validation loader and the loader of
     training images for BatchNorm recalibration (None when that is off).
@@ -250,7 +274,7 @@ def _build_loaders(cfg: Config, data: DatasetSplits, cache_dir: Path | None = No
     cache = ImageCache(dcfg.cache, cache_dir / "images" if cache_dir is not None else None)
     train_ds = DetectionDataset(data.train, dcfg.image_size, train=True, seed=cfg.run.seed, augment=dcfg.augment,
                                 cache=cache, mosaic_until=mosaic_until)
-    sampler = ResumableSampler(len(train_ds), cfg.run.seed)
+    sampler = ResumableSampler(len(train_ds), cfg.run.seed, rank=ctx.rank, world_size=ctx.world_size)
     workers = resolve_num_workers(dcfg.num_workers)
     train_loader = make_loader(train_ds, cfg.train.batch_size, workers, sampler, drop_last=True)
     recal, recal_loader = cfg.train.recalibrate_bn, None
@@ -266,7 +290,7 @@ def _due(every: int | None, count: int) -> bool:
 
 
 def _bundle(cfg: Config, data: DatasetSplits, run: RunDir, parts: StepParts, progress: Progress,
-            sampler: ResumableSampler, best: Best) -> dict[str, Any]:
+            sampler: ResumableSampler, best: Best, plan: TrainPlan) -> dict[str, Any]:
     """The checkpoint bundle (ARCHITECTURE.md): tensors and plain values only."""
     return {
         "format_version": FORMAT_VERSION,
@@ -278,11 +302,12 @@ def _bundle(cfg: Config, data: DatasetSplits, run: RunDir, parts: StepParts, pro
         "ema": parts.ema.state_dict() if parts.ema else None,
         "progress": asdict(progress),
         "rng": rng_state(),
-        "sampler": sampler.state_at(progress.epoch, progress.step_in_epoch * cfg.train.images_per_step),
+        "sampler": sampler.state_at(progress.epoch, progress.step_in_epoch * plan.images_per_step),
         "nonfinite": parts.guard.state_dict(),
         # Where the metric logs ended when this was written: a resume cuts them back to here.
         "metrics": {"train_bytes": _file_size(run.train_metrics), "val_bytes": _file_size(run.val_metrics)},
-        "runtime": {"num_threads": torch.get_num_threads(), "deterministic": cfg.run.deterministic},
+        "runtime": {"num_threads": torch.get_num_threads(), "deterministic": cfg.run.deterministic,
+                    "world_size": plan.world_size},
         "config": resolved_dict(cfg),
         "config_hash": config_hash(cfg),
         "dataset_fingerprint": data.fingerprint,
@@ -293,7 +318,7 @@ def _bundle(cfg: Config, data: DatasetSplits, run: RunDir, parts: StepParts, pro
     }
 
 
-def _restore(bundle: dict[str, Any], parts: StepParts, run: RunDir) -> tuple[Progress, Best]:
+def _restore(bundle: dict[str, Any], parts: StepParts, run: RunDir, ctx: Distributed) -> tuple[Progress, Best]:
     """Load a bundle into freshly built objects; RNG streams are restored last."""
     try:
         parts.model.load_state_dict(bundle["model"])
@@ -311,8 +336,9 @@ def _restore(bundle: dict[str, Any], parts: StepParts, run: RunDir) -> tuple[Pro
     best = Best(**bundle["best_metric"])
     # Metric lines written after this checkpoint belong to the lost stretch of the run.
     offsets = bundle.get("metrics") or {}
-    truncate_jsonl(run.train_metrics, progress.global_step, offsets.get("train_bytes"))
-    truncate_jsonl(run.val_metrics, progress.global_step, offsets.get("val_bytes"))
+    if ctx.is_main:
+        truncate_jsonl(run.train_metrics, progress.global_step, offsets.get("train_bytes"))
+        truncate_jsonl(run.val_metrics, progress.global_step, offsets.get("val_bytes"))
     set_rng_state(bundle["rng"])
     log.info("resumed at step %d (epoch %d)", progress.global_step, progress.epoch)
     return progress, best

@@ -53,3 +53,19 @@ class Recorder:
     def close(self) -> None:
         self.train_log.close()
         self.val_log.close()
+
+
+class NullRecorder:
+    """The recorder of ranks other than 0, which write nothing."""
+
+    def step(self, *args: Any) -> None:
+        pass
+
+    def validation(self, *args: Any) -> None:
+        pass
+
+    def phase(self, *args: Any, **fields: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

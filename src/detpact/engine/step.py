@@ -3,6 +3,7 @@ micro-batches), clip, step, EMA. `fit()` (engine/loop.py) calls it once per step
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from detpact.engine.distributed import SINGLE, Distributed, average_gradients, broadcast_buffers, sum_values
 from detpact.engine.ema import ModelEMA
 from detpact.engine.evaluate import prepare_images
 from detpact.engine.faults import NO_FAULTS, Faults
@@ -19,6 +21,8 @@ from detpact.engine.multiscale import MultiScale, rescale_batch
 from detpact.engine.optim import set_lr
 from detpact.engine.runtime import autocast
 from detpact.models.losses import Criterion
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,6 +44,10 @@ class StepParts:
     # Where the model's starting weights came from and what is frozen: the checkpoint's
     # "weights" entry ({"init_from", "backbone_weights", "freeze"}, plain values).
     weights: dict[str, Any] = field(default_factory=dict)
+    dist: Distributed = SINGLE
+
+    def __post_init__(self) -> None:
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
 
 def train_step(parts: StepParts, batches: Iterator, lr: float, step: int, faults: Faults = NO_FAULTS,
@@ -63,11 +71,16 @@ def train_step(parts: StepParts, batches: Iterator, lr: float, step: int, faults
             finite = _accumulate_gradients(parts, images, targets, sums, micro_batches, size,
                                            faults.loss_is_poisoned(step))
         faults.after_microbatch(step, micro)
+    if not finite:
+        where = f" on rank {parts.dist.rank}" if parts.dist.enabled else ""
+        log.warning("step %d: the loss is not finite%s; the step is skipped", step, where)
+    if parts.dist.enabled:
+        finite = _agree_across_ranks(parts, finite, sums)
     if finite:
         if parts.scaler:
             parts.scaler.unscale_(parts.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
-            parts.model.parameters(), parts.grad_clip or float("inf"), foreach=True
+            parts.trainable, parts.grad_clip or float("inf"), foreach=True
         ).item()
         finite = math.isfinite(grad_norm)
         if parts.scaler:
@@ -80,9 +93,29 @@ def train_step(parts: StepParts, batches: Iterator, lr: float, step: int, faults
     if not finite:
         parts.optimizer.zero_grad(set_to_none=True)
         return None
+    broadcast_buffers(parts.dist, parts.model)  # every rank gathered its own BatchNorm statistics
     if parts.ema is not None:
         parts.ema.update(parts.model)
-    return {**sums, "grad_norm": grad_norm, "images": images_seen}
+    return {**sums, "grad_norm": grad_norm, "images": images_seen * parts.dist.world_size}
+
+
+# Summed over ranks rather than averaged: they count things in the whole step.
+_SUMMED_STATS = ("num_pos",)
+
+
+def _agree_across_ranks(parts: StepParts, finite: bool, sums: dict[str, float]) -> bool:
+    """With several processes: whether every rank's loss was finite (a non-finite loss on
+    one rank makes all of them skip the step), then the gradients averaged over ranks and
+    `sums` turned into the step's values over all ranks."""
+    had_grad = [p.grad is not None for p in parts.trainable]
+    totals = sum_values(parts.dist, [float(not finite), *map(float, had_grad)], parts.device)
+    if totals[0] > 0:
+        return False
+    average_gradients(parts.dist, parts.trainable, [count > 0 for count in totals[1:]])
+    keys = sorted(sums)
+    reduced = sum_values(parts.dist, [sums[k] for k in keys], parts.device)
+    sums.update({k: v if k in _SUMMED_STATS else v / parts.dist.world_size for k, v in zip(keys, reduced)})
+    return True
 
 
 def _accumulate_gradients(parts: StepParts, images: torch.Tensor, targets: list[dict], sums: dict[str, float],

@@ -61,6 +61,27 @@ def check_config_drift(run: RunDir, started_with: dict[str, Any], cfg: Config, d
     drift["config"] = {"changes": diffs, "config_hash_before": before, "config_hash_now": now}
 
 
+def check_world_size(bundle: dict[str, Any] | None, world_size: int, allow_change: bool,
+                     drift: dict[str, Any]) -> None:
+    """Refuse to resume with another number of processes than the run was trained with
+    (the global batch, the data shards and so the results would change), unless allowed."""
+    if bundle is None:
+        return
+    before = bundle.get("runtime", {}).get("world_size", 1)
+    if before == world_size:
+        return
+    if not allow_change:
+        launch = f"torchrun --nproc_per_node={before} -m detpact train ..." if before > 1 else "detpact train ..."
+        raise DetpactError(
+            f"Cannot resume: the run was trained with {before} process(es), and this resume has {world_size}. "
+            "Another count changes the global batch and the data each process sees, so the run would not be "
+            f"exact. Resume with {launch} --resume, or pass --allow-world-size-change to go on anyway "
+            "(recorded in run_meta.json).")
+    log.warning("resuming with %d process(es) instead of %d (--allow-world-size-change): the run is no longer "
+                "exact", world_size, before)
+    drift["world_size"] = {"checkpoint": before, "now": world_size}
+
+
 def resume_num_threads(cfg: Config, bundle: dict[str, Any] | None) -> int | None:
     """run.num_threads, else on resume the count the run was trained with (CPU bits depend on it)."""
     recorded = (bundle or {}).get("runtime", {}).get("num_threads")
@@ -88,7 +109,8 @@ def seed_from_environment(cfg: Config, environ: Mapping[str, str], overrides: Se
 
 
 def write_run_meta(run: RunDir, cfg: Config, data: DatasetSplits, device: torch.device,
-                    determinism: dict, resumed: bool, drift: dict[str, Any], seed_source: str = "config") -> dict[str, Any]:
+                    determinism: dict, resumed: bool, drift: dict[str, Any], seed_source: str = "config",
+                    distributed: dict[str, Any] | None = None) -> dict[str, Any]:
     previous = read_json(run.run_meta)
     now = utc_now()
     meta = previous if resumed and previous else {
@@ -108,7 +130,8 @@ def write_run_meta(run: RunDir, cfg: Config, data: DatasetSplits, device: torch.
         "versions": library_versions(),
         "device": str(device),
         "amp": cfg.run.amp,
-        "world_size": 1,
+        "world_size": (distributed or {}).get("world_size", 1),
+        "distributed_backend": (distributed or {}).get("backend"),
         **host_info(),
     })
     atomic_write_json(run.run_meta, meta)
@@ -132,6 +155,8 @@ def finish_train_report(run: RunDir, cfg: Config, result: FitResult, meta: dict)
         "weights": result.weights,
         # The optimizer's parameter groups: sizes, lr multipliers, weight decay.
         "optimizer": {"name": cfg.train.optimizer.name, "groups": result.optimizer_groups},
+        # Batch sizes per process and over all processes, steps per epoch and in all.
+        "plan": result.plan.describe() if result.plan else None,
         "counters": {
             "steps": result.progress.global_step, "epochs": result.progress.epoch,
             "samples_seen": result.progress.samples_seen, "nonfinite_skipped": result.nonfinite_skipped,

@@ -1,0 +1,62 @@
+"""The run's shape in steps: batches per epoch, optimizer steps per epoch and in all.
+
+Everything here is a pure function of the config, the training split's size and the
+number of processes, so that a resume recomputes exactly the plan the run started with.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from detpact.config import TrainConfig
+from detpact.errors import DetpactError
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    batch_size: int  # images per micro-batch, per process
+    world_size: int  # training processes
+    micro_batches: int  # batches accumulated per optimizer step
+    batches_per_epoch: int  # per process
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def global_batch(self) -> int:
+        """Images per micro-batch over all processes."""
+        return self.batch_size * self.world_size
+
+    @property
+    def images_per_step(self) -> int:
+        """Images per optimizer step over all processes."""
+        return self.global_batch * self.micro_batches
+
+    def describe(self) -> dict[str, int]:
+        return {**asdict(self), "global_batch": self.global_batch, "images_per_step": self.images_per_step}
+
+
+def plan_training(tcfg: TrainConfig, num_train: int, world_size: int = 1) -> TrainPlan:
+    """The plan of a run on `num_train` images with `world_size` processes.
+
+    Each process takes train.batch_size images per micro-batch; train.nominal_batch counts
+    images over all processes (the gradients of round(nominal_batch / global batch)
+    micro-batches are accumulated), so that more processes do not change the recipe.
+    A partial last global batch is dropped. A user error when the split cannot fill one
+    global batch.
+    """
+    global_batch = tcfg.batch_size * world_size
+    if num_train < global_batch:
+        per = f" ({world_size} processes x train.batch_size {tcfg.batch_size})" if world_size > 1 else ""
+        raise DetpactError(
+            f"The training split has {num_train} images, fewer than one batch of {global_batch}{per}. "
+            "Lower train.batch_size or add images."
+        )
+    if tcfg.nominal_batch is None:
+        micro_batches = tcfg.accumulate
+    else:
+        micro_batches = max(1, round(tcfg.nominal_batch / global_batch))
+    batches_per_epoch = num_train // global_batch
+    steps_per_epoch = math.ceil(batches_per_epoch / micro_batches)
+    total_steps = min(tcfg.epochs * steps_per_epoch, tcfg.max_steps or math.inf)
+    return TrainPlan(tcfg.batch_size, world_size, micro_batches, batches_per_epoch, steps_per_epoch, int(total_steps))

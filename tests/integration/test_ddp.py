@@ -1,0 +1,125 @@
+"""Two training processes through real torchrun (gloo on CPU): the run contract holds,
+only rank 0 writes, a killed group resumes to the same bits, a non-finite loss on one
+rank makes both skip, and resuming with another process count is refused."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from tests.conftest import TINY_CONFIG, assert_same_run, make_env, run_cli
+
+pytestmark = pytest.mark.slow
+
+# 24 images, 2 processes x 4 per batch = 3 steps per epoch, 3 epochs: 9 steps, a
+# checkpoint every 2. One intra-op thread per process: two processes share the two cores.
+DDP_CONFIG = copy.deepcopy(TINY_CONFIG)
+DDP_CONFIG["run"]["num_threads"] = 1
+DDP_CONFIG["train"].update(epochs=3, batch_size=4, checkpoint={"every_steps": 2})
+TOTAL_STEPS = 9
+
+
+def torchrun(args: list[str], env: dict[str, str], cwd: Path, nproc: int = 2) -> subprocess.Popen:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "detpact", *args]
+    return subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    output, _ = process.communicate(timeout=timeout)
+    return process.returncode, output
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, cache_dir) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("ddp")
+    (root / "ddp.yaml").write_text(yaml.safe_dump(DDP_CONFIG, sort_keys=False))
+    single = copy.deepcopy(DDP_CONFIG)
+    single["train"]["batch_size"] = 8
+    (root / "single.yaml").write_text(yaml.safe_dump(single, sort_keys=False))
+    return root, make_env(root / "runs", cache_dir)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(workdir) -> Path:
+    root, env = workdir
+    code, output = finish(torchrun(["train", "ddp.yaml", "--run-id", "two"], env, root))
+    assert code == 0, output
+    return root / "runs" / "two"
+
+
+def train_lines(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "reports" / "train_metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_write_one_complete_run_that_verifies(workdir, two_ranks):
+    root, env = workdir
+    meta = json.loads((two_ranks / "reports" / "run_meta.json").read_text())
+    report = json.loads((two_ranks / "reports" / "train_report.json").read_text())
+    assert (meta["world_size"], meta["distributed_backend"]) == (2, "gloo")
+    expected = {"world_size": 2, "batch_size": 4, "global_batch": 8, "steps_per_epoch": 3, "total_steps": TOTAL_STEPS}
+    assert {key: report["plan"][key] for key in expected} == expected
+    # Only rank 0 wrote: one line per step and per validation, no stray files.
+    assert [line["step"] for line in train_lines(two_ranks)] == list(range(1, TOTAL_STEPS + 1))
+    assert len((two_ranks / "reports" / "val_metrics.jsonl").read_text().splitlines()) == 3
+    files = {p.relative_to(two_ranks).as_posix() for p in two_ranks.rglob("*") if p.is_file()}
+    listed = set(json.loads((two_ranks / "manifest.json").read_text())["files"])
+    assert files - listed <= {"manifest.json", "status.json"} and listed <= files
+    verified = run_cli(["runs", "verify", str(two_ranks)], env, root)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_two_ranks_of_four_follow_one_process_of_eight(workdir, two_ranks):
+    """Each step sees the same 8 images (the shards interleave the single process's batch)
+    and the loss normalisers are summed over ranks, so the gradients agree up to BatchNorm:
+    each rank normalises over its 4 images instead of 8, and the sums run in another
+    order. The tolerance, 5 % of the loss, is what that allows over 9 steps; a wrong
+    shard, a missing gradient average or a per-rank normaliser is off by 30 % or more."""
+    root, env = workdir
+    single = run_cli(["train", "single.yaml", "--run-id", "single"], env, root)
+    assert single.returncode == 0, single.stderr
+    ours, theirs = train_lines(two_ranks), train_lines(root / "runs" / "single")
+    assert [line["num_pos"] for line in ours] == [line["num_pos"] for line in theirs]  # the same images
+    for a, b in zip(ours, theirs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=0.05), (a["step"], a["loss"], b["loss"])
+
+
+def test_a_killed_group_resumes_to_the_same_bits(workdir, two_ranks):
+    """Every rank SIGKILLs itself right after step 5 (a step past the checkpoint of step 4),
+    as when a machine goes away; torchrun reports the failure. The resume under torchrun
+    ends with the same bits as the uninterrupted run."""
+    root, env = workdir
+    run = root / "runs" / "killed"
+    code, output = finish(torchrun(["train", "ddp.yaml", "--run-id", "killed"], {**env, "DETPACT_FAULT": "kill@step=5"},
+                                   root))
+    assert code != 0 and "SIGKILL" in output, output
+    assert len(train_lines(run)) == 5
+    code, output = finish(torchrun(["train", "ddp.yaml", "--run-id", "killed", "--resume"], env, root))
+    assert code == 0, output
+    assert "resumed at step 4" in output
+    assert_same_run(run, two_ranks)
+
+
+def test_resuming_with_one_process_is_refused(workdir, two_ranks):
+    root, env = workdir
+    result = run_cli(["train", "ddp.yaml", "--run-id", "two", "--resume"], env, root)
+    assert result.returncode == 2
+    assert "trained with 2 process(es), and this resume has 1" in result.stderr
+    assert "--allow-world-size-change" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_nan_on_rank_1_makes_both_ranks_skip_that_step(workdir):
+    root, env = workdir
+    env = {**env, "DETPACT_FAULT": "nan@step=2@rank=1"}
+    code, output = finish(torchrun(["train", "ddp.yaml", "--run-id", "nan", "--set", "train.max_steps=3"], env, root))
+    assert code == 0, output
+    lines = train_lines(root / "runs" / "nan")
+    # Rank 0's own loss was finite: it skipped step 2 only because rank 1's was not.
+    assert [line["skipped"] for line in lines] == [False, True, False]
+    assert lines[-1]["nonfinite_skipped"] == 1
+    assert "rank 1" in output and "not finite" in output
