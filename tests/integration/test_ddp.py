@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.conftest import TINY_CONFIG, assert_same_run, make_env, run_cli
+
+from conftest import TINY_CONFIG, assert_same_run, make_env, run_cli
 
 pytestmark = pytest.mark.slow
 

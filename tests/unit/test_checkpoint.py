@@ -278,3 +278,56 @@ def test_a_real_file_size_limit_is_reported_as_a_full_disk(tmp_path):
     assert "The disk is full" in result.stdout and "previous checkpoints are intact" in result.stdout
     assert load_checkpoint(run.last_ckpt)["progress"]["global_step"] == 1
     assert sorted(p.name for p in run.checkpoints.iterdir()) == ["last.pt"]
+
+
+# --- epoch snapshots (train.checkpoint.keep_epochs) ---
+
+
+@pytest.mark.parametrize("crash_at", ["manifest", "replace:1", "replace:2", "replace:3", "replace:4", "remove:1", None])
+def test_keep_epochs_leaves_the_last_two_after_a_crash_at_any_point_of_a_rotation(tmp_path, monkeypatch, crash_at):
+    run = make_run(tmp_path)
+    for epoch in (1, 2, 3):
+        commit_checkpoint(run, step_bundle(10 * epoch), best=epoch == 1, epoch=epoch, keep_epochs=2)
+    assert [p.name for p in run.epoch_snapshots()] == ["epoch_0002.pt", "epoch_0003.pt"]
+    calls = {"replace": 0, "remove": 0}
+    real = {"replace": checkpoint_module.replace, "remove": checkpoint_module.remove_quietly,
+            "manifest": checkpoint_module.write_manifest}
+
+    def counted(kind):
+        def call(*args, **kwargs):
+            if kind != "remove" or run.epoch_snapshots().count(Path(args[0])):
+                calls[kind] += 1
+                if crash_at == f"{kind}:{calls[kind]}":
+                    raise KeyboardInterrupt  # stands for the kill
+            return real[kind](*args, **kwargs)
+        return call
+
+    def manifest(*args, **kwargs):
+        if crash_at == "manifest":
+            raise KeyboardInterrupt
+        return real["manifest"](*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "replace", counted("replace"))
+    monkeypatch.setattr(checkpoint_module, "remove_quietly", counted("remove"))
+    monkeypatch.setattr(checkpoint_module, "write_manifest", manifest)
+    if crash_at is None:
+        commit_checkpoint(run, step_bundle(40), best=True, epoch=4, keep_epochs=2)
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            commit_checkpoint(run, step_bundle(40), best=True, epoch=4, keep_epochs=2)
+    monkeypatch.undo()
+
+    resume_checkpoint(run, keep_epochs=2)
+    snapshots = run.epoch_snapshots()
+    # The new snapshot counts once it is in place; either way exactly the newest two stay.
+    expected = ["epoch_0003.pt", "epoch_0004.pt"] if run.epoch_ckpt(4).is_file() else ["epoch_0002.pt", "epoch_0003.pt"]
+    assert [p.name for p in snapshots] == expected
+    recorded = read_manifest(run)
+    for path in snapshots:
+        assert recorded[f"checkpoints/{path.name}"] == file_entry(path)
+        assert load_checkpoint(path)["progress"]["global_step"] == 10 * int(path.stem.split("_")[1])
+    assert not stale_temp_files(run.checkpoints)
+    # The rotation goes on from there.
+    commit_checkpoint(run, step_bundle(50), best=False, epoch=5, keep_epochs=2)
+    assert [p.name for p in run.epoch_snapshots()] == [expected[-1], "epoch_0005.pt"]
+    assert load_checkpoint(run.best_ckpt)["progress"]["global_step"] in (10, 40)  # never touched by the rotation

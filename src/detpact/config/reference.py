@@ -36,14 +36,13 @@ def key_rows(model: type[BaseModel], prefix: str) -> list[str]:
     """One Markdown table row per key of `model`, depth first, in field order.
 
     A nested section gets a row of its own (no default) followed by its keys; an optional
-    section (`X | None`) the same, with its default.
+    section (`X | None`) or a list of sections the same, with its default.
     """
     rows = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         section = _section_of(field.annotation, key)
-        default = "" if section is not None and not _nullable(field.annotation) else _default_cell(field)
-        rows.append(f"| `{key}` | {type_text(field)} | {default} | {_meaning(field, section, key)} |")
+        rows.append(f"| `{key}` | {type_text(field)} | {_default_cell(field)} | {_meaning(field, section, key)} |")
         if section is not None:
             rows += key_rows(section, f"{key}.")
     return rows
@@ -157,7 +156,7 @@ def _section_of(annotation: Any, key: str) -> type[BaseModel] | None:
 
 
 def _members(annotation: Any) -> Iterator[Any]:
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, list):
         yield from typing.get_args(annotation)
     else:
         yield annotation

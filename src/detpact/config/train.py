@@ -130,6 +130,10 @@ class CheckpointConfig(Section):
     spends about 2 % of the time on checkpoints"""
     every_epochs: int | None = Field(1, ge=1)
     """write `last.pt` every N epochs; the end of training always writes it"""
+    keep_epochs: int = Field(0, ge=0)
+    """also keep a snapshot `checkpoints/epoch_NNNN.pt` at the end of every epoch, the last N
+    of them (older ones are deleted as new ones come; listed in the manifest; `last.pt` and
+    `best.pt` are never touched). 0 = none"""
 
 
 class NonFiniteConfig(Section):
@@ -139,6 +143,15 @@ class NonFiniteConfig(Section):
     status 3; the last good checkpoint stays in place either way)"""
     max_consecutive: int = Field(5, ge=1)
     """with `policy: skip`, this many non-finite steps in a row abort the run (exit status 3)"""
+
+
+class StageConfig(Section):
+    steps: int = Field(ge=1)
+    """optimizer steps in this stage"""
+    freeze: list[str] = []
+    """module prefixes not trained during the stage (e.g. `backbone`, `backbone.stage1`)"""
+    lr_mult: float = Field(1.0, gt=0.0)
+    """the schedule's learning rate is multiplied by this during the stage"""
 
 
 class DDPConfig(Section):
@@ -181,6 +194,11 @@ class TrainConfig(Section):
     """what a step with a non-finite loss or gradient does"""
     early_stop: EarlyStopConfig = EarlyStopConfig()
     """ending the run when validation stops improving"""
+    stages: list[StageConfig] = []
+    """training stages, in order: `{steps, freeze, lr_mult}` each (e.g. `[{steps: 500, freeze:
+    [backbone]}]` trains the rest only for 500 steps, then everything). After the last
+    stage everything trains at the schedule's rate; the active stage is in each step's
+    metrics line (`stage`) and a resume inside any stage is exact"""
     ddp: DDPConfig = DDPConfig()
     """several training processes (torchrun)"""
 

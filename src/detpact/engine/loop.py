@@ -44,6 +44,7 @@ from detpact.engine.progress import train_progress
 from detpact.engine.recalibrate import EpochSampler, recalibrate_batchnorm, recalibration_indices
 from detpact.engine.recorder import NullRecorder, Recorder
 from detpact.engine.runtime import rng_state, set_rng_state
+from detpact.engine.stages import StageSwitch
 from detpact.engine.step import StepParts, train_step
 from detpact.engine.stop import stop_on_signals
 from detpact.errors import DetpactError, TrainingAborted, TrainingStopped
@@ -109,6 +110,7 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
                               plan.micro_batches)
     progress, best = _restore(resume, parts, run, ctx) if resume is not None else (Progress(), Best())
     broadcast_state(ctx, parts.model)  # the ranks start from the same weights, whatever their seeds
+    stages = StageSwitch(parts.model, tcfg.stages) if tcfg.stages else None
     early = EarlyStopping(tcfg.early_stop)
     if resume is not None and resume.get("early_stop"):
         early.load_state_dict(resume["early_stop"])
@@ -132,7 +134,7 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
 
     saved_at = -1
 
-    def save(improved: bool) -> None:
+    def save(improved: bool, epoch_done: bool = False) -> None:
         nonlocal saved_at
         error: DetpactError | None = None
         if ctx.is_main:
@@ -140,7 +142,9 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
                 parts.guard.check_weights(progress.global_step, parts.model, parts.ema.module if parts.ema else None)
                 bundle = {**_bundle(cfg, data, run, parts, progress, sampler, best, plan),
                           "early_stop": early.state_dict()}
-                commit_checkpoint(run, bundle, best=improved, on_write=faults.save_monitor(progress.global_step))
+                snapshot = progress.epoch if epoch_done and tcfg.checkpoint.keep_epochs else None
+                commit_checkpoint(run, bundle, best=improved, on_write=faults.save_monitor(progress.global_step),
+                                  epoch=snapshot, keep_epochs=tcfg.checkpoint.keep_epochs)
             except DetpactError as exc:
                 error = exc
         # A barrier, and every rank stops together when rank 0 could not write.
@@ -187,13 +191,16 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
                     batches = iter(train_loader)
                 step = progress.global_step + 1
                 lr = lr_at(progress.global_step, total_steps, tcfg.optimizer.lr, tcfg.scheduler, steps_per_epoch)
+                if stages is not None:
+                    lr *= stages.update(progress.global_step)
                 # Every batch of the epoch is used: its last step may accumulate fewer of them.
                 micro = min(plan.micro_batches, plan.batches_per_epoch - progress.step_in_epoch * plan.micro_batches)
                 stats = train_step(parts, batches, lr, step, faults, micro)
                 parts.guard.record(ok=stats is not None)
                 progress.global_step, progress.step_in_epoch = step, progress.step_in_epoch + 1
                 progress.samples_seen += micro * plan.global_batch
-                recorder.step(step, progress.epoch, lr, micro * plan.global_batch, stats, parts.guard.skipped)
+                recorder.step(step, progress.epoch, lr, micro * plan.global_batch, stats, parts.guard.skipped,
+                              extra={"stage": stages.current} if stages is not None else None)
                 parts.guard.check(step)  # may abort: after the step's line is on disk
 
                 # The step boundary: end of epoch, validation, checkpoint, stop.
@@ -204,8 +211,9 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
                 due = (epoch_done and _due(cfg.eval.every_epochs, progress.epoch)) or _due(cfg.eval.every_steps, step)
                 improved = validate() if finished or due else False
                 if improved or finished or early.stopped or _due(tcfg.checkpoint.every_steps, step) or (
-                        epoch_done and _due(tcfg.checkpoint.every_epochs, progress.epoch)):
-                    save(improved)
+                        epoch_done and (_due(tcfg.checkpoint.every_epochs, progress.epoch)
+                                        or tcfg.checkpoint.keep_epochs)):
+                    save(improved, epoch_done)
                 faults.after_step(step)
                 if any_rank(ctx, stop.requested, device):  # the ranks stop at the same step  # the signal may have come at any point of the step: save it now
                     if saved_at != step:

@@ -25,12 +25,15 @@ class Recorder:
         self.start_step = start_step
         self.started = self.tick = time.perf_counter()
 
-    def step(self, step: int, epoch: int, lr: float, images: int, stats: dict | None, skipped_total: int) -> None:
-        """Record one optimizer step (stats None = skipped as non-finite)."""
+    def step(self, step: int, epoch: int, lr: float, images: int, stats: dict | None, skipped_total: int,
+             extra: dict[str, Any] | None = None) -> None:
+        """Record one optimizer step (stats None = skipped as non-finite; `extra`: more
+        fields, such as the train.stages entry it trained in)."""
         now = time.perf_counter()
         speed = images / max(now - self.tick, 1e-9)
         self.tick = now
         record: dict[str, Any] = {"step": step, "epoch": epoch, "lr": lr}
+        record.update(extra or {})
         record.update({k: None if stats is None else stats[k] for k in ("loss", "num_pos", "grad_norm")})
         # The loss components are the criterion's (loss_cls, loss_box, ... or loss_vfl, loss_l1, ...).
         record.update({k: v for k, v in (stats or {}).items() if k.startswith("loss_")})

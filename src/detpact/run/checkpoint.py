@@ -51,42 +51,52 @@ def save_checkpoint(path: Path, bundle: dict[str, Any]) -> dict[str, Any]:
 
 
 def commit_checkpoint(run: RunDir, bundle: dict[str, Any], *, best: bool,
-                      on_write: Callable[[int], None] | None = None) -> None:
-    """Write `bundle` as checkpoints/last.pt (and as best.pt when `best`), keep the previous
-    last.pt as last.prev.pt, and record every artifact's sha256 in manifest.json.
+                      on_write: Callable[[int], None] | None = None, epoch: int | None = None,
+                      keep_epochs: int = 0) -> None:
+    """Write `bundle` as checkpoints/last.pt (and as best.pt when `best`; and as the epoch
+    snapshot epoch_NNNN.pt when `epoch` is given), keep the previous last.pt as
+    last.prev.pt, and record every artifact's sha256 in manifest.json. Only the newest
+    `keep_epochs` epoch snapshots are kept.
 
     Order: (1) the bundle goes to fsynced temporary files; (2) the manifest is rewritten to
     describe the checkpoints as they will be after the renames, and lists the sums of the
     ones being replaced; (3) last.pt -> last.prev.pt, then the temporary files -> last.pt /
-    best.pt. A crash in (1) leaves a temporary file (removed at the next resume); in (2)
-    or (3), every checkpoint on disk is complete and its sha256 is in the manifest.
+    best.pt / epoch_NNNN.pt; (4) the epoch snapshots past `keep_epochs` are deleted. A crash
+    in (1) leaves a temporary file (removed at the next resume); in (2), (3) or (4), every
+    checkpoint on disk is complete and its sha256 is in the manifest, but for snapshots
+    already left out of it, which the resume deletes (`prune_epoch_snapshots`).
     `on_write` (fault injection) is called with the bytes written so far.
     """
-    temps: list[Path] = []
+    temps: dict[Path, Path] = {}  # final path -> its temporary file
     try:
         tmp_last, entry = _write_temp(run.last_ckpt, bundle, on_write)
-        temps.append(tmp_last)
-        if best:
-            with temp_sibling(run.best_ckpt) as (handle, tmp_best), tmp_last.open("rb") as source:
-                temps.append(tmp_best)
+        temps[run.last_ckpt] = tmp_last
+        snapshot = run.epoch_ckpt(epoch) if epoch is not None else None
+        for target in [run.best_ckpt] * best + [snapshot] * (snapshot is not None):
+            with temp_sibling(target) as (handle, tmp), tmp_last.open("rb") as source:
+                temps[target] = tmp
                 shutil.copyfileobj(source, handle, 1 << 20)
         # Checkpoints only change through here, so the manifest's entries for the ones
         # not rewritten still hold: reuse them rather than hash those files again.
         recorded = read_manifest(run) or {}
-        known = {run.last_ckpt: entry}
+        known = {target: entry for target in temps}
         if run.last_ckpt.is_file():
             known[run.prev_ckpt] = recorded.get("checkpoints/last.pt") or file_entry(run.last_ckpt)
-        if best:
-            known[run.best_ckpt] = entry
-        elif run.best_ckpt.is_file() and "checkpoints/best.pt" in recorded:
-            known[run.best_ckpt] = recorded["checkpoints/best.pt"]
+        for kept in [run.best_ckpt, *run.epoch_snapshots()]:
+            name = kept.relative_to(run.root).as_posix()
+            if kept not in known and kept.is_file() and name in recorded:
+                known[kept] = recorded[name]
+        dropped = []
+        if snapshot is not None and keep_epochs:
+            dropped = sorted({*run.epoch_snapshots(), snapshot})[:-keep_epochs]
         replaced = [old["sha256"] for name, old in recorded.items() if name.startswith("checkpoints/")]
-        write_manifest(run, known, replacing=replaced)
+        write_manifest(run, known, replacing=replaced, dropping=dropped)
         if run.last_ckpt.is_file():
             replace(run.last_ckpt, run.prev_ckpt)
-        replace(tmp_last, run.last_ckpt)
-        if best:
-            replace(tmp_best, run.best_ckpt)
+        for target, tmp in temps.items():
+            replace(tmp, target)
+        for old in dropped:
+            remove_quietly(old)
     except Exception as exc:
         full = _disk_full_error(exc)
         if full is not None:
@@ -96,22 +106,27 @@ def commit_checkpoint(run: RunDir, bundle: dict[str, Any], *, best: bool,
             ) from exc
         raise
     finally:
-        for tmp in temps:
+        for tmp in temps.values():
             remove_quietly(tmp)  # already renamed on success
 
 
-def resume_checkpoint(run: RunDir) -> tuple[dict[str, Any], Path]:
+def resume_checkpoint(run: RunDir, keep_epochs: int = 0) -> tuple[dict[str, Any], Path]:
     """The newest checkpoint of `run` that is intact, verified against manifest.json.
 
     Removes temporary files left by an interrupted write. When last.pt is missing, fails
     its checksum or cannot be read, says so and takes last.prev.pt instead (renamed to
     last.pt, so the rotation goes on). Any checkpoint that fails its checksum is kept
     aside as NAME.corrupt and never loaded. A checkpoint that would run code when loaded
-    is refused outright. Returns the bundle and the file it was read from.
+    is refused outright. A rotation of epoch snapshots that a crash interrupted is
+    finished: only the newest `keep_epochs` stay. Returns the bundle and the file it was
+    read from.
     """
     for stale in stale_temp_files(run.checkpoints):
         log.info("removing %s, left by an interrupted checkpoint write", stale)
         remove_quietly(stale)
+    for old in run.epoch_snapshots()[:-keep_epochs] if keep_epochs else []:
+        log.info("removing %s, rotated out by train.checkpoint.keep_epochs before the interruption", old.name)
+        remove_quietly(old)
     recorded = checkpoint_sums(run)
     if not recorded:
         log.warning("%s records no checkpoint checksums: loading without verification", run.manifest)
@@ -130,7 +145,7 @@ def resume_checkpoint(run: RunDir) -> tuple[dict[str, Any], Path]:
             _set_aside(run.last_ckpt)
             replace(path, run.last_ckpt)
             entries[run.last_ckpt] = entries.pop(path)
-        for other in (run.prev_ckpt, run.best_ckpt):
+        for other in (run.prev_ckpt, run.best_ckpt, *run.epoch_snapshots()):
             if other.is_file() and not _is_recorded(other, recorded, entries):
                 log.warning("%s fails its checksum (damaged or altered after it was written).", other)
                 _set_aside(other)

@@ -43,6 +43,9 @@ def resolve_output_root(configured: str | None, environ: Mapping[str, str]) -> P
     return Path(configured or environ.get("DETPACT_OUTPUT_DIR") or DEFAULT_OUTPUT_ROOT)
 
 
+EPOCH_SNAPSHOT = re.compile(r"epoch_\d{4,}\.pt")
+
+
 class RunDir:
     """Paths of one run's artifacts (the table in ARCHITECTURE.md)."""
 
@@ -90,6 +93,14 @@ class RunDir:
             )
         return run
 
+    def epoch_ckpt(self, epoch: int) -> Path:
+        """The snapshot kept at the end of `epoch` (train.checkpoint.keep_epochs)."""
+        return self.checkpoints / f"epoch_{epoch:04d}.pt"
+
+    def epoch_snapshots(self) -> list[Path]:
+        """The epoch snapshots on disk, oldest first."""
+        return sorted(p for p in self.checkpoints.glob("epoch_*.pt") if EPOCH_SNAPSHOT.fullmatch(p.name))
+
     def create(self) -> None:
         for folder in (self.checkpoints, self.reports, self.exports):
             folder.mkdir(parents=True, exist_ok=True)
@@ -102,7 +113,7 @@ class RunDir:
             self.run_meta, self.train_report_json, self.train_report_md, self.onnx_parity,
             self.eval_report, self.onnx_model, self.onnx_meta,
         ]
-        return [p for p in paths if p.is_file()]
+        return [p for p in paths if p.is_file()] + self.epoch_snapshots()
 
 
 def sha256_file(path: Path) -> str:
@@ -114,18 +125,19 @@ def sha256_file(path: Path) -> str:
 
 
 def write_manifest(run: RunDir, known: Mapping[Path, Mapping[str, Any]] | None = None,
-                   replacing: Iterable[str] = ()) -> dict[str, Any]:
+                   replacing: Iterable[str] = (), dropping: Iterable[Path] = ()) -> dict[str, Any]:
     """Record sha256 and size of every artifact present in manifest.json.
 
     `known` gives entries ({"sha256", "size"}) that are not hashed from disk: files
     the caller has just written (and hashed while writing), or is about to rename
     into place. `replacing` lists the sha256s of checkpoints that those renames are
     about to replace, which stay valid until they are done (see `commit_checkpoint`).
+    `dropping`: files about to be deleted, left out.
     """
     known = {Path(path): dict(entry) for path, entry in (known or {}).items()}
     files = {
         path.relative_to(run.root).as_posix(): known.get(path) or file_entry(path)
-        for path in sorted(set(run.artifacts()) | set(known), key=lambda p: p.as_posix())
+        for path in sorted((set(run.artifacts()) | set(known)) - set(dropping), key=lambda p: p.as_posix())
     }
     manifest: dict[str, Any] = {"updated": utc_now(), "files": files}
     if replacing:

@@ -40,7 +40,7 @@ def resume_bundle(run: RunDir, cfg: Config, drift: dict[str, Any], allow_drift: 
         for path in (run.train_metrics, run.val_metrics):
             truncate_jsonl(path, 0)
         return None
-    bundle, _ = resume_checkpoint(run)
+    bundle, _ = resume_checkpoint(run, cfg.train.checkpoint.keep_epochs)
     check_config_drift(run, bundle["config"], cfg, drift, allow_drift)
     return bundle
 
