@@ -86,7 +86,7 @@ def main() -> None:
     steps_per_epoch = plan.steps_per_epoch
     total_steps = tcfg.epochs * steps_per_epoch
     batches = epochs_of_batches(loader, sampler)
-    progress, best = Progress(), Best(map50_95=0.1, step=0, epoch=0)
+    progress, best = Progress(), Best(value=0.1, step=0, epoch=0, map50_95=0.1)
 
     with tempfile.TemporaryDirectory() as root:
         run = RunDir(Path(root))

@@ -423,15 +423,16 @@ def _reevaluate_best(run: RunDir, verified: set[str], environ: Mapping[str, str]
               Check("dataset fingerprint", "warn", f"the data at {data.root} changed since training "
                                                    f"({data.fingerprint[:12]}, recorded {str(recorded_fp)[:12]})")]
     metrics = _evaluate_as_trained(run, loaded, data)
-    score = metrics["map50_95"] if metrics["map50_95"] is not None else -1.0
-    recorded = loaded.bundle["best_metric"]["map50_95"]
+    best = loaded.bundle["best_metric"]
+    metric = best.get("metric", "map50_95")  # train.checkpoint.best_metric
+    score, recorded = metrics[metric], best.get("value", best["map50_95"])
     if score == recorded:
-        checks.append(Check(name, "pass", f"map50_95 {score!r} = recorded (step {loaded.bundle['best_metric']['step']})"))
+        checks.append(Check(name, "pass", f"{metric} {score!r} = recorded (step {best['step']})"))
     elif data.fingerprint != loaded.bundle["dataset_fingerprint"]:
-        checks.append(Check(name, "warn", f"map50_95 {score!r}, recorded {recorded!r}: not comparable, best.pt was "
+        checks.append(Check(name, "warn", f"{metric} {score!r}, recorded {recorded!r}: not comparable, best.pt was "
                                           "validated on other data"))
     else:
-        checks.append(Check(name, "fail", f"map50_95 {score!r} differs from the recorded {recorded!r} (on {loaded.device})"))
+        checks.append(Check(name, "fail", f"{metric} {score!r} differs from the recorded {recorded!r} (on {loaded.device})"))
     return checks
 
 

@@ -217,8 +217,9 @@ def test_runs_verify_reevaluates_best_exactly(runner, reference, tmp_path):
     shutil.copytree(reference, run)
     best = run / "checkpoints" / "best.pt"
     bundle = torch.load(best, weights_only=True)
-    recorded = bundle["best_metric"]["map50_95"]
-    bundle["best_metric"]["map50_95"] = float(np.nextafter(recorded, 1.0))  # off by one ulp
+    recorded = bundle["best_metric"]["value"]
+    assert bundle["best_metric"]["metric"] == "map50_95" and recorded == bundle["best_metric"]["map50_95"]
+    bundle["best_metric"]["value"] = float(np.nextafter(recorded, 1.0))  # off by one ulp
     save_checkpoint(best, bundle)
     write_manifest(RunDir(run))  # with a consistent manifest, only the re-evaluation can tell
     checks = {c.name: c for c in api.verify(run, environ=runner.env)}

@@ -28,3 +28,25 @@ def test_metric_choice_and_state_round_trip():
     resumed.load_state_dict(early.state_dict())
     assert resumed.state_dict() == {"best": 0.5, "stale": 1, "stopped": False}
     assert resumed.update({"map50_95": 0.95, "map50": 0.45}) and resumed.stopped
+
+
+def test_best_follows_its_metric_and_mode():
+    from detpact.engine.loop import Best
+
+    highest, lowest = Best("map50", "max"), Best("ar10", "min")
+    assert highest.improved_by(None) and lowest.improved_by(0.5)  # the first validation always writes best.pt
+    for best in (highest, lowest):
+        best.value, best.step = (None if best is highest else 0.5), 1
+    assert highest.improved_by(0.1) and not highest.improved_by(None)  # a defined value beats an undefined one
+    highest.value = 0.1
+    assert highest.improved_by(0.2) and not highest.improved_by(0.1) and not highest.improved_by(0.05)
+    assert lowest.improved_by(0.4) and not lowest.improved_by(0.5) and not lowest.improved_by(0.6)
+
+
+def test_the_run_metric_names_are_the_evaluators():
+    import typing
+
+    from detpact.config.train import ValMetric
+    from detpact.evaluation.coco import HEADLINE_KEYS
+
+    assert typing.get_args(ValMetric) == HEADLINE_KEYS

@@ -111,6 +111,11 @@ class BNRecalibrationConfig(Section):
     just trained augmented them (mosaic while it is on)"""
 
 
+# The validation metrics a run can be steered by (evaluation/coco.py: HEADLINE_KEYS).
+ValMetric = Literal["map50_95", "map50", "map75", "map_small", "map_medium", "map_large",
+                    "ar1", "ar10", "ar_max", "ar_small", "ar_medium", "ar_large"]
+
+
 class EarlyStopConfig(Section):
     patience: int | None = Field(None, ge=1)
     """end the run after this many validations in a row without improvement (its checkpoint
@@ -119,8 +124,8 @@ class EarlyStopConfig(Section):
     nothing more"""
     min_delta: float = Field(0.0, ge=0.0)
     """a validation improves when it beats the best so far by more than this"""
-    metric: Literal["map50_95", "map50", "map75"] = "map50_95"
-    """the validation metric watched: `map50_95`, `map50` or `map75`"""
+    metric: ValMetric = "map50_95"
+    """the validation metric watched (higher is better)"""
 
 
 class CheckpointConfig(Section):
@@ -130,6 +135,11 @@ class CheckpointConfig(Section):
     spends about 2 % of the time on checkpoints"""
     every_epochs: int | None = Field(1, ge=1)
     """write `last.pt` every N epochs; the end of training always writes it"""
+    best_metric: ValMetric = "map50_95"
+    """the validation metric that chooses `best.pt` (recorded in it, and checked by `runs
+    verify`)"""
+    best_mode: Literal["max", "min"] = "max"
+    """whether the highest (`max`) or the lowest (`min`) value of `best_metric` is best"""
     keep_epochs: int = Field(0, ge=0)
     """also keep a snapshot `checkpoints/epoch_NNNN.pt` at the end of every epoch, the last N
     of them (older ones are deleted as new ones come; listed in the manifest; `last.pt` and

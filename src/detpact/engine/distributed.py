@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,6 +184,20 @@ def _broadcast_tensors(tensors: list[torch.Tensor]) -> None:
         count = tensor.numel()
         tensor.copy_(flat[offset:offset + count].view_as(tensor).to(tensor.dtype))
         offset += count
+
+
+def global_normaliser(ctx: Distributed, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The loss divisor shared by all ranks (models/losses/normalise.py): the positive count
+    of the global batch (at least 1) over the number of ranks, so that the mean of the
+    ranks' losses is the loss of one process on the whole batch. Every rank must call it
+    for every micro-batch (it all-reduces)."""
+
+    def normalise(total: torch.Tensor) -> torch.Tensor:
+        summed = total.detach().to(_comm_device(ctx, device), torch.float32).clone()
+        dist.all_reduce(summed)
+        return (summed.clamp(min=1.0) / ctx.world_size).to(total.device)
+
+    return normalise
 
 
 def sync_batchnorm(ctx: Distributed, model: nn.Module, enabled: bool, device: torch.device) -> nn.Module:

@@ -30,6 +30,7 @@ from detpact.engine.distributed import (
     any_rank,
     broadcast_from_main,
     broadcast_state,
+    global_normaliser,
     sync_batchnorm,
 )
 from detpact.engine.early_stop import EarlyStopping
@@ -50,6 +51,7 @@ from detpact.engine.stop import stop_on_signals
 from detpact.errors import DetpactError, TrainingAborted, TrainingStopped
 from detpact.models.detector import build_model, count_parameters
 from detpact.models.losses import build_criterion
+from detpact.models.losses.normalise import local_normaliser
 from detpact.run.checkpoint import FORMAT_VERSION, commit_checkpoint
 from detpact.run.contract import RunDir, library_versions
 from detpact.run.metrics import truncate_jsonl
@@ -70,9 +72,23 @@ class Progress:
 
 @dataclass
 class Best:
-    map50_95: float = -1.0
+    """The validation that wrote best.pt (train.checkpoint.best_metric / best_mode)."""
+
+    metric: str = "map50_95"
+    mode: str = "max"
+    value: float | None = None  # None: the metric was undefined (a val split without ground truth)
     step: int = -1
     epoch: int = -1
+    map50_95: float | None = None  # always recorded, whatever the metric
+
+    def improved_by(self, value: float | None) -> bool:
+        """Whether a validation scoring `value` beats this one (the first always does; an
+        undefined value never beats a defined one)."""
+        if self.step < 0 or (self.value is None and value is not None):
+            return True
+        if value is None or self.value is None:
+            return False
+        return value > self.value if self.mode == "max" else value < self.value
 
 
 @dataclass
@@ -108,7 +124,9 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
         cfg, data, cache_dir, _mosaic_until(cfg, total_steps, steps_per_epoch), ctx)
     parts = _build_step_parts(cfg, device, len(data.class_names), str(run.last_ckpt), total_steps, resume, ctx,
                               plan.micro_batches)
-    progress, best = _restore(resume, parts, run, ctx) if resume is not None else (Progress(), Best())
+    ckpt_cfg = tcfg.checkpoint
+    progress, best = (_restore(resume, parts, run, ctx) if resume is not None
+                      else (Progress(), Best(ckpt_cfg.best_metric, ckpt_cfg.best_mode)))
     broadcast_state(ctx, parts.model)  # the ranks start from the same weights, whatever their seeds
     stages = StageSwitch(parts.model, tcfg.stages) if tcfg.stages else None
     early = EarlyStopping(tcfg.early_stop)
@@ -166,14 +184,16 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
                                device, cfg.run.amp, cfg.run.channels_last)
         metrics = broadcast_from_main(ctx, metrics)
         recorder.validation(progress.global_step, progress.epoch, metrics)
-        # map50_95 is None when the val split has no ground truth; the first validation
+        # The metrics are None when the val split has no ground truth; the first validation
         # still writes best.pt so that export always has a checkpoint to take.
-        score = metrics["map50_95"] if metrics["map50_95"] is not None else -1.0
-        improved = best.step < 0 or score > best.map50_95
+        score = metrics[best.metric]
+        improved = best.improved_by(score)
         if improved:
-            best.map50_95, best.step, best.epoch = score, progress.global_step, progress.epoch
-        log.info("step %d epoch %d: val map50_95 %.4f map50 %.4f%s", progress.global_step, progress.epoch,
-                 score, metrics["map50"] or 0.0, " (best)" if improved else "")
+            best.value, best.step, best.epoch = score, progress.global_step, progress.epoch
+            best.map50_95 = metrics["map50_95"]
+        log.info("step %d epoch %d: val map50_95 %s map50 %s%s", progress.global_step, progress.epoch,
+                 _fmt(metrics["map50_95"]), _fmt(metrics["map50"]),
+                 f" (best {best.metric})" if improved else "")
         result.last_val = metrics
         early.update(metrics)
         return improved
@@ -251,7 +271,8 @@ def _build_step_parts(cfg: Config, device: torch.device, num_classes: int, last_
     tcfg = cfg.train
     return StepParts(
         model=model,
-        criterion=build_criterion(cfg.model.head),
+        criterion=build_criterion(cfg.model.head, normaliser=global_normaliser(ctx, device) if ctx.enabled
+                                  else local_normaliser),
         optimizer=build_optimizer(model, tcfg.optimizer),
         ema=ModelEMA(model, tcfg.ema, total_steps) if tcfg.ema.enabled else None,
         scaler=torch.amp.GradScaler(device.type) if cfg.run.amp == "fp16" else None,
@@ -350,6 +371,10 @@ def _restore(bundle: dict[str, Any], parts: StepParts, run: RunDir, ctx: Distrib
     set_rng_state(bundle["rng"])
     log.info("resumed at step %d (epoch %d)", progress.global_step, progress.epoch)
     return progress, best
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _file_size(path: Path) -> int:

@@ -61,10 +61,10 @@ class Recorder:
 class NullRecorder:
     """The recorder of ranks other than 0, which write nothing."""
 
-    def step(self, *args: Any) -> None:
+    def step(self, *args: Any, **fields: Any) -> None:
         pass
 
-    def validation(self, *args: Any) -> None:
+    def validation(self, *args: Any, **fields: Any) -> None:
         pass
 
     def phase(self, *args: Any, **fields: Any) -> None:

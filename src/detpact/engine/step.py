@@ -66,10 +66,11 @@ def train_step(parts: StepParts, batches: Iterator, lr: float, step: int, faults
         images, targets = next(batches)
         images_seen += len(images)
         # After a non-finite loss the group's remaining batches are still drawn, so that
-        # the data order does not depend on it.
-        if finite:
+        # the data order does not depend on it; with several processes their losses are
+        # still computed (the loss normaliser is shared), but not back-propagated.
+        if finite or parts.dist.enabled:
             finite = _accumulate_gradients(parts, images, targets, sums, micro_batches, size,
-                                           faults.loss_is_poisoned(step))
+                                           faults.loss_is_poisoned(step), backward=finite) and finite
         faults.after_microbatch(step, micro)
     if not finite:
         where = f" on rank {parts.dist.rank}" if parts.dist.enabled else ""
@@ -119,10 +120,11 @@ def _agree_across_ranks(parts: StepParts, finite: bool, sums: dict[str, float]) 
 
 
 def _accumulate_gradients(parts: StepParts, images: torch.Tensor, targets: list[dict], sums: dict[str, float],
-                          micro_batches: int, size: int | None, poison: bool) -> bool:
+                          micro_batches: int, size: int | None, poison: bool, backward: bool = True) -> bool:
     """Forward and backward of one micro-batch (resized to `size` for multi-scale training),
     adding its share to `sums`; False when its loss is not finite (nothing is
-    back-propagated then). `poison` (fault injection) makes the loss NaN."""
+    back-propagated then, nor when `backward` is False). `poison` (fault injection) makes
+    the loss NaN."""
     pixels = prepare_images(images, parts.device, parts.channels_last)
     if size is not None:
         pixels, targets = rescale_batch(pixels, targets, size)
@@ -133,6 +135,8 @@ def _accumulate_gradients(parts: StepParts, images: torch.Tensor, targets: list[
         losses = {**losses, "loss": losses["loss"] * float("nan")}
     if not math.isfinite(losses["loss"].detach().item()):
         return False
+    if not backward:
+        return True
     loss = losses["loss"] / micro_batches
     (parts.scaler.scale(loss) if parts.scaler else loss).backward()
     for key, value in losses.items():

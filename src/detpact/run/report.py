@@ -47,7 +47,8 @@ def _markdown(report: dict[str, Any]) -> str:
         f"- config hash: `{report['config_hash']}`",
         f"- dataset: {data['mode']} ({data['root']}), fingerprint `{report['dataset_fingerprint'][:16]}`, "
         f"{data['num_train']} train / {data['num_val']} val images, classes: {', '.join(data['class_names'])}",
-        f"- best val map50_95: {_fmt(best['map50_95'])} at step {best['step']} (epoch {best['epoch']})",
+        f"- best val {best.get('metric', 'map50_95')}: {_fmt(best.get('value', best['map50_95']))} at step "
+        f"{best['step']} (epoch {best['epoch']}); map50_95 there: {_fmt(best['map50_95'])}",
         f"- steps: {counters['steps']}, epochs: {counters['epochs']}, images seen: {counters['samples_seen']}, "
         f"non-finite steps skipped: {counters['nonfinite_skipped']}",
         f"- training time: {counters['train_seconds']:.1f} s ({counters['samples_per_s']:.1f} img/s)",

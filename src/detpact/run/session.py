@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -146,7 +147,8 @@ def finish_train_report(run: RunDir, cfg: Config, result: FitResult, meta: dict)
         "config_hash": meta["config_hash"],
         "dataset": meta["dataset"],
         "dataset_fingerprint": meta["dataset_fingerprint"],
-        "best": {"map50_95": result.best.map50_95, "step": result.best.step, "epoch": result.best.epoch},
+        # The validation that wrote best.pt: its metric (train.checkpoint.best_metric), mode and value.
+        "best": asdict(result.best),
         "resumed_from_step": result.start_step or None,
         # Why training ended: "steps_done" (epochs / max_steps) or "early_stop" (train.early_stop).
         "end_reason": result.end_reason,

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from detpact.config import HeadConfig, LossConfig
 from detpact.models.boxes import paired_ciou, paired_giou, paired_iou
+from detpact.models.losses.normalise import Normaliser, local_normaliser
 from detpact.models.matching import Assigner, build_assigner
 from detpact.models.outputs import DetectorOutput
 
@@ -69,9 +70,11 @@ class DetectionCriterion:
     does not lose precision in the loss. Also reports "num_pos" (detached).
     """
 
-    def __init__(self, assigner: Assigner, cfg: LossConfig, reg_max: int = 1):
+    def __init__(self, assigner: Assigner, cfg: LossConfig, reg_max: int = 1,
+                 normaliser: Normaliser = local_normaliser):
         self.assigner = assigner
         self.cfg = cfg
+        self.normaliser = normaliser
         self.box_iou = BOX_IOUS[cfg.iou]
         self.reg_max = reg_max
 
@@ -93,10 +96,10 @@ class DetectionCriterion:
             weight = torch.ones_like(quality)
             # Normalising by the positive count keeps the loss scale independent of how
             # many objects a batch holds; max(1) covers images without any.
-            norm = num_pos.clamp(min=1).float()
+            norm = self.normaliser(num_pos.float())
         else:
             quality = weight = assignment.quality[b_idx, a_idx]
-            norm = quality.sum().clamp(min=1.0)
+            norm = self.normaliser(quality.sum())
         target = torch.zeros_like(logits)
         target[b_idx, a_idx, gt_labels[b_idx, g_idx]] = quality
 
@@ -118,5 +121,5 @@ class DetectionCriterion:
         return {"loss": loss, **{k: v.detach() for k, v in losses.items()}, "num_pos": num_pos.detach()}
 
 
-def build_criterion(cfg: HeadConfig) -> DetectionCriterion:
-    return DetectionCriterion(build_assigner(cfg.assigner), cfg.loss, cfg.reg_max)
+def build_criterion(cfg: HeadConfig, normaliser: Normaliser = local_normaliser) -> DetectionCriterion:
+    return DetectionCriterion(build_assigner(cfg.assigner), cfg.loss, cfg.reg_max, normaliser)

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from detpact.config import RTDETRConfig, SetLossConfig
 from detpact.models.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, paired_giou, paired_iou
+from detpact.models.losses.normalise import Normaliser, local_normaliser
 from detpact.models.matching import HungarianMatcher, build_matcher
 from detpact.models.outputs import DetrOutput
 
@@ -57,17 +58,18 @@ class SetCriterion:
     count comes from the logits.
     """
 
-    def __init__(self, matcher: HungarianMatcher, cfg: SetLossConfig):
+    def __init__(self, matcher: HungarianMatcher, cfg: SetLossConfig, normaliser: Normaliser = local_normaliser):
         self.matcher = matcher
         self.cfg = cfg
+        self.normaliser = normaliser
 
     def __call__(self, outputs: DetrOutput, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         if not outputs.layers:
             raise ValueError("SetCriterion needs DetrOutput.layers: the rtdetr head gives at least its last layer")
         device = outputs.cls_logits.device
         targets = normalise_targets(targets, outputs.image_size, device)
-        # Known on the host, so no device sync; max(1) covers batches without boxes.
-        num_boxes = max(sum(len(t["labels"]) for t in targets), 1)
+        # Counted on the host (a CPU scalar divides device tensors without a sync).
+        num_boxes = self.normaliser(torch.tensor(float(sum(len(t["labels"]) for t in targets))))
 
         # (set, fixed indices or None to match, normaliser)
         sets = [(prediction, None, num_boxes) for prediction in outputs.layers]
@@ -131,5 +133,5 @@ class SetCriterion:
         }
 
 
-def build_set_criterion(cfg: RTDETRConfig) -> SetCriterion:
-    return SetCriterion(build_matcher(cfg.matcher), cfg.loss)
+def build_set_criterion(cfg: RTDETRConfig, normaliser: Normaliser = local_normaliser) -> SetCriterion:
+    return SetCriterion(build_matcher(cfg.matcher), cfg.loss, normaliser)
