@@ -42,10 +42,10 @@ from detpact.engine.distributed import (
 from detpact.engine.evaluate import evaluate as evaluate_model
 from detpact.engine.evaluate import prepare_images
 from detpact.engine.faults import parse_faults
-from detpact.engine.loop import fit
+from detpact.engine.loop import FitResult, fit
 from detpact.engine.plan import plan_training
 from detpact.engine.runtime import check_amp, resolve_device, setup_determinism
-from detpact.errors import CheckFailed, DetpactError
+from detpact.errors import CheckFailed, DetpactError, TrainingAborted, TrainingStopped
 from detpact.export.onnx import DeployModel, export_onnx, onnx_metadata
 from detpact.export.parity import check_parity, describe_failure
 from detpact.inference.predictor import (
@@ -143,7 +143,12 @@ def train(
             log.info("run folder: %s (dataset: %s, %s)", run.root, data.mode, data.root)
         barrier(ctx)  # the folder exists before any rank trains
 
-        result = fit(cfg, run, data, device, bundle, faults, cache_dir=_cache_dir(environ), ctx=ctx)
+        try:
+            result = fit(cfg, run, data, device, bundle, faults, cache_dir=_cache_dir(environ), ctx=ctx)
+        except (TrainingStopped, TrainingAborted) as exc:
+            if ctx.is_main and getattr(exc, "fit_result", None) is not None:
+                _report_interrupted(run, cfg, exc.fit_result, meta)
+            raise
         if not ctx.is_main:
             return run
         finish_train_report(run, cfg, result, meta)
@@ -161,6 +166,16 @@ def train(
     set_phase(run.status, "done")
     write_manifest(run)
     return run
+
+
+def _report_interrupted(run: RunDir, cfg: Config, result: FitResult, meta: dict[str, Any]) -> None:
+    """train_report.json of a run that ended early (a signal, an abort), saying why. Best
+    effort: on a full disk it may not be writable, which must not hide the real error."""
+    try:
+        finish_train_report(run, cfg, result, meta)
+        write_manifest(run)
+    except OSError as exc:
+        log.warning("could not write the training report of the interrupted run: %s", exc)
 
 
 def _open_for_training(run: RunDir, cfg: Config, ctx: Distributed, resume: bool, allow_drift: bool,

@@ -27,6 +27,10 @@ class TrainingAborted(DetpactError):
 
     exit_code = 3
 
+    def __init__(self, message: str, reason: str = "aborted"):
+        super().__init__(message)
+        self.reason = reason  # the run's end_reason: "nonfinite_abort", "disk_full", "aborted"
+
 
 class TrainingStopped(DetpactError):
     """Training stopped on a signal (SIGINT/SIGTERM) after saving its full state.

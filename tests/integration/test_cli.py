@@ -129,7 +129,10 @@ def test_nonfinite_steps_are_skipped_then_abort(tmp_path, env, tiny_config):
     assert skipped.returncode == 0, skipped.stderr
     lines = read_jsonl(run / "reports" / "train_metrics.jsonl")
     assert [r["skipped"] for r in lines] == [False, True, False]
+    assert [r["skip_reason"] for r in lines] == [None, "nan", None]
     assert lines[-1]["nonfinite_skipped"] == 1
+    counters = json.loads((run / "reports" / "train_report.json").read_text())["counters"]
+    assert (counters["nan_steps"], counters["inf_steps"], counters["oom_steps"]) == (1, 0, 0)
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
 
@@ -140,7 +143,19 @@ def test_nonfinite_steps_are_skipped_then_abort(tmp_path, env, tiny_config):
     abort_run = tmp_path / "runs" / "abort"
     assert len(read_jsonl(abort_run / "reports" / "train_metrics.jsonl")) == 5  # nothing written is lost
     assert (abort_run / "checkpoints" / "last.pt").is_file()  # the epoch-1 checkpoint stays
-    assert json.loads((abort_run / "status.json").read_text())["phase"] == "failed"
+    status = json.loads((abort_run / "status.json").read_text())
+    assert (status["phase"], status["end_reason"]) == ("failed", "nonfinite_abort")
+    report = json.loads((abort_run / "reports" / "train_report.json").read_text())
+    assert report["end_reason"] == "nonfinite_abort" and report["counters"]["nan_steps"] == 2
+
+    # Out of memory in a step (one process): skipped and counted like a non-finite one.
+    oom = run_cli(["train", str(tiny_config), "--run-id", "oom", "--set", "train.epochs=1"],
+                  {**env, "DETPACT_FAULT": "oom@step=3"}, tmp_path)
+    assert oom.returncode == 0 and "step 3: out of memory; the step is skipped" in oom.stderr, oom.stderr
+    lines = read_jsonl(tmp_path / "runs" / "oom" / "reports" / "train_metrics.jsonl")
+    assert [r["skip_reason"] for r in lines] == [None, None, "oom"]
+    counters = json.loads((tmp_path / "runs" / "oom" / "reports" / "train_report.json").read_text())["counters"]
+    assert (counters["nan_steps"], counters["oom_steps"], counters["nonfinite_skipped"]) == (0, 1, 1)
 
     # policy abort: the first non-finite step ends the run, whatever max_consecutive says.
     strict = run_cli(["train", str(tiny_config), "--run-id", "strict", "--set", "train.epochs=2", "--set",

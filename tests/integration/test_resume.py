@@ -119,7 +119,10 @@ def test_sigterm_stops_at_a_step_boundary_with_a_resume_hint(runner, reference):
     hint = stopped.stderr.split("Resume with:")[1].strip().splitlines()[0]
     assert hint.startswith("detpact train ") and "--run-id sigterm --resume" in hint
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["progress"]["global_step"] == 5
-    assert json.loads((run / "status.json").read_text())["phase"] == "stopped"
+    status = json.loads((run / "status.json").read_text())
+    assert (status["phase"], status["end_reason"]) == ("stopped", "signal")
+    report = json.loads((run / "reports" / "train_report.json").read_text())
+    assert report["end_reason"] == "signal" and report["counters"]["steps"] == 5
 
     resumed = runner.train("sigterm", "--resume")
     assert resumed.returncode == 0, resumed.stderr

@@ -9,6 +9,7 @@ as a comma-separated list of:
                           B bytes of it (default 1024)
   term@step=N             send this process SIGTERM right after step N (graceful stop)
   nan@step=N[..M]         make the loss NaN at steps N..M
+  oom@step=N[..M]         raise an out-of-memory error in the forward pass at steps N..M
 Any entry may end in `@rank=R`: under torchrun only rank R acts on it (e.g.
 nan@step=3@rank=1 poisons the loss of one process).
 Steps are 1-based, as logged. Tests use these to check resume after a crash, the
@@ -31,6 +32,7 @@ _PATTERNS = {
     "kill_save": re.compile(r"kill@save=(\d+)(?::bytes=(\d+))?"),
     "term_step": re.compile(r"term@step=(\d+)"),
     "nan": re.compile(r"nan@step=(\d+)(?:\.\.(\d+))?"),
+    "oom": re.compile(r"oom@step=(\d+)(?:\.\.(\d+))?"),
 }
 _DEFAULT_SAVE_BYTES = 1024
 _RANK = re.compile(r"(.+)@rank=(\d+)")
@@ -43,9 +45,11 @@ class Faults:
     kill_in_save: tuple[int, int] | None = None  # (step, bytes)
     term_after_step: int | None = None
     nan_steps: frozenset[int] = field(default_factory=frozenset)
+    oom_steps: frozenset[int] = field(default_factory=frozenset)
 
-    def loss_is_poisoned(self, step: int) -> bool:
-        return step in self.nan_steps
+    def poison_at(self, step: int) -> str | None:
+        """"nan" (the loss is made NaN), "oom" (the forward runs out of memory) or None."""
+        return "nan" if step in self.nan_steps else "oom" if step in self.oom_steps else None
 
     def after_microbatch(self, step: int, micro: int) -> None:
         if self.kill_in_step == (step, micro):
@@ -77,7 +81,7 @@ def parse_faults(spec: str | None, rank: int = 0) -> Faults:
     """The faults of DETPACT_FAULT that this process (`rank`) acts on."""
     if not spec:
         return NO_FAULTS
-    found: dict = {"nan_steps": set()}
+    found: dict = {"nan_steps": set(), "oom_steps": set()}
     for item in spec.split(","):
         item = item.strip()
         ranked = _RANK.fullmatch(item)
@@ -87,7 +91,8 @@ def parse_faults(spec: str | None, rank: int = 0) -> Faults:
         if match is None:
             raise DetpactError(
                 f"Bad DETPACT_FAULT entry {item!r}: use kill@step=N, kill@step=N:micro=M, "
-                "kill@save=N[:bytes=B], term@step=N or nan@step=N[..M], each optionally followed by @rank=R."
+                "kill@save=N[:bytes=B], term@step=N, nan@step=N[..M] or oom@step=N[..M], each optionally "
+                "followed by @rank=R."
             )
         if ranked is not None and int(ranked.group(2)) != rank:
             continue
@@ -101,8 +106,8 @@ def parse_faults(spec: str | None, rank: int = 0) -> Faults:
         elif kind == "term_step":
             found["term_after_step"] = numbers[0]
         else:
-            found["nan_steps"].update(range(numbers[0], (numbers[1] or numbers[0]) + 1))
-    found["nan_steps"] = frozenset(found["nan_steps"])
+            found[f"{kind}_steps"].update(range(numbers[0], (numbers[1] or numbers[0]) + 1))
+    found["nan_steps"], found["oom_steps"] = frozenset(found["nan_steps"]), frozenset(found["oom_steps"])
     return Faults(**found)
 
 

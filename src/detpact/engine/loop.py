@@ -102,10 +102,13 @@ class FitResult:
     progress: Progress = field(default_factory=Progress)
     last_val: dict[str, Any] | None = None
     nonfinite_skipped: int = 0
+    skip_counts: dict[str, int] = field(default_factory=dict)  # steps skipped per cause: nan, inf, oom
     train_seconds: float = 0.0
     weights: dict[str, Any] = field(default_factory=dict)  # StepParts.weights
     optimizer_groups: list[dict[str, Any]] = field(default_factory=list)  # optim.describe_groups
-    end_reason: str = "steps_done"  # or "early_stop"; a signal or an abort raises instead
+    # steps_done, early_stop, time_budget; or, on the exception fit raises (its `fit_result`):
+    # signal, nonfinite_abort, disk_full, aborted
+    end_reason: str = "steps_done"
     plan: TrainPlan | None = None
 
 
@@ -199,6 +202,12 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
         return improved
 
     started = time.perf_counter()
+
+    def finish(end_reason: str) -> FitResult:
+        result.end_reason, result.progress, result.train_seconds = end_reason, progress, time.perf_counter() - started
+        result.nonfinite_skipped, result.skip_counts = parts.guard.skipped, dict(parts.guard.counts)
+        return result
+
     with stop_on_signals() as stop, train_progress(total_steps, progress.global_step,
                                                    cfg.logging.progress and ctx.is_main) as bar:
         recorder = (Recorder(run, bar, cfg.logging.status_every_s, total_steps, progress.global_step) if ctx.is_main
@@ -216,11 +225,12 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
                 # Every batch of the epoch is used: its last step may accumulate fewer of them.
                 micro = min(plan.micro_batches, plan.batches_per_epoch - progress.step_in_epoch * plan.micro_batches)
                 stats = train_step(parts, batches, lr, step, faults, micro)
-                parts.guard.record(ok=stats is not None)
+                skip_reason = parts.guard.record(ok=stats is not None)
                 progress.global_step, progress.step_in_epoch = step, progress.step_in_epoch + 1
                 progress.samples_seen += micro * plan.global_batch
                 recorder.step(step, progress.epoch, lr, micro * plan.global_batch, stats, parts.guard.skipped,
-                              extra={"stage": stages.current} if stages is not None else None)
+                              extra={"skip_reason": skip_reason,
+                                     **({"stage": stages.current} if stages is not None else {})})
                 parts.guard.check(step)  # may abort: after the step's line is on disk
 
                 # The step boundary: end of epoch, validation, checkpoint, stop.
@@ -235,25 +245,29 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
                                         or tcfg.checkpoint.keep_epochs)):
                     save(improved, epoch_done)
                 faults.after_step(step)
-                if any_rank(ctx, stop.requested, device):  # the ranks stop at the same step  # the signal may have come at any point of the step: save it now
+                # The ranks stop at the same step. The signal may have come at any point of
+                # the step: its state is saved now.
+                if any_rank(ctx, stop.requested, device):
                     if saved_at != step:
                         save(improved=False)
                     raise TrainingStopped(
-                        f"Training stopped by {stop.signal_name or 'a signal to another rank'} after step {step} of {total_steps} (epoch "
-                        f"{progress.epoch}); its full state is saved in {run.last_ckpt}.", stop.signum or signal.SIGTERM, run.root.name)
-        except TrainingStopped:
-            recorder.phase("stopped", progress.global_step, progress.epoch)
+                        f"Training stopped by {stop.signal_name or 'a signal to another rank'} after step {step} of "
+                        f"{total_steps} (epoch {progress.epoch}); its full state is saved in {run.last_ckpt}.",
+                        stop.signum or signal.SIGTERM, run.root.name)
+        except (TrainingStopped, TrainingAborted) as exc:
+            # The run ends here on purpose: its report is still written, saying why (api.train).
+            reason = "signal" if isinstance(exc, TrainingStopped) else exc.reason
+            recorder.phase("stopped" if reason == "signal" else "failed", progress.global_step, progress.epoch,
+                           end_reason=reason)
+            exc.fit_result = finish(reason)
             raise
         except BaseException:
             recorder.phase("failed", progress.global_step, progress.epoch)
             raise
         finally:
             recorder.close()
-    result.end_reason = "early_stop" if early.stopped else "steps_done"
+    finish("early_stop" if early.stopped else "steps_done")
     recorder.phase("trained", progress.global_step, progress.epoch, end_reason=result.end_reason)
-    result.progress = progress
-    result.nonfinite_skipped = parts.guard.skipped
-    result.train_seconds = time.perf_counter() - started
     return result
 
 

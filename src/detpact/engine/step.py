@@ -16,7 +16,7 @@ from detpact.engine.distributed import SINGLE, Distributed, average_gradients, b
 from detpact.engine.ema import ModelEMA
 from detpact.engine.evaluate import prepare_images
 from detpact.engine.faults import NO_FAULTS, Faults
-from detpact.engine.guards import NonFiniteGuard
+from detpact.engine.guards import SKIP_KINDS, NonFiniteGuard
 from detpact.engine.multiscale import MultiScale, rescale_batch
 from detpact.engine.optim import set_lr
 from detpact.engine.runtime import autocast
@@ -54,7 +54,8 @@ def train_step(parts: StepParts, batches: Iterator, lr: float, step: int, faults
                micro_batches: int | None = None) -> dict[str, float] | None:
     """Optimizer step number `step`, over `micro_batches` batches (default `parts.accumulate`;
     an epoch's last step may have fewer). Returns its metrics, or None when the step was
-    skipped because the loss or the gradients were not finite."""
+    skipped because the loss or the gradients were not finite, or (one process) it ran out
+    of memory; the guard is told why (`parts.guard.note`)."""
     micro_batches = micro_batches or parts.accumulate
     size = parts.multi_scale.size_at(step) if parts.multi_scale else None
     set_lr(parts.optimizer, lr)
@@ -69,12 +70,22 @@ def train_step(parts: StepParts, batches: Iterator, lr: float, step: int, faults
         # the data order does not depend on it; with several processes their losses are
         # still computed (the loss normaliser is shared), but not back-propagated.
         if finite or parts.dist.enabled:
-            finite = _accumulate_gradients(parts, images, targets, sums, micro_batches, size,
-                                           faults.loss_is_poisoned(step), backward=finite) and finite
+            try:
+                failure = _accumulate_gradients(parts, images, targets, sums, micro_batches, size,
+                                                faults.poison_at(step), backward=finite)
+            except torch.OutOfMemoryError:
+                if parts.dist.enabled:
+                    raise  # the other ranks are inside this micro-batch's collectives: the run fails
+                failure = "oom"
+                parts.optimizer.zero_grad(set_to_none=True)
+                if parts.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            if failure is not None:
+                finite = False
+                parts.guard.note(failure)
+                where = f" on rank {parts.dist.rank}" if parts.dist.enabled else ""
+                log.warning("step %d: %s%s; the step is skipped", step, _FAILURES[failure], where)
         faults.after_microbatch(step, micro)
-    if not finite:
-        where = f" on rank {parts.dist.rank}" if parts.dist.enabled else ""
-        log.warning("step %d: the loss is not finite%s; the step is skipped", step, where)
     if parts.dist.enabled:
         finite = _agree_across_ranks(parts, finite, sums)
     if finite:
@@ -84,6 +95,8 @@ def train_step(parts: StepParts, batches: Iterator, lr: float, step: int, faults
             parts.trainable, parts.grad_clip or float("inf"), foreach=True
         ).item()
         finite = math.isfinite(grad_norm)
+        if not finite:
+            parts.guard.note("nan" if math.isnan(grad_norm) else "inf")
         if parts.scaler:
             # GradScaler skips the update itself on inf/NaN gradients and lowers its scale.
             # (It needs gradients to have been unscaled: after a non-finite loss it is left alone.)
@@ -100,19 +113,25 @@ def train_step(parts: StepParts, batches: Iterator, lr: float, step: int, faults
     return {**sums, "grad_norm": grad_norm, "images": images_seen * parts.dist.world_size}
 
 
+_FAILURES = {"nan": "the loss is NaN", "inf": "the loss is infinite", "oom": "out of memory"}
 # Summed over ranks rather than averaged: they count things in the whole step.
 _SUMMED_STATS = ("num_pos",)
 
 
 def _agree_across_ranks(parts: StepParts, finite: bool, sums: dict[str, float]) -> bool:
     """With several processes: whether every rank's loss was finite (a non-finite loss on
-    one rank makes all of them skip the step), then the gradients averaged over ranks and
-    `sums` turned into the step's values over all ranks."""
+    one rank makes all of them skip the step, and each notes why), then the gradients
+    averaged over ranks and `sums` turned into the step's values over all ranks."""
     had_grad = [p.grad is not None for p in parts.trainable]
-    totals = sum_values(parts.dist, [float(not finite), *map(float, had_grad)], parts.device)
-    if totals[0] > 0:
+    failures = [float(kind in parts.guard.reasons) for kind in SKIP_KINDS]
+    totals = sum_values(parts.dist, [*failures, *map(float, had_grad)], parts.device)
+    if any(totals[:len(SKIP_KINDS)]):
+        for kind, count in zip(SKIP_KINDS, totals):
+            if count:
+                parts.guard.note(kind)
         return False
-    average_gradients(parts.dist, parts.trainable, [count > 0 for count in totals[1:]])
+    had_grad_anywhere = [count > 0 for count in totals[len(SKIP_KINDS):]]
+    average_gradients(parts.dist, parts.trainable, had_grad_anywhere)
     keys = sorted(sums)
     reduced = sum_values(parts.dist, [sums[k] for k in keys], parts.device)
     sums.update({k: v if k in _SUMMED_STATS else v / parts.dist.world_size for k, v in zip(keys, reduced)})
@@ -120,25 +139,29 @@ def _agree_across_ranks(parts: StepParts, finite: bool, sums: dict[str, float]) 
 
 
 def _accumulate_gradients(parts: StepParts, images: torch.Tensor, targets: list[dict], sums: dict[str, float],
-                          micro_batches: int, size: int | None, poison: bool, backward: bool = True) -> bool:
+                          micro_batches: int, size: int | None, poison: str | None = None,
+                          backward: bool = True) -> str | None:
     """Forward and backward of one micro-batch (resized to `size` for multi-scale training),
-    adding its share to `sums`; False when its loss is not finite (nothing is
-    back-propagated then, nor when `backward` is False). `poison` (fault injection) makes
-    the loss NaN."""
+    adding its share to `sums`. Returns None, or "nan" / "inf" when its loss is not finite
+    (nothing is back-propagated then, nor when `backward` is False). `poison` (fault
+    injection): "nan" makes the loss NaN, "oom" raises an out-of-memory error."""
     pixels = prepare_images(images, parts.device, parts.channels_last)
     if size is not None:
         pixels, targets = rescale_batch(pixels, targets, size)
     with autocast(parts.device, parts.amp):
+        if poison == "oom":
+            raise torch.OutOfMemoryError("out of memory (injected by DETPACT_FAULT)")
         outputs = parts.model(pixels, targets)
     losses = parts.criterion(outputs, targets)  # float32, outside autocast
-    if poison:
+    if poison == "nan":
         losses = {**losses, "loss": losses["loss"] * float("nan")}
-    if not math.isfinite(losses["loss"].detach().item()):
-        return False
+    value = losses["loss"].detach().item()
+    if not math.isfinite(value):
+        return "nan" if math.isnan(value) else "inf"
     if not backward:
-        return True
+        return None
     loss = losses["loss"] / micro_batches
     (parts.scaler.scale(loss) if parts.scaler else loss).backward()
     for key, value in losses.items():
         sums[key] = sums.get(key, 0.0) + float(value.detach()) / micro_batches
-    return True
+    return None

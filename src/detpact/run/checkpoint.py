@@ -102,7 +102,7 @@ def commit_checkpoint(run: RunDir, bundle: dict[str, Any], *, best: bool,
         if full is not None:
             raise TrainingAborted(
                 f"The disk is full: writing checkpoint {run.last_ckpt} failed ({full.strerror}). The previous "
-                "checkpoints are intact. Free some space, then continue with --resume."
+                "checkpoints are intact. Free some space, then continue with --resume.", reason="disk_full"
             ) from exc
         raise
     finally:

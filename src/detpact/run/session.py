@@ -150,7 +150,9 @@ def finish_train_report(run: RunDir, cfg: Config, result: FitResult, meta: dict)
         # The validation that wrote best.pt: its metric (train.checkpoint.best_metric), mode and value.
         "best": asdict(result.best),
         "resumed_from_step": result.start_step or None,
-        # Why training ended: "steps_done" (epochs / max_steps) or "early_stop" (train.early_stop).
+        # Why training ended: "steps_done" (epochs / max_steps), "early_stop" (train.early_stop),
+        # "time_budget" (train.time_budget), "signal" (SIGINT/SIGTERM: resumable),
+        # "nonfinite_abort" (train.nonfinite), "disk_full" or "aborted".
         "end_reason": result.end_reason,
         "final_val": result.last_val,
         # Starting weights (load reports of model.init_from / model.backbone.weights) and freezing.
@@ -162,6 +164,8 @@ def finish_train_report(run: RunDir, cfg: Config, result: FitResult, meta: dict)
         "counters": {
             "steps": result.progress.global_step, "epochs": result.progress.epoch,
             "samples_seen": result.progress.samples_seen, "nonfinite_skipped": result.nonfinite_skipped,
+            # Skipped steps by cause (a step can have more than one).
+            **{f"{kind}_steps": count for kind, count in result.skip_counts.items()},
             "num_params": result.num_params, "train_seconds": round(result.train_seconds, 2),
             # Speed of this session only (a resumed run's earlier sessions are not timed here).
             "samples_per_s": (result.progress.samples_seen - result.start_samples) / max(result.train_seconds, 1e-9),
