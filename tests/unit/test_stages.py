@@ -1,4 +1,5 @@
-"""Training stages: the stage of each step, freezing by module prefix, the lr multiplier."""
+"""Training stages (the stage of each step, freezing by module prefix, the lr multiplier) and the
+time budget's arithmetic."""
 
 from __future__ import annotations
 
@@ -54,3 +55,12 @@ def test_an_unknown_prefix_names_the_modules():
     parts = make_parts(build_criterion(HeadConfig()))
     with pytest.raises(DetpactError, match=r"stages\[0\].freeze: no parameter .* under 'backbon'.*'backbone'"):
         StageSwitch(parts.model, [StageConfig(steps=1, freeze=["backbon"])])
+
+
+def test_time_budget_steps_against_hand_computation():
+    from detpact.engine.budget import steps_within
+
+    # 100 s; 0.5 s a step; a 4 s validation every 10 steps (0.4 s a step) and a final one.
+    assert steps_within(100.0, 0.5, 4.0, 0.1, None) == 106  # floor((100 - 4) / 0.9)
+    assert steps_within(100.0, 0.5, 4.0, 0.1, 50) == 50  # max_steps caps it
+    assert steps_within(1.0, 5.0, 0.0, 0.0, None) == 1  # at least one step

@@ -177,6 +177,12 @@ class TrainConfig(Section):
     max_steps: int | None = Field(None, ge=1)
     """training length in optimizer steps; the run ends at whichever of `epochs` and
     `max_steps` comes first"""
+    time_budget: float | None = Field(None, gt=0.0)
+    """a wall-clock budget in hours (as Ultralytics' `time`; 0.5 = 30 minutes) that sets the
+    run's length instead of `epochs`: before training, a few steps and validation batches
+    are timed and the step count that fits is planned (at most `max_steps`). The plan is
+    in `train_report.json` (`plan.time_budget`) and in the checkpoints, and a resume keeps
+    it, so the run stays exact. `null` = off"""
     batch_size: int = Field(16, ge=1)
     """images per micro-batch, per process under torchrun (the global batch is this times the
     number of processes)"""

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from detpact.data.build import DatasetSplits
 from detpact.data.cache import ImageCache
 from detpact.data.dataset import DetectionDataset, eval_loader, make_loader, resolve_num_workers
 from detpact.data.sampler import ResumableSampler
+from detpact.engine import budget as budget_module
 from detpact.engine.distributed import (
     SINGLE,
     Distributed,
@@ -122,6 +124,8 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
     """
     tcfg = cfg.train
     plan = plan_training(tcfg, len(data.train), ctx.world_size)
+    if tcfg.time_budget is not None:
+        plan = _plan_time_budget(cfg, data, device, plan, resume, cache_dir, ctx)
     steps_per_epoch, total_steps = plan.steps_per_epoch, plan.total_steps
     train_loader, val_loader, recal_loader, sampler = _build_loaders(
         cfg, data, cache_dir, _mosaic_until(cfg, total_steps, steps_per_epoch), ctx)
@@ -271,6 +275,35 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
     return result
 
 
+def _plan_time_budget(cfg: Config, data: DatasetSplits, device: torch.device, plan: TrainPlan,
+                      resume: dict | None, cache_dir: Path | None, ctx: Distributed) -> TrainPlan:
+    """The plan with its length set by train.time_budget: the resumed run's recorded one,
+    else measured now on throwaway copies of the loaders and the model (rank 0's
+    measurement for every rank)."""
+    budget = (resume or {}).get("time_budget")
+    if budget is None:
+        loader, val_loader, _, sampler = _build_loaders(cfg, data, cache_dir, None, ctx)
+
+        def throwaway() -> tuple[StepParts, DataLoader, DataLoader]:
+            parts = _build_step_parts(cfg, device, len(data.class_names), os.devnull, plan.total_steps,
+                                      ctx=ctx, micro_batches=plan.micro_batches)
+            return parts, loader, val_loader
+
+        log.info("train.time_budget: timing %d steps and %d validation batches to plan the run's length",
+                 budget_module.WARMUP_STEPS + budget_module.TIMED_STEPS, budget_module.TIMED_VAL_BATCHES)
+        step_s, validation_s = budget_module.measure(throwaway, sampler.set_epoch,
+                                                     plan.micro_batches, cfg.train.optimizer.lr)
+        evals = cfg.eval
+        per_step = ((1 / (plan.steps_per_epoch * evals.every_epochs) if evals.every_epochs else 0.0)
+                    + (1 / evals.every_steps if evals.every_steps else 0.0))
+        hours = cfg.train.time_budget
+        steps = budget_module.steps_within(hours * 3600, step_s, validation_s, per_step, cfg.train.max_steps)
+        budget = broadcast_from_main(ctx, budget_module.describe(hours, step_s, validation_s, steps))
+    log.info("train.time_budget %.3g h: %d optimizer steps (%.3f s per step, %.1f s per validation, measured)",
+             budget["hours"], budget["total_steps"], budget["step_seconds"], budget["validation_seconds"])
+    return replace(plan, total_steps=budget["total_steps"], time_budget=budget)
+
+
 def _build_step_parts(cfg: Config, device: torch.device, num_classes: int, last_ckpt: str,
                       total_steps: int, resume: dict | None = None, ctx: Distributed = SINGLE,
                       micro_batches: int = 1) -> StepParts:
@@ -356,6 +389,7 @@ def _bundle(cfg: Config, data: DatasetSplits, run: RunDir, parts: StepParts, pro
         "dataset_fingerprint": data.fingerprint,
         "class_names": list(data.class_names),
         "best_metric": asdict(best),
+        "time_budget": plan.time_budget,
         "weights": parts.weights,
         "versions": library_versions(),
     }

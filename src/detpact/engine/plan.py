@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from detpact.config import TrainConfig
 from detpact.errors import DetpactError
@@ -21,6 +22,7 @@ class TrainPlan:
     batches_per_epoch: int  # per process
     steps_per_epoch: int
     total_steps: int
+    time_budget: dict[str, Any] | None = None  # train.time_budget's measured plan (engine/budget.py)
 
     @property
     def global_batch(self) -> int:
@@ -32,7 +34,7 @@ class TrainPlan:
         """Images per optimizer step over all processes."""
         return self.global_batch * self.micro_batches
 
-    def describe(self) -> dict[str, int]:
+    def describe(self) -> dict[str, Any]:
         return {**asdict(self), "global_batch": self.global_batch, "images_per_step": self.images_per_step}
 
 
