@@ -25,7 +25,9 @@ RECIPES = {
          "--set", "train.stages=[{steps: 2, freeze: [backbone], lr_mult: 0.5}, {steps: 3, freeze: [head.cls_branches]}]",
          "--set", "train.checkpoint.keep_epochs=2"],
         "kill@step=5", 4),
-    "onecycle": (["--set", "train.scheduler={name: onecycle, warmup_steps: 3}"], "kill@step=7", 6),
+    # Batches of 5 with drop_last off: 4 full batches and one of 4 per epoch (15 steps).
+    "onecycle_partial_batches": (["--set", "train.scheduler={name: onecycle, warmup_steps: 3}",
+                                  "--set", "train.batch_size=5", "--set", "train.drop_last=false"], "kill@step=7", 6),
 }
 
 
@@ -48,6 +50,9 @@ def test_killed_recipe_resumes_to_the_same_bits(tmp_path, cache_dir, recipe):
     assert f"resumed at step {resumed_at}" in resumed.stderr
     run = tmp_path / "runs" / "killed"
     assert_same_run(run, tmp_path / "runs" / "straight")
+    if recipe == "onecycle_partial_batches":
+        report = json.loads((run / "reports" / "train_report.json").read_text())
+        assert report["counters"]["steps"] == 15 and report["counters"]["samples_seen"] == 72  # every image
     if recipe == "sgd_multistep_stages":
         lines = [json.loads(line) for line in (run / "reports" / "train_metrics.jsonl").read_text().splitlines()]
         assert [line["stage"] for line in lines] == [0, 0, 1, 1, 1, None, None, None, None]

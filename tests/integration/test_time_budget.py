@@ -37,6 +37,7 @@ def test_time_budget_plans_the_length_and_a_resume_keeps_it(tmp_path, cache_dir)
     assert "timing" not in resumed.stderr and f"{steps} optimizer steps" in resumed.stderr  # the plan is kept
     report = json.loads((run / "reports" / "train_report.json").read_text())
     assert report["plan"]["time_budget"] == planned and report["counters"]["steps"] == steps
+    assert report["end_reason"] == "time_budget"
     # The measurement left no trace: the run is the run of that fixed length.
     fixed = train("fixed", "--set", "train.epochs=1000", "--set", f"train.max_steps={steps}")
     assert fixed.returncode == 0, fixed.stderr

@@ -132,6 +132,11 @@ def test_nominal_batch_sets_the_micro_batches_per_step():
     # With 2 processes the nominal batch counts images over both: half the accumulation.
     two = plan(TrainConfig(batch_size=16, nominal_batch=64), world_size=2)
     assert (two.micro_batches, two.global_batch, two.images_per_step, two.batches_per_epoch) == (2, 32, 64, 31)
+    # 1000 images, batches of 16 x 2 processes: 31 full ones; drop_last off trains the 32nd (8 per process).
+    kept = plan(TrainConfig(batch_size=16, nominal_batch=64, drop_last=False), world_size=2)
+    assert (kept.batches_per_epoch, kept.steps_per_epoch, kept.epoch_images) == (32, 16, 1000)
+    assert [kept.images_in_step(i) for i in (0, 14, 15)] == [64, 64, 40]
+    assert [two.images_in_step(i) for i in (0, 14, 15)] == [64, 64, 32]  # 31 batches: the last step has one
     explicit = TrainConfig(batch_size=8, accumulate=3)  # a fixed accumulation turns the nominal batch off
     assert explicit.nominal_batch is None and plan(explicit).images_per_step == 24
     assert plan(TrainConfig.model_validate(explicit.model_dump())).images_per_step == 24  # as reloaded from the run

@@ -191,6 +191,10 @@ class TrainConfig(Section):
     `round(nominal_batch / global batch)` batches are accumulated (YOLO's nominal batch), so
     that a smaller batch or more processes do not change the recipe. The last step of an epoch takes the
     batches left, so every image is used. `null` = a step every `accumulate` batches"""
+    drop_last: bool = True
+    """drop the last batch of an epoch when the split does not fill it (`false`: train it,
+    smaller); with several processes the few images that cannot give each process one are
+    left out of the epoch either way"""
     accumulate: int = Field(1, ge=1)
     """a fixed number of batches per optimizer step; a value above 1 without `nominal_batch`
     turns `nominal_batch` off, both set is an error"""

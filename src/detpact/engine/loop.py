@@ -231,8 +231,9 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
                 stats = train_step(parts, batches, lr, step, faults, micro)
                 skip_reason = parts.guard.record(ok=stats is not None)
                 progress.global_step, progress.step_in_epoch = step, progress.step_in_epoch + 1
-                progress.samples_seen += micro * plan.global_batch
-                recorder.step(step, progress.epoch, lr, micro * plan.global_batch, stats, parts.guard.skipped,
+                images = plan.images_in_step(progress.step_in_epoch - 1)
+                progress.samples_seen += images
+                recorder.step(step, progress.epoch, lr, images, stats, parts.guard.skipped,
                               extra={"skip_reason": skip_reason,
                                      **({"stage": stages.current} if stages is not None else {})})
                 parts.guard.check(step)  # may abort: after the step's line is on disk
@@ -270,7 +271,7 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
             raise
         finally:
             recorder.close()
-    finish("early_stop" if early.stopped else "steps_done")
+    finish("early_stop" if early.stopped else "time_budget" if plan.time_budget else "steps_done")
     recorder.phase("trained", progress.global_step, progress.epoch, end_reason=result.end_reason)
     return result
 
@@ -352,7 +353,7 @@ def _build_loaders(cfg: Config, data: DatasetSplits, cache_dir: Path | None = No
                                 cache=cache, mosaic_until=mosaic_until)
     sampler = ResumableSampler(len(train_ds), cfg.run.seed, rank=ctx.rank, world_size=ctx.world_size)
     workers = resolve_num_workers(dcfg.num_workers)
-    train_loader = make_loader(train_ds, cfg.train.batch_size, workers, sampler, drop_last=True)
+    train_loader = make_loader(train_ds, cfg.train.batch_size, workers, sampler, drop_last=cfg.train.drop_last)
     recal, recal_loader = cfg.train.recalibrate_bn, None
     if recal.enabled:
         picked = EpochSampler(recalibration_indices(len(data.train), recal.images))
