@@ -15,6 +15,7 @@ from detpact.engine.step import StepParts, train_step
 from detpact.errors import TrainingAborted
 from detpact.models.detector import build_model
 from detpact.models.losses import build_criterion
+from detpact.run.weights import freeze_batchnorm
 
 
 def test_lr_warmup_then_cosine_to_floor():
@@ -205,3 +206,49 @@ def test_train_step_with_grad_scaler_skips_non_finite_loss():
     assert train_step(parts, batches(2), lr=1e-3, step=1) is None
     parts.criterion = real
     assert train_step(parts, batches(2), lr=1e-3, step=1) is not None and parts.ema.updates == 1
+
+
+def _mean_square_criterion(outputs, targets):
+    """A loss that is a plain mean over the images (no per-batch normaliser)."""
+    loss = outputs.cls_logits.float().pow(2).mean() + outputs.boxes.float().mean()
+    return {"loss": loss, "num_pos": torch.tensor(0.0)}
+
+
+def _gn_parts(batch_gen_accumulate: int, grad_clip: float | None = 10.0):
+    torch.manual_seed(0)
+    cfg = ModelConfig.model_validate({"backbone": {"norm": "gn", "args": {"width_mult": 0.125}}})
+    model = build_model(cfg, 2).train()
+    # GroupNorm in the backbone, frozen statistics in the neck and head: no layer mixes
+    # the images of a batch, as in a model without batch norm.
+    assert freeze_batchnorm(model) > 0
+    assert not any(m.training for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+    return StepParts(
+        model=model, criterion=_mean_square_criterion,
+        optimizer=torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.0),
+        ema=None, scaler=None, guard=NonFiniteGuard(3, "last.pt"), device=torch.device("cpu"), amp="none",
+        channels_last=False, grad_clip=grad_clip, accumulate=batch_gen_accumulate,
+    )
+
+
+def test_accumulating_4_batches_of_2_equals_one_batch_of_8():
+    torch.manual_seed(1)
+    images = torch.randint(0, 255, (8, 3, 64, 64), dtype=torch.uint8)
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}] * 8
+    accumulated, whole = _gn_parts(4), _gn_parts(1)
+    train_step(accumulated, iter([(images[i:i + 2], targets[i:i + 2]) for i in range(0, 8, 2)]), lr=0.1, step=1)
+    train_step(whole, iter([(images, targets)]), lr=0.1, step=1)
+    moved = [(a - b).abs().max().item() for a, b in zip(accumulated.model.parameters(), whole.model.parameters())]
+    start = _gn_parts(1).model.parameters()
+    assert max(moved) < 1e-6
+    assert any(not torch.equal(a, b) for a, b in zip(whole.model.parameters(), start))  # the step did move them
+
+
+def test_gradient_clipping_bounds_the_update_and_logs_the_raw_norm():
+    parts = _gn_parts(1, grad_clip=1e-3)
+    before = [p.detach().clone() for p in parts.model.parameters()]
+    images = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    stats = train_step(parts, iter([(images, [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)}] * 2)]),
+                       lr=1.0, step=1)
+    update = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(parts.model.parameters(), before)))
+    assert stats["grad_norm"] > 1e-2  # the norm before clipping
+    assert update.item() == pytest.approx(1e-3, rel=1e-3)  # plain SGD at lr 1: the update is the clipped gradient
