@@ -80,7 +80,7 @@ def main() -> None:
     setup_determinism(cfg.run.seed, cfg.run.deterministic, cfg.run.num_threads)
     device = resolve_device(cfg.run.device)
     data = build_datasets(cfg.data, _cache_dir(None))
-    loader, _, sampler = _build_loaders(cfg, data)
+    loader, _, _, sampler = _build_loaders(cfg, data)
     tcfg = cfg.train
     plan = plan_training(tcfg, len(data.train))
     steps_per_epoch = plan.steps_per_epoch

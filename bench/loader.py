@@ -62,7 +62,7 @@ def main() -> None:
     device = resolve_device(cfg.run.device)
     data = build_datasets(cfg.data, _cache_dir(None), progress=False)
     with tempfile.TemporaryDirectory() as cache_dir:
-        default_loader, _, sampler = _build_loaders(cfg, data, Path(cache_dir))
+        default_loader, _, _, sampler = _build_loaders(cfg, data, Path(cache_dir))
         dataset = default_loader.dataset
         default_workers = resolve_num_workers(cfg.data.num_workers)
         loaders = {f"loader, {default_workers} workers (data.num_workers)": default_loader}
