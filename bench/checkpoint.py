@@ -115,7 +115,7 @@ def main() -> None:
 
         steps(WARMUP)
         save(True)  # untimed: from here on every save rotates last.pt and finds a best.pt, as in a run
-        print(f"model width {cfg.model.backbone.args.width_mult}, {cfg.data.image_size} px, batch "
+        print(f"model width {cfg.model.backbone.args['width_mult']}, {cfg.data.image_size} px, batch "
               f"{tcfg.batch_size}, amp {cfg.run.amp}, channels_last {cfg.run.channels_last}, "
               f"{steps_per_epoch} steps per epoch; {args.steps} timed steps per repeat after {WARMUP} warm-up; "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (other work skews every figure)")

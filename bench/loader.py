@@ -86,7 +86,7 @@ def main() -> None:
             loader_block(loader, sampler, 0)
         print(f"{cfg.data.image_size} px, batch {cfg.train.batch_size}, {len(dataset)} train images, augment "
               f"{cfg.data.augment.model_dump()}, cache {cfg.data.cache}; model width "
-              f"{cfg.model.backbone.args.width_mult}, amp {cfg.run.amp}, channels_last {cfg.run.channels_last}, "
+              f"{cfg.model.backbone.args['width_mult']}, amp {cfg.run.amp}, channels_last {cfg.run.channels_last}, "
               f"{torch.get_num_threads()} threads; loader blocks of one epoch, step blocks of {args.steps} steps, "
               f"{args.repeats} repeats; "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
