@@ -6,7 +6,14 @@ rtdetr.py: `SetCriterion` for the rtdetr head (varifocal, L1, GIoU on every pred
            set), with Hungarian matching.
 
 Both return "loss" (the weighted total to back-propagate), its detached components
-and "num_pos", computed in float32 outside autocast.
+("loss_cls", "loss_box", "loss_dfl" or "loss_vfl", "loss_l1", "loss_giou") and "num_pos",
+computed in float32 outside autocast; every value of the dict is a tensor.
+
+`criterion.with_terms(outputs, targets) -> (that dict, terms)` also hands out what "loss"
+sums (terms.py): component name -> `WeightedTerm(weight, value)`, the value differentiable,
+in summation order, with "loss" == `weighted_sum(terms)` bit for bit. A loss balancer
+(engine/balance.py) re-weights these; `criterion.components` names them before the first
+batch.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from detpact.models.losses import dense
 from detpact.models.losses.dense import BOX_IOUS, DetectionCriterion, distribution_focal_loss, pad_targets
 from detpact.models.losses.normalise import Normaliser, local_normaliser
 from detpact.models.losses.rtdetr import SetCriterion, build_set_criterion, normalise_targets
+from detpact.models.losses.terms import LossTerms, WeightedTerm, weighted_sum
 
 Criterion = DetectionCriterion | SetCriterion
 
@@ -31,6 +39,6 @@ def build_criterion(cfg: HeadConfig, num_classes: int | None = None,
 
 
 __all__ = [
-    "BOX_IOUS", "Criterion", "DetectionCriterion", "SetCriterion", "build_criterion", "build_set_criterion",
-    "distribution_focal_loss", "normalise_targets", "pad_targets",
+    "BOX_IOUS", "Criterion", "DetectionCriterion", "LossTerms", "SetCriterion", "WeightedTerm", "build_criterion",
+    "build_set_criterion", "distribution_focal_loss", "normalise_targets", "pad_targets", "weighted_sum",
 ]

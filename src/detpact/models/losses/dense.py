@@ -21,6 +21,7 @@ from torch import Tensor
 from detpact.config import HeadConfig, LossConfig
 from detpact.models.boxes import paired_ciou, paired_giou, paired_iou
 from detpact.models.losses.normalise import Normaliser, local_normaliser
+from detpact.models.losses.terms import LossTerms, WeightedTerm, weighted_sum
 from detpact.models.matching import Assigner, build_assigner
 from detpact.models.outputs import DetectorOutput
 
@@ -66,8 +67,10 @@ class DetectionCriterion:
     """`criterion(outputs, targets) -> dict[str, Tensor]` with "loss", "loss_cls", "loss_box"
     and, for a distribution head, "loss_dfl".
 
-    Computed in float32 (outputs are cast), outside autocast, so bf16/fp16 training
-    does not lose precision in the loss. Also reports "num_pos" (detached).
+    "loss" = cls_weight * loss_cls + box_weight * loss_box (+ dfl_weight * loss_dfl), the
+    components detached. Computed in float32 (outputs are cast), outside autocast, so
+    bf16/fp16 training does not lose precision in the loss. Also reports "num_pos" (detached).
+    `with_terms` also returns the weighted terms of "loss", differentiable, for a balancer.
     """
 
     def __init__(self, assigner: Assigner, cfg: LossConfig, reg_max: int = 1,
@@ -78,7 +81,18 @@ class DetectionCriterion:
         self.box_iou = BOX_IOUS[cfg.iou]
         self.reg_max = reg_max
 
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The names of the terms, known before the first batch (a task aligner needs them
+        to create its parameters): DFL only with distribution box sides."""
+        return ("loss_cls", "loss_box", "loss_dfl") if self.reg_max > 1 else ("loss_cls", "loss_box")
+
     def __call__(self, outputs: DetectorOutput, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        return self.with_terms(outputs, targets)[0]
+
+    def with_terms(self, outputs: DetectorOutput, targets: list[dict[str, Tensor]]
+                   ) -> tuple[dict[str, Tensor], LossTerms]:
+        """The criterion's dict, and the terms its "loss" sums: component -> (weight, value)."""
         logits = outputs.cls_logits.float()  # [B, A, C]
         pred_boxes = outputs.boxes.float()  # [B, A, 4]
         gt_boxes, gt_labels, gt_valid = pad_targets(targets, logits.device)
@@ -107,18 +121,20 @@ class DetectionCriterion:
         if self.cfg.quality_gamma > 0:
             # Down-weight locations whose score is already close to its target.
             bce = bce * (logits.sigmoid() - target).abs().pow(self.cfg.quality_gamma)
-        losses = {
-            "loss_cls": bce.sum() / norm,
-            "loss_box": ((1.0 - self.box_iou(pos_pred, pos_gt)) * weight).sum() / norm,
+        terms = {
+            "loss_cls": WeightedTerm(self.cfg.cls_weight, bce.sum() / norm),
+            "loss_box": WeightedTerm(self.cfg.box_weight,
+                                     ((1.0 - self.box_iou(pos_pred, pos_gt)) * weight).sum() / norm),
         }
-        loss = self.cfg.cls_weight * losses["loss_cls"] + self.cfg.box_weight * losses["loss_box"]
         if outputs.box_logits is not None:
             points, strides = outputs.points[a_idx], outputs.strides[a_idx, None]  # [P, 2], [P, 1]
             sides = torch.cat([points - pos_gt[:, :2], pos_gt[:, 2:] - points], dim=-1) / strides  # [P, 4] in bins
             dfl = distribution_focal_loss(outputs.box_logits[b_idx, a_idx].float(), sides)
-            losses["loss_dfl"] = (dfl * weight).sum() / norm
-            loss = loss + self.cfg.dfl_weight * losses["loss_dfl"]
-        return {"loss": loss, **{k: v.detach() for k, v in losses.items()}, "num_pos": num_pos.detach()}
+            terms["loss_dfl"] = WeightedTerm(self.cfg.dfl_weight, (dfl * weight).sum() / norm)
+        # (cls + box) + dfl, left to right as always: the total is unchanged bit for bit.
+        losses = {"loss": weighted_sum(terms), **{k: t.value.detach() for k, t in terms.items()},
+                  "num_pos": num_pos.detach()}
+        return losses, terms
 
 
 def build_criterion(cfg: HeadConfig, normaliser: Normaliser = local_normaliser) -> DetectionCriterion:

@@ -25,6 +25,7 @@ from torch import Tensor
 from detpact.config import RTDETRConfig, SetLossConfig
 from detpact.models.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, paired_giou, paired_iou
 from detpact.models.losses.normalise import Normaliser, local_normaliser
+from detpact.models.losses.terms import LossTerms, WeightedTerm, weighted_sum
 from detpact.models.matching import HungarianMatcher, build_matcher
 from detpact.models.outputs import DetrOutput
 
@@ -53,6 +54,7 @@ class SetCriterion:
     "loss_vfl", "loss_l1", "loss_giou": each summed over all prediction sets (detached);
     "num_pos":   matched pairs of the last decoder layer (detached).
 
+    `with_terms` also returns the weighted terms of "loss", differentiable, for a balancer.
     targets: B dicts with "boxes" [N_i, 4] xyxy pixels and "labels" [N_i] int64, on any device.
     Computed in float32 (the outputs are cast), to be called outside autocast. The class
     count comes from the logits.
@@ -63,7 +65,16 @@ class SetCriterion:
         self.cfg = cfg
         self.normaliser = normaliser
 
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The names of the terms, known before the first batch (a task aligner needs them)."""
+        return ("loss_vfl", "loss_l1", "loss_giou")
+
     def __call__(self, outputs: DetrOutput, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        return self.with_terms(outputs, targets)[0]
+
+    def with_terms(self, outputs: DetrOutput, targets: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], LossTerms]:
+        """The criterion's dict, and the terms its "loss" sums: component -> (weight, value)."""
         if not outputs.layers:
             raise ValueError("SetCriterion needs DetrOutput.layers: the rtdetr head gives at least its last layer")
         device = outputs.cls_logits.device
@@ -92,10 +103,13 @@ class SetCriterion:
             for key, value in self.set_losses(logits, boxes, targets, indices, norm).items():
                 totals[key] = totals[key] + value
 
-        loss = (self.cfg.vfl_weight * totals["loss_vfl"] + self.cfg.l1_weight * totals["loss_l1"]
-                + self.cfg.giou_weight * totals["loss_giou"])
-        return {"loss": loss, **{k: v.detach() for k, v in totals.items()},
-                "num_pos": torch.tensor(num_pos, device=device)}
+        terms = {"loss_vfl": WeightedTerm(self.cfg.vfl_weight, totals["loss_vfl"]),
+                 "loss_l1": WeightedTerm(self.cfg.l1_weight, totals["loss_l1"]),
+                 "loss_giou": WeightedTerm(self.cfg.giou_weight, totals["loss_giou"])}
+        # (vfl + l1) + giou, left to right as always: the total is unchanged bit for bit.
+        losses = {"loss": weighted_sum(terms), **{k: t.value.detach() for k, t in terms.items()},
+                  "num_pos": torch.tensor(num_pos, device=device)}
+        return losses, terms
 
     def set_losses(self, logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]], indices: Indices,
                    norm: float) -> dict[str, Tensor]:
