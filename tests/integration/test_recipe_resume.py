@@ -25,9 +25,15 @@ RECIPES = {
          "--set", "train.stages=[{steps: 2, freeze: [backbone], lr_mult: 0.5}, {steps: 3, freeze: [head.cls_branches]}]",
          "--set", "train.checkpoint.keep_epochs=2"],
         "kill@step=5", 4),
-    # Batches of 5 with drop_last off: 4 full batches and one of 4 per epoch (15 steps).
-    "onecycle_partial_batches": (["--set", "train.scheduler={name: onecycle, warmup_steps: 3}",
-                                  "--set", "train.batch_size=5", "--set", "train.drop_last=false"], "kill@step=7", 6),
+    # Batches of 5 with drop_last off: 4 full batches and one of 4 per epoch (15 steps), and
+    # loss balancing: learned uncertainty weights, the box loss ramped from x 0.5 over the
+    # first epoch, every component clipped at 50.
+    "onecycle_partial_batches_balanced": (
+        ["--set", "train.scheduler={name: onecycle, warmup_steps: 3}", "--set", "train.batch_size=5",
+         "--set", "train.drop_last=false", "--set", "train.task_aligner=uncertainty",
+         "--set", "train.loss_box_warmup_epochs=1", "--set", "train.loss_box_scale_start=0.5",
+         "--set", "train.loss_component_clip=50"],
+        "kill@step=7", 6),
 }
 
 
@@ -50,9 +56,15 @@ def test_killed_recipe_resumes_to_the_same_bits(tmp_path, cache_dir, recipe):
     assert f"resumed at step {resumed_at}" in resumed.stderr
     run = tmp_path / "runs" / "killed"
     assert_same_run(run, tmp_path / "runs" / "straight")
-    if recipe == "onecycle_partial_batches":
+    if recipe == "onecycle_partial_batches_balanced":
         report = json.loads((run / "reports" / "train_report.json").read_text())
         assert report["counters"]["steps"] == 15 and report["counters"]["samples_seen"] == 72  # every image
+        assert {g["name"]: g["weight_decay"] for g in report["optimizer"]["groups"]}["task_aligner"] == 0.0
+        lines = [json.loads(line) for line in (run / "reports" / "train_metrics.jsonl").read_text().splitlines()]
+        assert [line["box_scale"] for line in lines[:6]] == pytest.approx([0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+        weights = [line["task_weight/loss_cls"] for line in lines]
+        assert weights[0] == 1.0 and len(set(weights)) > 10  # learned: exp(-s) moves from 1 every step
+        assert all(k in lines[0] for k in ("clipped/loss_cls", "task_weight/loss_box", "task_weight/loss_dfl"))
     if recipe == "sgd_multistep_stages":
         lines = [json.loads(line) for line in (run / "reports" / "train_metrics.jsonl").read_text().splitlines()]
         assert [line["stage"] for line in lines] == [0, 0, 1, 1, 1, None, None, None, None]

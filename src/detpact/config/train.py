@@ -202,6 +202,22 @@ class TrainConfig(Section):
     """the optimizer and its parameter groups"""
     scheduler: SchedulerConfig = SchedulerConfig()
     """the learning rate schedule (engine/optim.py: `lr_at`)"""
+    loss_box_warmup_epochs: float = Field(0.0, ge=0.0)
+    """over this many epochs the box-loss weight multiplier ramps linearly from
+    `loss_box_scale_start` to `loss_box_scale_end` (box components: `loss_box`, `loss_dfl`,
+    `loss_l1`, `loss_giou`); 0 = `loss_box_scale_end` throughout"""
+    loss_box_scale_start: float = Field(1.0, ge=0.0)
+    """the box-loss multiplier at the start of the ramp"""
+    loss_box_scale_end: float = Field(1.0, ge=0.0)
+    """the box-loss multiplier after the ramp (logged per step as `box_scale`)"""
+    loss_component_clip: float | None = Field(None, gt=0.0)
+    """each raw loss component above this is scaled down to it (its gradient keeps its
+    direction), so that one exploding term cannot swamp a step; `null` = off"""
+    task_aligner: Literal["none", "uncertainty"] = "none"
+    """`uncertainty`: learned per-component weights (Kendall et al., 2018): the loss is
+    sum exp(-s_i) w_i L_i + s_i with one learned s_i per component, trained with the model
+    (no weight decay, in the optimizer group `task_aligner`), checkpointed, and logged per
+    step as `task_weight/<component>`"""
     grad_clip: float | None = Field(10.0, gt=0.0)
     """max gradient norm (`null` = no clipping; the norm is still logged)"""
     ema: EMAConfig = EMAConfig()

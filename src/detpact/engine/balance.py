@@ -19,10 +19,12 @@ With every control off the result is the criterion's own "loss", bit for bit: th
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from detpact.config import TrainConfig
 from detpact.models.losses import LossTerms, WeightedTerm, weighted_sum
 
 # The box-regression components of both criteria, the ones the warm-up scales:
@@ -142,3 +144,36 @@ def balanced_loss(terms: LossTerms, *, box_scale: float, clip: float | None,
     total = aligner({name: weight * value for name, (weight, value) in balanced.items()})
     logged.update({f"task_weight/{name}": w for name, w in aligner.weights().items() if name in terms})
     return total, logged
+
+
+@dataclass
+class LossBalance:
+    """A run's loss-balancing controls (train.loss_box_*, train.loss_component_clip,
+    train.task_aligner): what `train_step` applies to each micro-batch's terms."""
+
+    warmup_epochs: float
+    scale_start: float
+    scale_end: float
+    clip: float | None
+    aligner: UncertaintyWeights | None
+    steps_per_epoch: int
+
+    def total(self, terms: LossTerms, step: int) -> tuple[Tensor, dict[str, float]]:
+        """The loss to back-propagate in optimizer step `step` (1-based) and what to log."""
+        scale = box_loss_scale((step - 1) / self.steps_per_epoch, self.warmup_epochs, self.scale_start,
+                               self.scale_end)
+        return balanced_loss(terms, box_scale=scale, clip=self.clip, aligner=self.aligner)
+
+
+def build_loss_balance(tcfg: TrainConfig, components: Sequence[str], steps_per_epoch: int,
+                       device: torch.device) -> LossBalance | None:
+    """The run's LossBalance, or None when every control is off (the criterion's own loss
+    is back-propagated, unchanged)."""
+    ramp = tcfg.loss_box_warmup_epochs > 0 and tcfg.loss_box_scale_start != tcfg.loss_box_scale_end
+    constant = tcfg.loss_box_scale_end != 1.0
+    aligner = build_task_aligner(tcfg.task_aligner, components)
+    if not (ramp or constant or tcfg.loss_component_clip is not None or aligner is not None):
+        return None
+    return LossBalance(tcfg.loss_box_warmup_epochs, tcfg.loss_box_scale_start, tcfg.loss_box_scale_end,
+                       tcfg.loss_component_clip, aligner.to(device) if aligner is not None else None,
+                       steps_per_epoch)

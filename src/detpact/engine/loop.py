@@ -26,6 +26,7 @@ from detpact.data.cache import ImageCache
 from detpact.data.dataset import DetectionDataset, eval_loader, make_loader, resolve_num_workers
 from detpact.data.sampler import ResumableSampler
 from detpact.engine import budget as budget_module
+from detpact.engine.balance import build_loss_balance
 from detpact.engine.distributed import (
     SINGLE,
     Distributed,
@@ -130,7 +131,7 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
     train_loader, val_loader, recal_loader, sampler = _build_loaders(
         cfg, data, cache_dir, _mosaic_until(cfg, total_steps, steps_per_epoch), ctx)
     parts = _build_step_parts(cfg, device, len(data.class_names), str(run.last_ckpt), total_steps, resume, ctx,
-                              plan.micro_batches)
+                              plan.micro_batches, steps_per_epoch)
     ckpt_cfg = tcfg.checkpoint
     progress, best = (_restore(resume, parts, run, ctx) if resume is not None
                       else (Progress(), Best(ckpt_cfg.best_metric, ckpt_cfg.best_mode)))
@@ -287,7 +288,7 @@ def _plan_time_budget(cfg: Config, data: DatasetSplits, device: torch.device, pl
 
         def throwaway() -> tuple[StepParts, DataLoader, DataLoader]:
             parts = _build_step_parts(cfg, device, len(data.class_names), os.devnull, plan.total_steps,
-                                      ctx=ctx, micro_batches=plan.micro_batches)
+                                      ctx=ctx, micro_batches=plan.micro_batches, steps_per_epoch=plan.steps_per_epoch)
             return parts, loader, val_loader
 
         log.info("train.time_budget: timing %d steps and %d validation batches to plan the run's length",
@@ -307,7 +308,7 @@ def _plan_time_budget(cfg: Config, data: DatasetSplits, device: torch.device, pl
 
 def _build_step_parts(cfg: Config, device: torch.device, num_classes: int, last_ckpt: str,
                       total_steps: int, resume: dict | None = None, ctx: Distributed = SINGLE,
-                      micro_batches: int = 1) -> StepParts:
+                      micro_batches: int = 1, steps_per_epoch: int = 1) -> StepParts:
     model = sync_batchnorm(ctx, build_model(cfg.model, num_classes), cfg.train.ddp.sync_bn, device)
     # Starting weights and freezing come before the optimizer and the EMA take the model's
     # parameters. A resume's weights come from its checkpoint, with their record.
@@ -317,18 +318,20 @@ def _build_step_parts(cfg: Config, device: torch.device, num_classes: int, last_
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     tcfg = cfg.train
+    criterion = build_criterion(cfg.model.head, normaliser=global_normaliser(ctx, device) if ctx.enabled
+                                else local_normaliser)
+    balance = build_loss_balance(tcfg, criterion.components, steps_per_epoch, device)
     return StepParts(
         model=model,
-        criterion=build_criterion(cfg.model.head, normaliser=global_normaliser(ctx, device) if ctx.enabled
-                                  else local_normaliser),
-        optimizer=build_optimizer(model, tcfg.optimizer),
+        criterion=criterion,
+        optimizer=build_optimizer(model, tcfg.optimizer, balance.aligner if balance is not None else None),
         ema=ModelEMA(model, tcfg.ema, total_steps) if tcfg.ema.enabled else None,
         scaler=torch.amp.GradScaler(device.type) if cfg.run.amp == "fp16" else None,
         guard=NonFiniteGuard(tcfg.nonfinite.max_consecutive if tcfg.nonfinite.policy == "skip" else 1, last_ckpt),
         device=device, amp=cfg.run.amp, channels_last=cfg.run.channels_last,
         grad_clip=tcfg.grad_clip, accumulate=micro_batches,
         multi_scale=MultiScale(cfg.run.seed, cfg.data.image_size, cfg.data.multi_scale) if cfg.data.multi_scale else None,
-        weights=weights, dist=ctx,
+        weights=weights, dist=ctx, balance=balance,
     )
 
 
@@ -377,6 +380,7 @@ def _bundle(cfg: Config, data: DatasetSplits, run: RunDir, parts: StepParts, pro
         "scheduler": {"name": cfg.train.scheduler.name},
         "scaler": parts.scaler.state_dict() if parts.scaler else None,
         "ema": parts.ema.state_dict() if parts.ema else None,
+        "task_aligner": parts.balance.aligner.state_dict() if parts.balance and parts.balance.aligner else None,
         "progress": asdict(progress),
         "rng": rng_state(),
         "sampler": sampler.state_at(progress.epoch, progress.step_in_epoch * plan.images_per_step),
@@ -405,6 +409,8 @@ def _restore(bundle: dict[str, Any], parts: StepParts, run: RunDir, ctx: Distrib
             parts.ema.load_state_dict(bundle["ema"])
         if parts.scaler is not None and bundle.get("scaler"):
             parts.scaler.load_state_dict(bundle["scaler"])
+        if parts.balance is not None and parts.balance.aligner is not None:
+            parts.balance.aligner.load_state_dict(bundle.get("task_aligner") or {})
     except (RuntimeError, ValueError, KeyError) as exc:  # only after a resume with --allow-drift
         raise DetpactError(f"Cannot resume from {run.last_ckpt}: its training state does not fit the model and "
                            f"optimizer of the current config ({str(exc).strip().splitlines()[0]}). Resume with "

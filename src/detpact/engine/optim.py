@@ -52,9 +52,14 @@ def parameter_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict[str, A
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD over `parameter_groups`; the groups are logged with their sizes."""
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, aligner: nn.Module | None = None) -> torch.optim.Optimizer:
+    """AdamW or SGD over `parameter_groups`; the groups are logged with their sizes. The
+    task aligner's learned weights (train.task_aligner) get a group of their own, never
+    decayed (decay would pull every weight back to 1)."""
     groups = parameter_groups(model, cfg)
+    if aligner is not None:
+        groups.append({"params": list(aligner.parameters()), "name": "task_aligner", "lr_mult": cfg.head_lr_mult,
+                       "weight_decay": 0.0})
     if cfg.name == "sgd":
         optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True)
     else:

@@ -14,6 +14,9 @@ from detpact.run.contract import RunDir
 from detpact.run.metrics import JsonlLog
 from detpact.run.status import StatusWriter
 
+# Step statistics recorded under their own names first, or not at all.
+_STEP_FIELDS = ("loss", "num_pos", "grad_norm", "images")
+
 
 class Recorder:
     def __init__(self, run: RunDir, bar: TrainProgress, status_every_s: float, total_steps: int, start_step: int):
@@ -35,8 +38,9 @@ class Recorder:
         record: dict[str, Any] = {"step": step, "epoch": epoch, "lr": lr}
         record.update(extra or {})
         record.update({k: None if stats is None else stats[k] for k in ("loss", "num_pos", "grad_norm")})
-        # The loss components are the criterion's (loss_cls, loss_box, ... or loss_vfl, loss_l1, ...).
-        record.update({k: v for k, v in (stats or {}).items() if k.startswith("loss_")})
+        # The loss components are the criterion's (loss_cls, loss_box, ... or loss_vfl, loss_l1, ...),
+        # then what loss balancing logs (box_scale, clipped/..., task_weight/...).
+        record.update({k: v for k, v in (stats or {}).items() if k not in _STEP_FIELDS})
         record.update(skipped=stats is None, nonfinite_skipped=skipped_total,
                       samples_per_s=round(speed, 2), time_s=round(now - self.started, 3))
         self.train_log.write(record)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from detpact.engine.balance import LossBalance
 from detpact.engine.distributed import SINGLE, Distributed, average_gradients, broadcast_buffers, sum_values
 from detpact.engine.ema import ModelEMA
 from detpact.engine.evaluate import prepare_images
@@ -45,9 +46,12 @@ class StepParts:
     # "weights" entry ({"init_from", "backbone_weights", "freeze"}, plain values).
     weights: dict[str, Any] = field(default_factory=dict)
     dist: Distributed = SINGLE
+    balance: LossBalance | None = None  # loss balancing; None = the criterion's own loss
 
     def __post_init__(self) -> None:
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        aligner = self.balance.aligner if self.balance is not None else None
+        extra = list(aligner.parameters()) if aligner is not None else []
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad] + extra
 
 
 def train_step(parts: StepParts, batches: Iterator, lr: float, step: int, faults: Faults = NO_FAULTS,
@@ -71,7 +75,7 @@ def train_step(parts: StepParts, batches: Iterator, lr: float, step: int, faults
         # still computed (the loss normaliser is shared), but not back-propagated.
         if finite or parts.dist.enabled:
             try:
-                failure = _accumulate_gradients(parts, images, targets, sums, micro_batches, size,
+                failure = _accumulate_gradients(parts, images, targets, sums, micro_batches, size, step,
                                                 faults.poison_at(step), backward=finite)
             except torch.OutOfMemoryError:
                 if parts.dist.enabled:
@@ -139,7 +143,7 @@ def _agree_across_ranks(parts: StepParts, finite: bool, sums: dict[str, float]) 
 
 
 def _accumulate_gradients(parts: StepParts, images: torch.Tensor, targets: list[dict], sums: dict[str, float],
-                          micro_batches: int, size: int | None, poison: str | None = None,
+                          micro_batches: int, size: int | None, step: int, poison: str | None = None,
                           backward: bool = True) -> str | None:
     """Forward and backward of one micro-batch (resized to `size` for multi-scale training),
     adding its share to `sums`. Returns None, or "nan" / "inf" when its loss is not finite
@@ -152,16 +156,22 @@ def _accumulate_gradients(parts: StepParts, images: torch.Tensor, targets: list[
         if poison == "oom":
             raise torch.OutOfMemoryError("out of memory (injected by DETPACT_FAULT)")
         outputs = parts.model(pixels, targets)
-    losses = parts.criterion(outputs, targets)  # float32, outside autocast
+    # float32, outside autocast
+    if parts.balance is None:
+        losses, logged = parts.criterion(outputs, targets), {}
+        total = losses["loss"]
+    else:  # the criterion's "loss" is still what is logged, for runs to stay comparable
+        losses, terms = parts.criterion.with_terms(outputs, targets)
+        total, logged = parts.balance.total(terms, step)
     if poison == "nan":
-        losses = {**losses, "loss": losses["loss"] * float("nan")}
-    value = losses["loss"].detach().item()
+        total = total * float("nan")
+    value = total.detach().item()
     if not math.isfinite(value):
         return "nan" if math.isnan(value) else "inf"
     if not backward:
         return None
-    loss = losses["loss"] / micro_batches
+    loss = total / micro_batches
     (parts.scaler.scale(loss) if parts.scaler else loss).backward()
-    for key, value in losses.items():
-        sums[key] = sums.get(key, 0.0) + float(value.detach()) / micro_batches
+    for key, value in [*((k, float(v.detach())) for k, v in losses.items()), *logged.items()]:
+        sums[key] = sums.get(key, 0.0) + value / micro_batches
     return None
