@@ -30,10 +30,11 @@ from pathlib import Path
 from detpact.api import _cache_dir
 from detpact.config import dump_config_yaml, load_config
 from detpact.data.build import build_datasets
-from detpact.engine.loop import Best, Progress, _build_loaders, _build_step_parts, _bundle
+from detpact.engine.loop import _build_loaders, _build_step_parts
 from detpact.engine.optim import lr_at
 from detpact.engine.plan import plan_training
 from detpact.engine.runtime import resolve_device, setup_determinism
+from detpact.engine.state import Best, Progress, make_bundle
 from detpact.engine.step import train_step
 from detpact.run.checkpoint import commit_checkpoint
 from detpact.run.contract import RunDir
@@ -109,7 +110,7 @@ def main() -> None:
         def save(improved: bool) -> float:  # as fit()'s save()
             started = time.perf_counter()
             parts.guard.check_weights(progress.global_step, parts.model, parts.ema.module if parts.ema else None)
-            bundle = _bundle(cfg, data, run, parts, progress, sampler, best, plan)
+            bundle = make_bundle(cfg, data, run, parts, progress, sampler, best, plan)
             commit_checkpoint(run, bundle, best=improved)
             return time.perf_counter() - started
 

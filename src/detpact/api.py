@@ -31,9 +31,7 @@ from detpact.data.dataset import DetectionDataset, eval_loader
 from detpact.data.preflight import PreflightReport, run_preflight
 from detpact.data.show import save_grid
 from detpact.engine.distributed import (
-    Distributed,
     barrier,
-    broadcast_from_main,
     close,
     init_distributed,
     launched_by_torchrun,
@@ -42,7 +40,7 @@ from detpact.engine.distributed import (
 from detpact.engine.evaluate import evaluate as evaluate_model
 from detpact.engine.evaluate import prepare_images
 from detpact.engine.faults import parse_faults
-from detpact.engine.loop import FitResult, fit
+from detpact.engine.loop import fit
 from detpact.engine.plan import plan_training
 from detpact.engine.runtime import check_amp, resolve_device, setup_determinism
 from detpact.errors import CheckFailed, DetpactError, TrainingAborted, TrainingStopped
@@ -57,7 +55,6 @@ from detpact.inference.predictor import (
     write_predictions,
 )
 from detpact.run.atomic import atomic_write_json, atomic_write_text, read_json
-from detpact.run.checkpoint import load_checkpoint
 from detpact.run.contract import (
     RunDir,
     default_run_id,
@@ -66,9 +63,9 @@ from detpact.run.contract import (
     write_manifest,
 )
 from detpact.run.session import (
-    check_world_size,
     finish_train_report,
-    resume_bundle,
+    open_for_training,
+    report_interrupted,
     resume_num_threads,
     seed_from_environment,
     write_run_meta,
@@ -118,7 +115,7 @@ def train(
         faults = parse_faults(environ.get("DETPACT_FAULT"), ctx.rank)
         run = RunDir.for_run_id(output_root, run_id or default_run_id(cfg.run.name, datetime.now()))
         drift: dict[str, Any] = {}
-        bundle = _open_for_training(run, cfg, ctx, resume, allow_drift, allow_world_size_change, drift)
+        bundle = open_for_training(run, cfg, ctx, resume, allow_drift, allow_world_size_change, drift)
         device = process_device(ctx, resolve_device(cfg.run.device))
         check_amp(cfg.run.amp, device)
         determinism = setup_determinism(cfg.run.seed, cfg.run.deterministic, resume_num_threads(cfg, bundle))
@@ -147,7 +144,7 @@ def train(
             result = fit(cfg, run, data, device, bundle, faults, cache_dir=_cache_dir(environ), ctx=ctx)
         except (TrainingStopped, TrainingAborted) as exc:
             if ctx.is_main and getattr(exc, "fit_result", None) is not None:
-                _report_interrupted(run, cfg, exc.fit_result, meta)
+                report_interrupted(run, cfg, exc.fit_result, meta)
             raise
         if not ctx.is_main:
             return run
@@ -166,44 +163,6 @@ def train(
     set_phase(run.status, "done")
     write_manifest(run)
     return run
-
-
-def _report_interrupted(run: RunDir, cfg: Config, result: FitResult, meta: dict[str, Any]) -> None:
-    """train_report.json of a run that ended early (a signal, an abort), saying why. Best
-    effort: on a full disk it may not be writable, which must not hide the real error."""
-    try:
-        finish_train_report(run, cfg, result, meta)
-        write_manifest(run)
-    except OSError as exc:
-        log.warning("could not write the training report of the interrupted run: %s", exc)
-
-
-def _open_for_training(run: RunDir, cfg: Config, ctx: Distributed, resume: bool, allow_drift: bool,
-                       allow_world_size_change: bool, drift: dict[str, Any]) -> dict[str, Any] | None:
-    """The checkpoint bundle to resume from (None for a fresh run), after the checks that
-    refuse to start: an existing folder without --resume, config drift, another number of
-    processes. Rank 0 checks (and repairs a damaged last.pt); the other ranks take its
-    verdict, then read the checkpoint it settled on."""
-    bundle, failure, outcome = None, None, None
-    if ctx.is_main:
-        try:
-            if resume:
-                bundle = resume_bundle(run, cfg, drift, allow_drift)
-                check_world_size(bundle, ctx.world_size, allow_world_size_change, drift)
-            elif run.root.exists() and any(run.root.iterdir()):
-                raise DetpactError(f"Run folder {run.root} already exists. Add --resume to continue it, or pass "
-                                   "another --run-id.")
-            outcome = ("ok", bundle is not None)
-        except DetpactError as exc:
-            failure, outcome = exc, ("error", exc.message)
-    status, detail = broadcast_from_main(ctx, outcome)
-    if failure is not None:
-        raise failure
-    if status == "error":
-        raise DetpactError(detail)
-    if not ctx.is_main and detail:
-        bundle = load_checkpoint(run.last_ckpt)
-    return bundle
 
 
 def evaluate(run_dir: str | Path, *, checkpoint: str = "best", environ: Mapping[str, str] | None = None,

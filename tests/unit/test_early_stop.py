@@ -31,7 +31,7 @@ def test_metric_choice_and_state_round_trip():
 
 
 def test_best_follows_its_metric_and_mode():
-    from detpact.engine.loop import Best
+    from detpact.engine.state import Best
 
     highest, lowest = Best("map50", "max"), Best("ar10", "min")
     assert highest.improved_by(None) and lowest.improved_by(0.5)  # the first validation always writes best.pt

@@ -13,11 +13,12 @@ import torch
 
 from detpact.config import Config, config_hash, diff_configs, load_config, resolved_dict, validate_config
 from detpact.data.build import DatasetSplits
+from detpact.engine.distributed import Distributed, broadcast_from_main
 from detpact.errors import DetpactError
 from detpact.evaluation.coco import format_table
 from detpact.run.atomic import atomic_write_json, read_json
-from detpact.run.checkpoint import resume_checkpoint
-from detpact.run.contract import RunDir, git_info, host_info, library_versions, utc_now
+from detpact.run.checkpoint import load_checkpoint, resume_checkpoint
+from detpact.run.contract import RunDir, git_info, host_info, library_versions, utc_now, write_manifest
 from detpact.run.metrics import truncate_jsonl, write_csv_mirror
 from detpact.run.report import write_train_report
 
@@ -176,3 +177,41 @@ def finish_train_report(run: RunDir, cfg: Config, result: FitResult, meta: dict)
         write_csv_mirror(run.train_metrics, run.train_metrics_csv)
     if result.last_val:
         log.info("final validation:\n%s", format_table(result.last_val))
+
+
+def report_interrupted(run: RunDir, cfg: Config, result: FitResult, meta: dict[str, Any]) -> None:
+    """train_report.json of a run that ended early (a signal, an abort), saying why. Best
+    effort: on a full disk it may not be writable, which must not hide the real error."""
+    try:
+        finish_train_report(run, cfg, result, meta)
+        write_manifest(run)
+    except OSError as exc:
+        log.warning("could not write the training report of the interrupted run: %s", exc)
+
+
+def open_for_training(run: RunDir, cfg: Config, ctx: Distributed, resume: bool, allow_drift: bool,
+                       allow_world_size_change: bool, drift: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint bundle to resume from (None for a fresh run), after the checks that
+    refuse to start: an existing folder without --resume, config drift, another number of
+    processes. Rank 0 checks (and repairs a damaged last.pt); the other ranks take its
+    verdict, then read the checkpoint it settled on."""
+    bundle, failure, outcome = None, None, None
+    if ctx.is_main:
+        try:
+            if resume:
+                bundle = resume_bundle(run, cfg, drift, allow_drift)
+                check_world_size(bundle, ctx.world_size, allow_world_size_change, drift)
+            elif run.root.exists() and any(run.root.iterdir()):
+                raise DetpactError(f"Run folder {run.root} already exists. Add --resume to continue it, or pass "
+                                   "another --run-id.")
+            outcome = ("ok", bundle is not None)
+        except DetpactError as exc:
+            failure, outcome = exc, ("error", exc.message)
+    status, detail = broadcast_from_main(ctx, outcome)
+    if failure is not None:
+        raise failure
+    if status == "error":
+        raise DetpactError(detail)
+    if not ctx.is_main and detail:
+        bundle = load_checkpoint(run.last_ckpt)
+    return bundle
