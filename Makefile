@@ -30,10 +30,12 @@ demo: $(STAMP)
 	@echo "run directory: runs/$(RUN_ID)"
 	@echo "next: $(VENV)/bin/detpact predict runs/$(RUN_ID) <images...> --out preds.json --save-images preds/"
 
+# Two pytest workers, each taking whole test files (module fixtures such as a reference
+# run are built once): the end-to-end tests spend much of their time starting processes.
 # pytest exits 5 when it collected no tests; say so plainly (it still fails the target).
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
-	@$(PY) -m pytest $(PYTEST_ARGS) || { status=$$?; \
+	@$(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS) || { status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$status; }
 
 bench: $(STAMP)

@@ -146,11 +146,15 @@ def train(
             if ctx.is_main and getattr(exc, "fit_result", None) is not None:
                 report_interrupted(run, cfg, exc.fit_result, meta)
             raise
-        if not ctx.is_main:
-            return run
-        finish_train_report(run, cfg, result, meta)
+        if ctx.is_main:
+            finish_train_report(run, cfg, result, meta)
+        # The ranks leave the process group together: one tearing its connections down
+        # while another still uses them can abort that process.
+        barrier(ctx)
     finally:
         close(ctx)
+    if not ctx.is_main:
+        return run  # rank 0 exports and writes the manifest
     if cfg.export.onnx:
         set_phase(run.status, "export")
         try:
