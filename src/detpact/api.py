@@ -46,13 +46,13 @@ from detpact.engine.runtime import check_amp, resolve_device, setup_determinism
 from detpact.errors import CheckFailed, DetpactError, TrainingAborted, TrainingStopped
 from detpact.export.onnx import DeployModel, export_onnx, onnx_metadata
 from detpact.export.parity import check_parity, describe_failure
+from detpact.inference.predictions import write_predictions
 from detpact.inference.predictor import (
     LoadedModel,
     collect_images,
     draw_predictions,
     load_detector,
     predict_images,
-    write_predictions,
 )
 from detpact.run.atomic import atomic_write_json, atomic_write_text, read_json
 from detpact.run.contract import (

@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from detpact import __version__, api
+from detpact.commands import predictions as predictions_command
 from detpact.commands.model_info import format_model_info
 from detpact.console import setup_logging
 from detpact.data.convert import SOURCE_FORMATS, TARGET_FORMATS, convert, format_summary
@@ -114,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="override a config value, e.g. --set model.backbone.name=resnet18")
     info.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    predictions_command.add_parser(commands)
+
     runs = commands.add_parser("runs", help="inspect run folders")
     runs_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="RUNS_COMMAND")
     verify = runs_commands.add_parser(
@@ -166,6 +169,8 @@ def run_command(args: argparse.Namespace) -> int:
         report = api.model_info(args.config, overrides=args.overrides, num_classes=args.num_classes,
                                 image_size=args.image_size)
         print(json.dumps(report, indent=2) if args.json else format_model_info(report))
+    elif args.command == "predictions":
+        return predictions_command.run(args)
     elif args.command == "runs":
         checks = api.verify(args.run_dir, reevaluate=not args.no_eval)
         failed = [check for check in checks if check.status == "fail"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import SHARED_DATASETS, run_cli
 from detpact.run.checkpoint import inference_state_dict
 
 CONTRACT = [
@@ -106,13 +106,16 @@ def test_train_crash_resume_eval_export_predict(tmp_path, env, tiny_config):
                          "--save-images", str(tmp_path / "drawn"), "--conf", "0.01"], env, tmp_path)
     assert predicted.returncode == 0, predicted.stderr
     preds = json.loads(out.read_text())
-    assert len(preds["images"]) == 7 and preds["class_names"][:2] == ["circle", "square"]
-    detections = [d for image in preds["images"] for d in image["detections"]]
+    assert (preds["schema"], preds["version"]) == ("detpact.predictions", 1)
+    assert len(preds["predictions"]) == 7 and preds["meta"]["class_names"][:2] == ["circle", "square"]
+    detections = [d for image in preds["predictions"] for d in image["detections"]]
     assert detections, "a trained model finds something at conf 0.01"
     for det in detections:
-        x1, y1, x2, y2 = det["box_xyxy"]
+        x1, y1, x2, y2 = det["box"]
         assert 0 <= x1 <= x2 <= 64 and 0 <= y1 <= y2 <= 64
-        assert preds["class_names"][det["class_id"]] == det["class_name"] and 0.01 <= det["score"] <= 1
+        assert preds["meta"]["class_names"][det["class_id"]] == det["class_name"] and 0.01 <= det["score"] <= 1
+    validated = run_cli(["predictions", "validate", str(out)], env, tmp_path)  # its own output validates
+    assert validated.returncode == 0 and f"valid: 7 images, {len(detections)} detections" in validated.stdout
     assert len(list((tmp_path / "drawn").glob("*.png"))) == 7
 
     # The manifest covers every artifact, with correct hashes.
@@ -254,3 +257,24 @@ def test_ema_eval_off_validates_and_exports_the_raw_weights(tmp_path, env, tiny_
     assert evaluated.returncode == 0 and json.loads(evaluated.stdout)["num_dets"] == recorded["raw"], evaluated.stderr
     verified = run_cli(["runs", "verify", str(raw)], env, tmp_path)
     assert verified.returncode == 0 and "verify: PASS" in verified.stdout, verified.stdout + verified.stderr
+
+
+def test_predictions_validate_and_convert_commands(tmp_path, env):
+    fixture = SHARED_DATASETS / "coco_eval_fixtures" / "fce_small"
+    detpact_file, coco_file = tmp_path / "preds.json", tmp_path / "results.json"
+    converted = run_cli(["predictions", "convert", str(fixture / "dt_dataset.json"), "--to", "detpact", "--gt",
+                         str(fixture / "gt_dataset.json"), "--out", str(detpact_file)], env, tmp_path)
+    assert converted.returncode == 0, converted.stderr
+    back = run_cli(["predictions", "convert", str(detpact_file), "--to", "coco", "--gt",
+                    str(fixture / "gt_dataset.json"), "--out", str(coco_file)], env, tmp_path)
+    assert back.returncode == 0, back.stderr
+    original = json.loads((fixture / "dt_dataset.json").read_text())
+    assert len(json.loads(coco_file.read_text())) == len(original) and f"{len(original)} detections" in back.stdout
+
+    document = json.loads(detpact_file.read_text())
+    document["predictions"][1]["detections"][0]["score"] = "high"
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(document))
+    refused = run_cli(["predictions", "validate", str(broken)], env, tmp_path)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "predictions[1].detections[0].score" in refused.stderr and str(broken) in refused.stderr

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +70,8 @@ def collect_images(inputs: list[str | Path]) -> list[Path]:
 
 
 def predict_images(loaded: LoadedModel, paths: list[Path], post_cfg: PostprocessConfig) -> list[dict]:
-    """Predictions per image: {"image", "width", "height", "detections": [{box_xyxy, score, class_id, class_name}]}.
+    """Predictions per image: {"image", "width", "height", "detections": [{box, score, class_id, class_name}]}
+    (docs/predictions.md; `box` is xyxy in the original image's pixels).
 
     Images go through the same letterbox, precision and postprocessing as validation.
     """
@@ -84,16 +84,11 @@ def predict_images(loaded: LoadedModel, paths: list[Path], post_cfg: Postprocess
 
 def _image_record(sample: Sample, det: ImageDetections, class_names: list[str]) -> dict:
     detections = [
-        {"box_xyxy": [round(float(v), 2) for v in box], "score": round(float(score), 5),
+        {"box": [round(float(v), 2) for v in box], "score": round(float(score), 5),
          "class_id": int(label), "class_name": class_names[int(label)]}
         for box, score, label in zip(det.boxes, det.scores, det.labels)
     ]
     return {"image": str(sample.image_path), "width": sample.width, "height": sample.height, "detections": detections}
-
-
-def write_predictions(path: Path, records: list[dict], meta: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**meta, "images": records}, indent=2) + "\n", encoding="utf-8")
 
 
 def draw_predictions(records: list[dict], out_dir: Path) -> list[Path]:
@@ -105,7 +100,7 @@ def draw_predictions(records: list[dict], out_dir: Path) -> list[Path]:
         draw = ImageDraw.Draw(image)
         for det in record["detections"]:
             colour = PALETTE[det["class_id"] % len(PALETTE)]
-            x1, y1, x2, y2 = det["box_xyxy"]
+            x1, y1, x2, y2 = det["box"]
             draw.rectangle((x1, y1, x2, y2), outline=colour, width=2)
             draw.text((x1 + 2, max(0, y1 - 11)), f"{det['class_name']} {det['score']:.2f}", fill=colour)
         # Index prefix: two inputs with the same file name must not overwrite each other.
