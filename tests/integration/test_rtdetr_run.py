@@ -58,7 +58,7 @@ def test_rtdetr_run_resumes_to_the_same_bits_exports_and_verifies(setup):
     predicted = run_cli(["predict", str(reference), str(image), "--out", str(root / "preds.json"), "--conf", "0.0"],
                         env, root)
     assert predicted.returncode == 0, predicted.stderr
-    detections = json.loads((root / "preds.json").read_text())["images"][0]["detections"]
+    detections = json.loads((root / "preds.json").read_text())["predictions"][0]["detections"]
     assert len(detections) == 100 and detections == sorted(detections, key=lambda d: -d["score"])
 
     # A run whose end-of-training export failed is done once a re-export passes.
