@@ -6,6 +6,7 @@ narrow pieces down.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -44,9 +45,10 @@ from detpact.engine.loop import fit
 from detpact.engine.plan import plan_training
 from detpact.engine.runtime import check_amp, resolve_device, setup_determinism
 from detpact.errors import CheckFailed, DetpactError, TrainingAborted, TrainingStopped
+from detpact.evaluation.coco import evaluate_coco_json
 from detpact.export.onnx import DeployModel, export_onnx, onnx_metadata
 from detpact.export.parity import check_parity, describe_failure
-from detpact.inference.predictions import write_predictions
+from detpact.inference.predictions import coco_results_for, write_predictions
 from detpact.inference.predictor import (
     LoadedModel,
     collect_images,
@@ -193,6 +195,25 @@ def evaluate(run_dir: str | Path, *, checkpoint: str = "best", environ: Mapping[
         write_manifest(run)
     if out is not None:
         atomic_write_json(Path(out), report)
+    return metrics
+
+
+def evaluate_predictions(predictions: str | Path, *, gt: str | Path, bbox_format: str = "xyxy",
+                         out: str | Path | None = None) -> dict[str, Any]:
+    """COCO metrics of a predictions file (detpact's schema or COCO results JSON) against a
+    COCO ground-truth file; the report goes to `out` when given."""
+    try:
+        ground_truth = json.loads(Path(gt).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DetpactError(f"Ground-truth file not found: {gt}.") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DetpactError(f"{gt} is not valid JSON ({exc}). Pass a COCO ground-truth file.") from None
+    started = time.perf_counter()
+    metrics = evaluate_coco_json(ground_truth, coco_results_for(Path(predictions), ground_truth, bbox_format))
+    if out is not None:
+        atomic_write_json(Path(out), {"predictions": str(predictions), "ground_truth": str(gt),
+                                      "seconds": round(time.perf_counter() - started, 2), "time": utc_now(),
+                                      "metrics": metrics})
     return metrics
 
 

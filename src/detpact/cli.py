@@ -25,6 +25,7 @@ from detpact.data.convert import SOURCE_FORMATS, TARGET_FORMATS, convert, format
 from detpact.data.preflight import PreflightReport
 from detpact.errors import DetpactError, TrainingStopped
 from detpact.evaluation.coco import format_table
+from detpact.inference.predictions import BBOX_FORMATS
 from detpact.run.verify import Check
 
 log = logging.getLogger("detpact")
@@ -50,7 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config value, e.g. --set train.epochs=5 (repeatable)")
 
     evaluate = commands.add_parser("eval", help="COCO mAP of a run's checkpoint on its validation split")
-    evaluate.add_argument("run_dir", help="run folder, e.g. runs/exp01")
+    evaluate.add_argument("run_dir", nargs="?", help="run folder, e.g. runs/exp01")
+    evaluate.add_argument("--predictions", metavar="FILE",
+                          help="evaluate this predictions file (detpact's schema or COCO results JSON) instead of a "
+                               "run's checkpoint; needs --gt")
+    evaluate.add_argument("--gt", metavar="COCO_JSON", help="with --predictions: the COCO ground-truth file")
+    evaluate.add_argument("--bbox-format", choices=BBOX_FORMATS, default="xyxy",
+                          help="with --predictions: layout of the boxes in a detpact predictions file")
     evaluate.add_argument("--checkpoint", choices=api.CHECKPOINT_CHOICES, default="best")
     evaluate.add_argument("--verify-config", metavar="CONFIG", help="warn if CONFIG does not hash like the checkpoint's")
     evaluate.add_argument("--data", metavar="CONFIG",
@@ -136,7 +143,14 @@ def run_command(args: argparse.Namespace) -> int:
                         overrides=args.overrides, ddp=args.ddp, allow_world_size_change=args.allow_world_size_change)
         if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
             print(f"run directory: {run.root}")
+    elif args.command == "eval" and args.predictions:
+        if not args.gt or args.run_dir:
+            raise DetpactError("eval --predictions FILE needs --gt COCO_JSON (and no run folder).")
+        metrics = api.evaluate_predictions(args.predictions, gt=args.gt, bbox_format=args.bbox_format, out=args.out)
+        print(json.dumps(metrics, indent=2) if args.json else format_table(metrics))
     elif args.command == "eval":
+        if not args.run_dir:
+            raise DetpactError("eval needs a run folder (e.g. runs/exp01), or --predictions FILE --gt COCO_JSON.")
         metrics = api.evaluate(args.run_dir, checkpoint=args.checkpoint, verify_config=args.verify_config,
                                data_config=args.data, out=args.out)
         print(json.dumps(metrics, indent=2) if args.json else format_table(metrics))

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import SHARED_DATASETS, run_cli
+from detpact.evaluation.coco import HEADLINE_KEYS
 from detpact.run.checkpoint import inference_state_dict
 
 CONTRACT = [
@@ -278,3 +279,27 @@ def test_predictions_validate_and_convert_commands(tmp_path, env):
     refused = run_cli(["predictions", "validate", str(broken)], env, tmp_path)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "predictions[1].detections[0].score" in refused.stderr and str(broken) in refused.stderr
+
+
+@pytest.mark.parametrize(("gt", "dt"), [("val2014_100/instances_val2014_100.json",
+                                         "val2014_100/instances_val2014_fakebbox100_results.json"),
+                                        ("fce_small/gt_dataset.json", "fce_small/dt_dataset.json")])
+def test_eval_predictions_reproduces_pycocotools(tmp_path, env, gt, dt):
+    """`detpact eval --predictions` on COCO results JSON, and on the same detections as a
+    detpact predictions file, gives pycocotools' 12 stats (its own full-precision run,
+    recorded in the fixtures) within 1e-12."""
+    fixtures = SHARED_DATASETS / "coco_eval_fixtures"
+    reference = next(r for r in json.loads((fixtures / "pycocotools_reference_stats.json").read_text())["runs"]
+                     if (r["gt"], r["dt"], r["iouType"]) == (gt, dt, "bbox") and "variant" not in r)
+    ours = tmp_path / "preds.json"
+    converted = run_cli(["predictions", "convert", str(fixtures / dt), "--to", "detpact", "--gt", str(fixtures / gt),
+                         "--out", str(ours)], env, tmp_path)
+    assert converted.returncode == 0, converted.stderr
+    for predictions in (fixtures / dt, ours):
+        result = run_cli(["eval", "--predictions", str(predictions), "--gt", str(fixtures / gt), "--json",
+                          "--out", str(tmp_path / "eval.json")], env, tmp_path)
+        assert result.returncode == 0, result.stderr
+        metrics = json.loads(result.stdout)
+        stats = [-1.0 if metrics[k] is None else metrics[k] for k in HEADLINE_KEYS]
+        assert stats == pytest.approx(list(reference["stats"].values()), abs=1e-12, rel=0), predictions
+        assert json.loads((tmp_path / "eval.json").read_text())["metrics"] == metrics

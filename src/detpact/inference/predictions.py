@@ -153,6 +153,23 @@ def from_coco_results(results: Sequence[Mapping[str, Any]], gt: Mapping[str, Any
     return list(entries.values())
 
 
+def coco_results_for(path: Path, gt: Mapping[str, Any], bbox_format: str = "xyxy") -> list[dict[str, Any]]:
+    """COCO results JSON entries for the ground truth `gt` from `path`: a COCO results file
+    as it is, or a detpact predictions file converted (images matched by id, path or file
+    name; class ids mapped to the sorted category ids)."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError):
+        document = None  # read_predictions says what is wrong
+    if isinstance(document, list) and document and isinstance(document[0], dict) and "bbox" in document[0]:
+        return document
+    images, _ = read_predictions(path, bbox_format)
+    ids = {key: img["id"] for img in gt.get("images", [])
+           for key in (img.get("file_name"), Path(img.get("file_name") or "").name) if key}
+    categories = [c["id"] for c in sorted(gt.get("categories", []), key=lambda c: c["id"])]
+    return to_coco_results(images, ids, categories)
+
+
 def _unwrap(document: Any, path: Path) -> tuple[list[Any], dict[str, Any]]:
     if isinstance(document, list):
         return document, {}
