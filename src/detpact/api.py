@@ -6,7 +6,6 @@ narrow pieces down.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -48,7 +47,7 @@ from detpact.errors import CheckFailed, DetpactError, TrainingAborted, TrainingS
 from detpact.evaluation.coco import evaluate_coco_json
 from detpact.export.onnx import DeployModel, export_onnx, onnx_metadata
 from detpact.export.parity import check_parity, describe_failure
-from detpact.inference.predictions import coco_results_for, write_predictions
+from detpact.inference.predictions import coco_results_for, load_json, write_predictions
 from detpact.inference.predictor import (
     LoadedModel,
     collect_images,
@@ -202,12 +201,7 @@ def evaluate_predictions(predictions: str | Path, *, gt: str | Path, bbox_format
                          out: str | Path | None = None) -> dict[str, Any]:
     """COCO metrics of a predictions file (detpact's schema or COCO results JSON) against a
     COCO ground-truth file; the report goes to `out` when given."""
-    try:
-        ground_truth = json.loads(Path(gt).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DetpactError(f"Ground-truth file not found: {gt}.") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DetpactError(f"{gt} is not valid JSON ({exc}). Pass a COCO ground-truth file.") from None
+    ground_truth = load_json(Path(gt), "a COCO ground-truth file")
     started = time.perf_counter()
     metrics = evaluate_coco_json(ground_truth, coco_results_for(Path(predictions), ground_truth, bbox_format))
     if out is not None:

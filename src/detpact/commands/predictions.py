@@ -11,6 +11,7 @@ from detpact.errors import DetpactError
 from detpact.inference.predictions import (
     BBOX_FORMATS,
     from_coco_results,
+    load_json,
     read_predictions,
     to_coco_results,
     write_predictions,
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         images, _ = read_predictions(Path(args.file), args.bbox_format)
         print(f"valid: {len(images)} images, {sum(len(i.detections) for i in images)} detections")
         return 0
-    gt = _read_json(Path(args.gt))
+    gt = load_json(Path(args.gt), "a COCO ground-truth file")
     out = Path(args.out)
     if args.target == "coco":
         images, _ = read_predictions(Path(args.file), args.bbox_format)
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         out.write_text(json.dumps(results) + "\n", encoding="utf-8")
         print(f"{len(results)} detections -> {out}")
     else:
-        results = _read_json(Path(args.file))
+        results = load_json(Path(args.file), "COCO results JSON")
         if not isinstance(results, list):
             raise DetpactError(f"{args.file}: COCO results JSON is a list of detections.")
         entries = from_coco_results(results, gt)
@@ -58,11 +59,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(results)} detections in {len(entries)} images -> {out}")
     return 0
 
-
-def _read_json(path: Path) -> object:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DetpactError(f"File not found: {path}.") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DetpactError(f"{path} is not valid JSON ({exc}).") from None

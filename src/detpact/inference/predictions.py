@@ -78,12 +78,7 @@ def read_predictions(path: Path, bbox_format: str = "xyxy") -> tuple[list[ImageP
     DetpactError listing each problem with its entry index and field."""
     if bbox_format not in BBOX_FORMATS:
         raise DetpactError(f"Unknown --bbox-format {bbox_format!r}: use one of {', '.join(BBOX_FORMATS)}.")
-    try:
-        document = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DetpactError(f"Predictions file not found: {path}.") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DetpactError(f"{path} is not valid JSON ({exc}). Pass a detpact predictions file.") from None
+    document = load_json(Path(path), "a detpact predictions file")
     entries, meta = _unwrap(document, path)
     images: list[ImagePredictions] = []
     problems: list[str] = []
@@ -103,6 +98,17 @@ def read_predictions(path: Path, bbox_format: str = "xyxy") -> tuple[list[ImageP
         raise DetpactError(f"{path} has {len(problems)} problem(s) (docs/predictions.md has the schema):\n"
                            f"{listed}{more}")
     return images, meta
+
+
+def load_json(path: Path, what: str) -> Any:
+    """The JSON document at `path`; a DetpactError naming the file and `what` it should be
+    when it is missing or not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DetpactError(f"File not found: {path}. Pass {what}.") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DetpactError(f"{path} is not valid JSON ({exc}). Pass {what}.") from None
 
 
 def write_predictions(path: Path, images: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> None:
