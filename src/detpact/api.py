@@ -15,21 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from detpact.commands.data import preflight as preflight  # the API of the `data` verbs
+from detpact.commands.data import show_samples as show_samples
 from detpact.commands.model_info import describe_model
 from detpact.config import (
     Config,
-    DataConfig,
     config_hash,
     diff_configs,
     dump_config_yaml,
     load_config,
 )
-from detpact.data.build import DatasetSplits, Sources, build_datasets, read_sources, read_yolo_folder
+from detpact.data.build import DatasetSplits, build_datasets
 from detpact.data.dataset import DetectionDataset, eval_loader
-from detpact.data.preflight import PreflightReport, run_preflight
-from detpact.data.show import save_grid
 from detpact.engine.distributed import (
     barrier,
     close,
@@ -59,6 +57,7 @@ from detpact.run.atomic import atomic_write_json, atomic_write_text, read_json
 from detpact.run.contract import (
     RunDir,
     default_run_id,
+    resolve_cache_dir,
     resolve_output_root,
     utc_now,
     write_manifest,
@@ -293,20 +292,6 @@ def predict(run_dir: str | Path, images: Sequence[str | Path], *, out: str | Pat
 # --- helpers of the entry layer ------------------------------------------------------
 
 
-def preflight(target: str | Path, *, output_json: str | Path | None = None, overrides: Sequence[str] = (),
-              environ: Mapping[str, str] | None = None) -> PreflightReport:
-    """Check every image and label of a dataset without training; writes `output_json` if given.
-
-    target: a detpact config, an Ultralytics dataset YAML, or a YOLO folder (images/<split>/).
-    """
-    cache_dir = _cache_dir(environ)
-    sources = _dataset_sources(Path(target), overrides, cache_dir)
-    report = run_preflight(sources.root, sources.format, sources.splits, cache_dir)
-    if output_json is not None:
-        atomic_write_json(Path(output_json), report.to_json())
-    return report
-
-
 def model_info(config: str | Path, *, overrides: Sequence[str] = (), num_classes: int | None = None,
                image_size: int | None = None, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Parameters, GFLOPs, output strides and channels and CPU forward time of a config's detector."""
@@ -314,35 +299,8 @@ def model_info(config: str | Path, *, overrides: Sequence[str] = (), num_classes
                           cache_dir=_cache_dir(environ))
 
 
-def show_samples(config: str | Path, *, out: str | Path, count: int = 16, epoch: int = 0,
-                 overrides: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> Path:
-    """Draw the first `count` training samples of `epoch`, augmented exactly as training
-    would see them, with their boxes and class names, into the PNG `out`."""
-    cfg = load_config(config, overrides)
-    data = build_datasets(cfg.data, _cache_dir(environ))
-    dataset = DetectionDataset(data.train, cfg.data.image_size, train=True, seed=cfg.run.seed,
-                               augment=cfg.data.augment)
-    return save_grid(dataset, data.class_names, Path(out), count=count, epoch=epoch)
-
-
-def _dataset_sources(target: Path, overrides: Sequence[str], cache_dir: Path) -> Sources:
-    """The dataset a `data` command names: a detpact config, a dataset YAML or a YOLO folder."""
-    if target.is_dir():
-        return read_yolo_folder(target)
-    if target.suffix in (".yaml", ".yml") and target.is_file():
-        try:
-            raw = yaml.safe_load(target.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError):
-            raw = {"config_version": None}  # load_config explains what is wrong with it
-        if isinstance(raw, dict) and "config_version" in raw:
-            return read_sources(load_config(target, overrides).data, cache_dir)
-        return read_sources(DataConfig(format="yolo", path=str(target)), cache_dir)
-    raise DetpactError(f"{target} is neither a config / dataset YAML file nor a dataset folder.")
-
-
 def _cache_dir(environ: Mapping[str, str] | None) -> Path:
-    environ = os.environ if environ is None else environ
-    return Path(environ.get("DETPACT_CACHE_DIR") or Path.home() / ".cache" / "detpact")
+    return resolve_cache_dir(os.environ if environ is None else environ)
 
 
 def _checkpoint_path(run: RunDir, which: str) -> Path:

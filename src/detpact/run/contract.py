@@ -38,6 +38,11 @@ def default_run_id(name: str, now: datetime) -> str:
     return f"{now.strftime('%Y%m%d_%H%M%S')}_{safe_name}"
 
 
+def resolve_cache_dir(environ: Mapping[str, str]) -> Path:
+    """$DETPACT_CACHE_DIR, else ~/.cache/detpact (generated data, the image cache)."""
+    return Path(environ.get("DETPACT_CACHE_DIR") or Path.home() / ".cache" / "detpact")
+
+
 def resolve_output_root(configured: str | None, environ: Mapping[str, str]) -> Path:
     """run.output_root, else $DETPACT_OUTPUT_DIR, else ./runs."""
     return Path(configured or environ.get("DETPACT_OUTPUT_DIR") or DEFAULT_OUTPUT_ROOT)
