@@ -10,10 +10,10 @@ from pathlib import Path
 from detpact.errors import DetpactError
 from detpact.inference.predictions import (
     BBOX_FORMATS,
+    coco_results_against,
     from_coco_results,
     load_json,
     read_predictions,
-    to_coco_results,
     write_predictions,
 )
 
@@ -43,11 +43,7 @@ def run(args: argparse.Namespace) -> int:
     gt = load_json(Path(args.gt), "a COCO ground-truth file")
     out = Path(args.out)
     if args.target == "coco":
-        images, _ = read_predictions(Path(args.file), args.bbox_format)
-        ids = {key: img["id"] for img in gt.get("images", []) for key in (img.get("file_name"),
-                                                                           Path(img.get("file_name", "")).name)}
-        categories = [c["id"] for c in sorted(gt.get("categories", []), key=lambda c: c["id"])]
-        results = to_coco_results(images, ids, categories)
+        results = coco_results_against(read_predictions(Path(args.file), args.bbox_format)[0], gt)
         out.write_text(json.dumps(results) + "\n", encoding="utf-8")
         print(f"{len(results)} detections -> {out}")
     else:

@@ -169,7 +169,12 @@ def coco_results_for(path: Path, gt: Mapping[str, Any], bbox_format: str = "xyxy
         document = None  # read_predictions says what is wrong
     if isinstance(document, list) and document and isinstance(document[0], dict) and "bbox" in document[0]:
         return document
-    images, _ = read_predictions(path, bbox_format)
+    return coco_results_against(read_predictions(path, bbox_format)[0], gt)
+
+
+def coco_results_against(images: Sequence[ImagePredictions], gt: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """`to_coco_results` for the COCO ground truth `gt`: images matched by id, path or file
+    name; class ids mapped to the sorted category ids."""
     ids = {key: img["id"] for img in gt.get("images", [])
            for key in (img.get("file_name"), Path(img.get("file_name") or "").name) if key}
     categories = [c["id"] for c in sorted(gt.get("categories", []), key=lambda c: c["id"])]
