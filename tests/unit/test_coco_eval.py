@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import io
 import json
 import logging
@@ -25,6 +26,7 @@ from detpact.evaluation.coco import (
     evaluate_detections,
     format_table,
     to_coco_gt,
+    to_coco_results,
 )
 
 FIXTURES = SHARED_DATASETS / "coco_eval_fixtures"
@@ -314,6 +316,13 @@ def test_unknown_category_and_bad_max_det_raise():
         evaluate_coco_json(gt, results, max_det=5)
 
 
+def test_results_missing_a_field_raise():
+    gt, results = _duplicates()
+    for key in ("bbox", "score", "image_id"):
+        with pytest.raises(DetpactError, match="bbox and score"):
+            evaluate_coco_json(gt, [{k: v for k, v in r.items() if k != key} for r in results])
+
+
 def test_no_gt_at_all_is_undefined_not_a_crash():
     gt, results = _coco_case(2, 2, [], [(1, 1, 10, 10, 20, 20, 0.9)])
     out = evaluate_coco_json(gt, results)
@@ -498,3 +507,42 @@ def test_random_scenes_match_pycocotools_through_evaluate_detections():
     for key, ref in zip(HEADLINE_KEYS, stats, strict=True):
         assert _as_coco(ours[key]) == pytest.approx(ref, abs=TOL), key
     assert [_as_coco(ours["per_class"][n]) for n in ("a", "b")] == pytest.approx([ap[1], ap[2]], abs=TOL)
+
+
+def test_to_coco_results_ranks_like_a_tuple_sort():
+    # The ranking is a numpy lexsort; it must equal sorting (-score, image_id, label,
+    # x1, y1, x2, y2) tuples, with ties at every level: few distinct scores (0.0 next to
+    # -0.0), labels and coordinates, exact duplicates, images listed out of order.
+    rng = np.random.default_rng(5)
+    dets = []
+    for img in (3, 1, 2):
+        x1y1 = rng.integers(0, 3, (80, 2)).astype(np.float64)
+        boxes = np.concatenate([x1y1, x1y1 + rng.integers(1, 3, (80, 2))], axis=1)  # [80, 4] xyxy
+        dets.append(ImageDetections(img, boxes, rng.choice([0.0, -0.0, 0.25, 0.5], 80), rng.integers(0, 2, 80)))
+    rows = sorted(
+        (-s, d.image_id, label, *b)
+        for d in dets
+        for b, s, label in zip(d.boxes.tolist(), d.scores.tolist(), d.labels.tolist(), strict=True)
+    )
+    expected = [
+        {"image_id": img, "category_id": label + 1, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": -neg}
+        for neg, img, label, x1, y1, x2, y2 in rows
+    ]
+    assert to_coco_results(dets, num_classes=2) == expected
+
+
+def test_garbage_collector_state_is_restored():
+    # The evaluators pause the cyclic collector for speed; they must hand it back as found.
+    gts, dets = _scene()
+    assert gc.isenabled()
+    evaluate_detections(gts, dets, CLASSES)
+    assert gc.isenabled()
+    with pytest.raises(DetpactError):
+        evaluate_detections(gts, dets, CLASSES, max_det=5)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        evaluate_coco_json(*_duplicates())
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -1,7 +1,8 @@
 """COCO box mAP, computed by faster-coco-eval with pycocotools semantics.
 
 The matching and accumulation are faster-coco-eval's (a C++ port of pycocotools'
-`COCOeval`); this module only converts our records to COCO dicts, guards the inputs
+`COCOeval`); this module only converts our records to COCO dicts (detections straight
+to the annotations `loadRes` would make of them, with numpy), guards the inputs
 pycocotools mishandles, and turns the evaluator's arrays into a plain dict.
 
 Semantics worth knowing (pycocotools', kept on purpose; tests pin them):
@@ -24,9 +25,11 @@ Semantics worth knowing (pycocotools', kept on purpose; tests pin them):
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import logging
 from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,6 +69,27 @@ class ImageDetections:
     labels: np.ndarray  # [K] int class ids 0..C-1
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for the block (as it was before, after it).
+
+    An evaluation allocates a few containers per box (the COCO dicts and bbox lists,
+    the evaluator's per-image-and-class lists), hundreds of thousands on a COCO-sized
+    set, and keeps them all until it returns. Each allocation burst triggers
+    collections that re-scan the growing heap and find nothing to free; that cost
+    measured about a third of the whole evaluation (docs/benchmarks.md). Anything
+    cyclic left behind is collected after the block, as usual.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+@_gc_paused()
 def evaluate_detections(
     gts: list[ImageGT], dets: list[ImageDetections], class_names: list[str], max_det: int = 100
 ) -> dict:
@@ -75,11 +99,16 @@ def evaluate_detections(
     ranked by (-score, image_id, label, x1, y1, x2, y2) before evaluation, so the
     result depends only on the set of detections, not their order.
     """
-    gt = to_coco_gt(gts, class_names)
-    results = to_coco_results(dets, num_classes=len(class_names))
-    return evaluate_coco_json(gt, results, max_det=max_det)
+    max_det = _checked_max_det(max_det)
+    gt = to_coco_gt(gts, class_names)  # fresh dicts: the evaluator may mutate them
+    ranked = _ranked_detections(dets, num_classes=len(class_names))
+    image_ids, labels = ranked[0], ranked[1]
+    _check_result_ids(set(np.unique(image_ids).tolist()), set(), gt)
+    dets_per_cat = dict(enumerate(np.bincount(labels, minlength=len(class_names)).tolist(), start=1))
+    return _evaluate(gt, _detection_annotations(*ranked), max_det, dets_per_cat)
 
 
+@_gc_paused()
 def evaluate_coco_json(gt: dict, results: list[dict], max_det: int = 100) -> dict:
     """COCO box metrics of a results list against a COCO-format GT dict.
 
@@ -107,26 +136,15 @@ def evaluate_coco_json(gt: dict, results: list[dict], max_det: int = 100) -> dic
     Raises `DetpactError` for results on unknown image or category ids and for
     `max_det` < 10.
     """
-    if not isinstance(max_det, (int, np.integer)) or max_det < 10:
-        # COCO's summary reports AR@1, AR@10 and AR@max_det; below 10 those collide.
-        # A detector that keeps fewer boxes per image loses nothing at max_det=10:
-        # the cap is per image per class.
-        raise DetpactError(f"max_det must be an integer >= 10 for COCO evaluation, got {max_det!r}")
-    max_det = int(max_det)
+    max_det = _checked_max_det(max_det)
     gt = _checked_gt_copy(gt)
-    _check_results(results, gt)
-    if not results:
-        logger.warning("no detections to evaluate: every COCO metric with GT is 0.0")
-    num_gt = sum(1 for a in gt["annotations"] if not a.get("iscrowd", 0))
-    if num_gt == 0:
-        logger.warning("the ground truth has no (non-crowd) boxes: COCO metrics are undefined (None)")
-
-    evaluator = _run_cocoeval(gt, [dict(r) for r in results], max_det)
-
-    metrics: dict = {key: _defined(s) for key, s in zip(HEADLINE_KEYS, evaluator.stats[:12], strict=True)}
-    metrics.update(_per_class(evaluator, gt, results))
-    metrics.update(num_images=len(gt["images"]), num_gt=num_gt, num_dets=len(results), max_det=max_det)
-    return metrics
+    annotations = _result_annotations(results)
+    try:
+        image_ids, cat_ids = {a["image_id"] for a in annotations}, {a["category_id"] for a in annotations}
+    except TypeError as e:
+        raise DetpactError(f"COCO result image_id and category_id must be integers ({e!r})") from None
+    _check_result_ids(image_ids, cat_ids, gt)
+    return _evaluate(gt, annotations, max_det, Counter(a["category_id"] for a in annotations))
 
 
 def to_coco_gt(gts: list[ImageGT], class_names: list[str]) -> dict:
@@ -134,24 +152,26 @@ def to_coco_gt(gts: list[ImageGT], class_names: list[str]) -> dict:
     `ImageGT.iscrowd` (0 when it is None)."""
     if len(set(class_names)) != len(class_names):
         raise DetpactError(f"class names must be unique, got {class_names}")
-    images, annotations = [], []
+    images, columns = [], []
     for g in gts:
         boxes, labels = _checked_boxes(g.image_id, g.boxes, g.labels, len(class_names), "ground truth")
         images.append({"id": int(g.image_id), "width": int(g.width), "height": int(g.height)})
         crowd = np.zeros(len(boxes), bool) if g.iscrowd is None else np.asarray(g.iscrowd, bool).reshape(-1)
         if len(crowd) != len(boxes):
             raise DetpactError(f"image {g.image_id}: ground truth needs one iscrowd flag per box")
-        for (x1, y1, x2, y2), label, is_crowd in zip(boxes.tolist(), labels.tolist(), crowd.tolist(), strict=True):
-            w, h = x2 - x1, y2 - y1
-            annotations.append({
-                "id": len(annotations) + 1,  # ids start at 1: pycocotools reads id 0 as "unmatched"
-                "image_id": int(g.image_id),
-                "category_id": label + 1,
-                "bbox": [x1, y1, w, h],
-                "area": w * h,
-                "iscrowd": int(is_crowd),
-            })
+        columns.append((np.full(len(boxes), int(g.image_id), np.int64), labels, boxes, crowd))
     _check_unique([img["id"] for img in images], "ground-truth image ids")
+    image_ids, labels, boxes, crowd = _concatenated(columns)
+    x, y = boxes[:, 0], boxes[:, 1]
+    w, h = boxes[:, 2] - x, boxes[:, 3] - y
+    annotations = [
+        # ids start at 1: pycocotools reads id 0 as "unmatched"
+        {"id": i, "image_id": img, "category_id": cat, "bbox": [x1, y1, bw, bh], "area": area, "iscrowd": is_crowd}
+        for i, img, cat, x1, y1, bw, bh, area, is_crowd in zip(
+            range(1, len(boxes) + 1), image_ids.tolist(), (labels + 1).tolist(), x.tolist(), y.tolist(),
+            w.tolist(), h.tolist(), (w * h).tolist(), crowd.astype(np.int64).tolist(),
+        )
+    ]  # fmt: skip
     categories = [{"id": c + 1, "name": name} for c, name in enumerate(class_names)]
     return {"images": images, "categories": categories, "annotations": annotations}
 
@@ -162,18 +182,9 @@ def to_coco_results(dets: list[ImageDetections], num_classes: int) -> list[dict]
     pycocotools ranks equal scores by input order; ranking ties by content instead
     makes the result independent of the order the detections arrive in.
     """
-    rows = []  # (-score, image_id, label, x1, y1, x2, y2)
-    for d in dets:
-        boxes, labels = _checked_boxes(d.image_id, d.boxes, d.labels, num_classes, "detections")
-        scores = np.asarray(d.scores, dtype=np.float64).reshape(-1)
-        if len(scores) != len(boxes) or not np.isfinite(scores).all():
-            raise DetpactError(f"image {d.image_id}: detections need one finite score per box")
-        for box, label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist(), strict=True):
-            rows.append((-score, int(d.image_id), label, *box))
-    rows.sort()
     return [
-        {"image_id": img, "category_id": label + 1, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": -neg_score}
-        for neg_score, img, label, x1, y1, x2, y2 in rows
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": a["score"]}
+        for a in _detection_annotations(*_ranked_detections(dets, num_classes))
     ]
 
 
@@ -208,7 +219,26 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def _run_cocoeval(gt: dict, results: list[dict], max_det: int) -> COCOeval_faster:
+def _evaluate(gt: dict, annotations: list[dict], max_det: int, dets_per_cat: Mapping[int, int]) -> dict:
+    """The metrics dict of `evaluate_coco_json`, from inputs the evaluator may mutate.
+
+    `annotations` are the detections as COCO annotations (`_detection_annotations`).
+    """
+    if not annotations:
+        logger.warning("no detections to evaluate: every COCO metric with GT is 0.0")
+    num_gt = sum(1 for a in gt["annotations"] if not a.get("iscrowd", 0))
+    if num_gt == 0:
+        logger.warning("the ground truth has no (non-crowd) boxes: COCO metrics are undefined (None)")
+
+    evaluator = _run_cocoeval(gt, annotations, max_det)
+
+    metrics: dict = {key: _defined(s) for key, s in zip(HEADLINE_KEYS, evaluator.stats[:12], strict=True)}
+    metrics.update(_per_class(evaluator, gt, dets_per_cat))
+    metrics.update(num_images=len(gt["images"]), num_gt=num_gt, num_dets=len(annotations), max_det=max_det)
+    return metrics
+
+
+def _run_cocoeval(gt: dict, annotations: list[dict], max_det: int) -> COCOeval_faster:
     """evaluate / accumulate / summarize with the evaluator's own printing silenced."""
 
     def quiet(*args: object, **kwargs: object) -> None:
@@ -216,13 +246,13 @@ def _run_cocoeval(gt: dict, results: list[dict], max_det: int) -> COCOeval_faste
 
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO(gt, print_function=quiet)
-        if results:
-            coco_dt = coco_gt.loadRes(results)
-        else:
-            # pycocotools' loadRes (and faster-coco-eval 1.6's) crash on [].
-            coco_dt = COCO(print_function=quiet)
-            coco_dt.dataset = {"images": gt["images"], "categories": gt["categories"], "annotations": []}
-            coco_dt.createIndex()
+        # The detections' COCO object built directly, as `loadRes` would build it from
+        # a results list (area = w * h, ids from 1, iscrowd 0) but without its copy of
+        # every result and the polygon it adds to each one, which bbox IoU never reads.
+        # (pycocotools' and faster-coco-eval 1.6's loadRes also crash on [].)
+        coco_dt = COCO(print_function=quiet)
+        coco_dt.dataset = {"images": gt["images"], "categories": gt["categories"], "annotations": annotations}
+        coco_dt.createIndex()
         evaluator = COCOeval_faster(coco_gt, coco_dt, iouType="bbox", print_function=quiet)
         # pycocotools' summarize reads AP at a hard-coded maxDets=100 (-1 otherwise);
         # faster-coco-eval reads it at maxDets[-1], which is max_det (it sorts the list).
@@ -233,7 +263,7 @@ def _run_cocoeval(gt: dict, results: list[dict], max_det: int) -> COCOeval_faste
     return evaluator
 
 
-def _per_class(evaluator: COCOeval_faster, gt: dict, results: list[dict]) -> dict:
+def _per_class(evaluator: COCOeval_faster, gt: dict, dets_per_cat: Mapping[int, int]) -> dict:
     """per_class / per_class_ap50 from the precision array, and no_gt_class_dets."""
     names = {c["id"]: c["name"] for c in gt["categories"]}
     precision = evaluator.eval["precision"]  # [T, R, K, A, M]: IoU, recall, class, area, maxDets
@@ -242,9 +272,71 @@ def _per_class(evaluator: COCOeval_faster, gt: dict, results: list[dict]) -> dic
         p = precision[:, :, k, 0, -1]  # [T, R] at area=all, maxDets=max_det
         ap[names[cat_id]] = _mean_defined(p)
         ap50[names[cat_id]] = _mean_defined(p[0])  # iouThrs[0] == 0.50
-    dets_per_cat = Counter(r["category_id"] for r in results)
-    no_gt = {names[c]: dets_per_cat[c] for c in evaluator.params.catIds if ap[names[c]] is None}
+    no_gt = {names[c]: dets_per_cat.get(c, 0) for c in evaluator.params.catIds if ap[names[c]] is None}
     return {"per_class": ap, "per_class_ap50": ap50, "no_gt_class_dets": no_gt}
+
+
+def _ranked_detections(
+    dets: list[ImageDetections], num_classes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """All detections as (image_ids [K], labels [K], boxes [K, 4] xyxy, scores [K]),
+    ranked by (-score, image_id, label, x1, y1, x2, y2); exact duplicates keep input order."""
+    columns = []
+    for d in dets:
+        boxes, labels = _checked_boxes(d.image_id, d.boxes, d.labels, num_classes, "detections")
+        scores = np.asarray(d.scores, dtype=np.float64).reshape(-1)
+        if len(scores) != len(boxes) or not np.isfinite(scores).all():
+            raise DetpactError(f"image {d.image_id}: detections need one finite score per box")
+        columns.append((np.full(len(boxes), int(d.image_id), np.int64), labels, boxes, scores))
+    image_ids, labels, boxes, scores = _concatenated(columns)
+    # np.lexsort is stable and sorts by its last key first.
+    order = np.lexsort((boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0], labels, image_ids, -scores))
+    return image_ids[order], labels[order], boxes[order], scores[order]
+
+
+def _detection_annotations(
+    image_ids: np.ndarray, labels: np.ndarray, boxes: np.ndarray, scores: np.ndarray
+) -> list[dict]:
+    """Detections as the annotations `loadRes` makes of results: bbox xywh, area = w * h,
+    id = rank + 1, iscrowd 0, category id = label + 1."""
+    x, y = boxes[:, 0], boxes[:, 1]
+    w, h = boxes[:, 2] - x, boxes[:, 3] - y
+    return [
+        {"id": i, "image_id": img, "category_id": cat, "bbox": [x1, y1, bw, bh], "score": s, "area": area, "iscrowd": 0}
+        for i, img, cat, x1, y1, bw, bh, s, area in zip(
+            range(1, len(boxes) + 1), image_ids.tolist(), (labels + 1).tolist(), x.tolist(), y.tolist(),
+            w.tolist(), h.tolist(), scores.tolist(), (w * h).tolist(),
+        )
+    ]  # fmt: skip
+
+
+def _result_annotations(results: list[dict]) -> list[dict]:
+    """A COCO results list as new annotation dicts, in its order, as `loadRes` makes them
+    (area = w * h of the bbox, ids from 1, iscrowd 0); the caller's dicts are not touched."""
+    try:
+        return [
+            {"id": i, "image_id": r["image_id"], "category_id": r["category_id"], "bbox": r["bbox"],
+             "score": r["score"], "area": r["bbox"][2] * r["bbox"][3], "iscrowd": 0}
+            for i, r in enumerate(results, start=1)
+        ]  # fmt: skip
+    except (KeyError, TypeError, IndexError) as e:
+        raise DetpactError(f"each COCO result needs image_id, category_id, bbox and score ({e!r})") from None
+
+
+def _concatenated(columns: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    """Per-image (image_ids, labels, boxes, extra) columns joined; empty arrays when there are none."""
+    if not columns:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros(0)
+    return tuple(np.concatenate(column) for column in zip(*columns, strict=True))
+
+
+def _checked_max_det(max_det: int) -> int:
+    if not isinstance(max_det, (int, np.integer)) or max_det < 10:
+        # COCO's summary reports AR@1, AR@10 and AR@max_det; below 10 those collide.
+        # A detector that keeps fewer boxes per image loses nothing at max_det=10:
+        # the cap is per image per class.
+        raise DetpactError(f"max_det must be an integer >= 10 for COCO evaluation, got {max_det!r}")
+    return int(max_det)
 
 
 def _checked_gt_copy(gt: dict) -> dict:
@@ -260,16 +352,12 @@ def _checked_gt_copy(gt: dict) -> dict:
     return {"images": images, "categories": categories, "annotations": annotations}
 
 
-def _check_results(results: list[dict], gt: dict) -> None:
+def _check_result_ids(image_ids: set, cat_ids: set, gt: dict) -> None:
     # pycocotools asserts "Results do not correspond to current coco set" on unknown
     # images and silently drops unknown categories (often an off-by-one class id).
-    image_ids = {img["id"] for img in gt["images"]}
-    cat_ids = {c["id"] for c in gt["categories"]}
-    try:
-        bad_images = sorted({r["image_id"] for r in results} - image_ids)
-        bad_cats = sorted({r["category_id"] for r in results} - cat_ids)
-    except (KeyError, TypeError) as e:
-        raise DetpactError(f"each COCO result needs image_id, category_id, bbox and score ({e!r})") from None
+    bad_images = sorted(image_ids - {img["id"] for img in gt["images"]})
+    known_cats = {c["id"] for c in gt["categories"]}
+    bad_cats = sorted(cat_ids - known_cats)
     if bad_images:
         raise DetpactError(
             f"detections reference image_id(s) not in the ground truth: {bad_images[:10]}"
@@ -278,7 +366,7 @@ def _check_results(results: list[dict], gt: dict) -> None:
     if bad_cats:
         raise DetpactError(
             f"detections use category_id(s) the ground truth does not define: {bad_cats[:10]} "
-            f"(defined: {sorted(cat_ids)[:10]}...); COCO category ids are class id + 1"
+            f"(defined: {sorted(known_cats)[:10]}...); COCO category ids are class id + 1"
         )
 
 
