@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from detpact.api import _cache_dir
+from detpact.commands.runs import cache_dir
 from detpact.config import dump_config_yaml, load_config
 from detpact.data.build import build_datasets
 from detpact.engine.loop import _build_loaders, _build_step_parts
@@ -80,7 +80,7 @@ def main() -> None:
     cfg = load_config(args.config)
     setup_determinism(cfg.run.seed, cfg.run.deterministic, cfg.run.num_threads)
     device = resolve_device(cfg.run.device)
-    data = build_datasets(cfg.data, _cache_dir(None))
+    data = build_datasets(cfg.data, cache_dir(None))
     loader, _, _, sampler = _build_loaders(cfg, data)
     tcfg = cfg.train
     plan = plan_training(tcfg, len(data.train))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from detpact.api import _cache_dir
+from detpact.commands.runs import cache_dir
 from detpact.config import load_config
 from detpact.data.build import build_datasets
 from detpact.data.dataset import collate, make_loader, resolve_num_workers
@@ -60,9 +60,9 @@ def main() -> None:
     cfg = load_config(args.config, overrides)
     setup_determinism(cfg.run.seed, cfg.run.deterministic, cfg.run.num_threads)
     device = resolve_device(cfg.run.device)
-    data = build_datasets(cfg.data, _cache_dir(None), progress=False)
-    with tempfile.TemporaryDirectory() as cache_dir:
-        default_loader, _, _, sampler = _build_loaders(cfg, data, Path(cache_dir))
+    data = build_datasets(cfg.data, cache_dir(None), progress=False)
+    with tempfile.TemporaryDirectory() as loader_cache:
+        default_loader, _, _, sampler = _build_loaders(cfg, data, Path(loader_cache))
         dataset = default_loader.dataset
         default_workers = resolve_num_workers(cfg.data.num_workers)
         loaders = {f"loader, {default_workers} workers (data.num_workers)": default_loader}

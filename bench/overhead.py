@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from detpact.api import _cache_dir
+from detpact.commands.runs import cache_dir
 from detpact.config import load_config
 from detpact.data.build import build_datasets
 from detpact.engine.evaluate import prepare_images
@@ -87,7 +87,7 @@ def main() -> None:
                                      "train.checkpoint.every_epochs=null", "train.nominal_batch=null",
                                      f"train.accumulate={args.accumulate}"])
     device = resolve_device(cfg.run.device)
-    data = build_datasets(cfg.data, _cache_dir(None))
+    data = build_datasets(cfg.data, cache_dir(None))
     print(f"backbone {cfg.model.backbone.name}, {cfg.data.image_size} px, batch "
           f"{cfg.train.batch_size}, amp {cfg.run.amp}, channels_last {cfg.run.channels_last}, "
           f"{torch.get_num_threads()} threads, {args.accumulate} batches accumulated per step, EMA "

@@ -116,12 +116,12 @@ def write_shared_split(folder: Path) -> dict:
     """raccoon's detpact split as an Ultralytics dataset (symlinked images, YOLO labels) plus
     COCO ground truth of the validation images in original pixels; read by detpact's reader."""
     os.chdir(REPO)  # the config's data.path and split manifest are relative to the repository
-    from detpact.api import _cache_dir
+    from detpact.commands.runs import cache_dir
     from detpact.config import load_config
     from detpact.data.build import build_datasets
 
     cfg = load_config(CONFIG)
-    splits = build_datasets(cfg.data, _cache_dir(None))
+    splits = build_datasets(cfg.data, cache_dir(None))
     gt = {"images": [], "annotations": [], "categories": [{"id": i, "name": n} for i, n in enumerate(splits.class_names)]}
     lists = {}
     for split, samples in (("train", splits.train), ("val", splits.val)):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from detpact.api import _cache_dir
+from detpact.commands.runs import cache_dir
 from detpact.config import load_config
 from detpact.data.build import build_datasets
 from detpact.data.dataset import DetectionDataset, collate
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="steps per block")
     args = parser.parse_args()
     cfg = load_config(REPO / "configs" / "quickstart.yaml")
-    data = build_datasets(cfg.data, _cache_dir(None))
+    data = build_datasets(cfg.data, cache_dir(None))
     dataset = DetectionDataset(data.train, cfg.data.image_size, train=True)
     bs = cfg.train.batch_size
     batches = [collate([dataset[(0, i)] for i in range(j * bs, (j + 1) * bs)]) for j in range(args.steps)]

@@ -10,9 +10,10 @@
     detpact.model_info("configs/quickstart.yaml")
 """
 
+__version__ = "0.1.0"  # before the imports below: modules record it
+
 from detpact.api import evaluate, export, model_info, predict, preflight, train, verify
 from detpact.config import Config, config_hash, load_config
 from detpact.errors import DetpactError
 
 __all__ = ["Config", "DetpactError", "config_hash", "evaluate", "export", "load_config", "model_info", "predict", "preflight", "train", "verify"]
-__version__ = "0.1.0"

@@ -25,7 +25,9 @@ from detpact.data.convert import SOURCE_FORMATS, TARGET_FORMATS, convert, format
 from detpact.data.preflight import PreflightReport
 from detpact.errors import DetpactError, TrainingStopped
 from detpact.evaluation.coco import format_table
+from detpact.evaluation.operating import format_operating_point
 from detpact.inference.predictions import BBOX_FORMATS
+from detpact.inference.predictor import TTASettings
 from detpact.run.verify import Check
 
 log = logging.getLogger("detpact")
@@ -50,33 +52,61 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.epochs=5 (repeatable)")
 
-    evaluate = commands.add_parser("eval", help="COCO mAP of a run's checkpoint on its validation split")
-    evaluate.add_argument("run_dir", nargs="?", help="run folder, e.g. runs/exp01")
+    evaluate = commands.add_parser(
+        "eval", help="COCO mAP and the operating point of a run's checkpoint, an ONNX file or a predictions file")
+    evaluate.add_argument("target", nargs="?", metavar="RUN_OR_ONNX",
+                          help="run folder (e.g. runs/exp01) or exported model (.onnx); with --predictions, an "
+                               "optional run whose validation split is the ground truth")
     evaluate.add_argument("--predictions", metavar="FILE",
-                          help="evaluate this predictions file (detpact's schema or COCO results JSON) instead of a "
-                               "run's checkpoint; needs --gt")
-    evaluate.add_argument("--gt", metavar="COCO_JSON", help="with --predictions: the COCO ground-truth file")
+                          help="evaluate this predictions file (detpact's schema or COCO results JSON) against --gt, "
+                               "--data or a run's validation split")
+    evaluate.add_argument("--gt", metavar="COCO_JSON", help="with --predictions: a COCO ground-truth file")
     evaluate.add_argument("--bbox-format", choices=BBOX_FORMATS, default="xyxy",
                           help="with --predictions: layout of the boxes in a detpact predictions file")
     evaluate.add_argument("--checkpoint", choices=api.CHECKPOINT_CHOICES, default="best")
     evaluate.add_argument("--verify-config", metavar="CONFIG", help="warn if CONFIG does not hash like the checkpoint's")
-    evaluate.add_argument("--data", metavar="CONFIG",
-                          help="evaluate on the validation split of CONFIG's dataset instead (same classes); "
-                               "the run folder is left as it is")
+    evaluate.add_argument("--data", metavar="CONFIG_OR_DATASET",
+                          help="evaluate on the validation split of this config's dataset, dataset folder or dataset "
+                               "YAML instead (same classes); the run folder is left as it is")
+    evaluate.add_argument("--max-images", type=int, metavar="N", help="only the first N images of the split")
+    evaluate.add_argument("--score-threshold", type=float, metavar="S",
+                          help="operating point: detections scoring >= S count (default: eval.score_threshold, 0.25)")
+    evaluate.add_argument("--iou-threshold", type=float, metavar="T",
+                          help="operating point: a match needs IoU >= T (default: eval.iou_threshold, 0.5)")
     evaluate.add_argument("--out", metavar="FILE", help="also write the evaluation report (JSON) to FILE")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
 
     export = commands.add_parser("export", help="export a run's checkpoint to ONNX and check parity")
     export.add_argument("run_dir", help="run folder, e.g. runs/exp01")
     export.add_argument("--checkpoint", choices=api.CHECKPOINT_CHOICES, default="best")
+    export.add_argument("--opset", type=int, help="ONNX opset (default: export.opset, 18)")
+    export.add_argument("--nms", action=argparse.BooleanOptionalAction, default=None,
+                        help="put the postprocessing inside the graph: outputs boxes, scores, labels, num_dets "
+                             "(default: export.nms, off)")
+    export.add_argument("--half", action="store_true", default=None, help="float16 model; needs CUDA")
 
-    predict = commands.add_parser("predict", help="detect objects in images with a run's checkpoint")
-    predict.add_argument("run_dir", help="run folder, e.g. runs/exp01")
-    predict.add_argument("images", nargs="+", help="image files or folders")
+    predict = commands.add_parser("predict", help="detect objects in images with a run's checkpoint or an ONNX file")
+    predict.add_argument("source", metavar="RUN_OR_ONNX", help="run folder (e.g. runs/exp01) or exported .onnx file")
+    predict.add_argument("images", nargs="+", help="image files, folders or glob patterns (quote them: 'photos/*.jpg')")
     predict.add_argument("--out", required=True, help="predictions JSON file to write")
     predict.add_argument("--save-images", metavar="DIR", help="also save the images with boxes drawn into DIR")
+    predict.add_argument("--backend", choices=api.BACKENDS,
+                         help="torch (a run's checkpoint; the default for a run) or onnxruntime (its exported model)")
     predict.add_argument("--conf", type=float, default=0.25, help="score threshold (default 0.25)")
+    predict.add_argument("--iou", type=float, help="NMS IoU threshold (default: the model's, model.postprocess)")
+    predict.add_argument("--max-det", type=int, help="detections kept per image (default: the model's)")
+    predict.add_argument("--batch", type=int, help="images per batch (default: eval.batch_size)")
     predict.add_argument("--checkpoint", choices=api.CHECKPOINT_CHOICES, default="best")
+    predict.add_argument("--tta", action="store_true",
+                         help="test-time augmentation: predict on flipped and rescaled views and merge them")
+    predict.add_argument("--tta-scales", default="1.0,0.83,1.17", metavar="S,S,...",
+                         help="with --tta: input scales (default 1.0,0.83,1.17)")
+    predict.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=True,
+                         help="with --tta: also the horizontally flipped views (default on)")
+    predict.add_argument("--tta-merge", choices=("wbf", "nms"), default="wbf",
+                         help="with --tta: weighted box fusion (default) or NMS over all views")
+    predict.add_argument("--tta-iou", type=float, default=0.55, help="with --tta: IoU that merges boxes (default 0.55)")
+    predict.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     data = commands.add_parser("data", help="check and inspect datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
@@ -143,23 +173,16 @@ def run_command(args: argparse.Namespace) -> int:
                         overrides=args.overrides, ddp=args.ddp, allow_world_size_change=args.allow_world_size_change)
         if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
             print(f"run directory: {run.root}")
-    elif args.command == "eval" and args.predictions:
-        if not args.gt or args.run_dir:
-            raise DetpactError("eval --predictions FILE needs --gt COCO_JSON (and no run folder).")
-        metrics = api.evaluate_predictions(args.predictions, gt=args.gt, bbox_format=args.bbox_format, out=args.out)
-        print(json.dumps(metrics, indent=2) if args.json else format_table(metrics))
     elif args.command == "eval":
-        if not args.run_dir:
-            raise DetpactError("eval needs a run folder (e.g. runs/exp01), or --predictions FILE --gt COCO_JSON.")
-        metrics = api.evaluate(args.run_dir, checkpoint=args.checkpoint, verify_config=args.verify_config,
-                               data_config=args.data, out=args.out)
-        print(json.dumps(metrics, indent=2) if args.json else format_table(metrics))
+        print_metrics(evaluate_command(args), args.json)
     elif args.command == "export":
-        report = api.export(args.run_dir, checkpoint=args.checkpoint)
+        report = api.export(args.run_dir, checkpoint=args.checkpoint, opset=args.opset, nms=args.nms, half=args.half)
         print(f"exported {report['onnx']} (parity {report['verdict']})")
     elif args.command == "predict":
-        records = api.predict(args.run_dir, args.images, out=args.out, save_images=args.save_images,
-                              checkpoint=args.checkpoint, score_threshold=args.conf)
+        records = api.predict(args.source, args.images, out=args.out, save_images=args.save_images,
+                              checkpoint=args.checkpoint, backend=args.backend, score_threshold=args.conf,
+                              iou_threshold=args.iou, max_det=args.max_det, batch_size=args.batch,
+                              tta=tta_settings(args), progress=not args.no_progress)
         found = sum(len(r["detections"]) for r in records)
         print(f"{found} detections in {len(records)} images -> {args.out}")
     elif args.command == "data" and args.data_command == "show":
@@ -194,6 +217,43 @@ def run_command(args: argparse.Namespace) -> int:
             print_checks(checks)
         return 1 if failed else 0
     return 0
+
+
+def tta_settings(args: argparse.Namespace) -> TTASettings | None:
+    if not args.tta:
+        return None
+    try:
+        scales = tuple(float(v) for v in args.tta_scales.split(","))
+    except ValueError:
+        raise DetpactError(f"--tta-scales takes numbers separated by commas, e.g. 1.0,0.83,1.17; got "
+                           f"{args.tta_scales!r}.") from None
+    return TTASettings(scales, args.tta_flip, args.tta_merge, args.tta_iou)
+
+
+def evaluate_command(args: argparse.Namespace) -> dict:
+    """`detpact eval`: what to evaluate is the run, the .onnx file or the predictions file named."""
+    common = {"out": args.out, "score_threshold": args.score_threshold, "iou_threshold": args.iou_threshold}
+    if args.predictions:
+        run_dir = args.target
+        return api.evaluate_predictions(args.predictions, gt=args.gt, run_dir=run_dir, data=args.data,
+                                        bbox_format=args.bbox_format, max_images=args.max_images, **common)
+    if args.gt:
+        raise DetpactError("--gt only applies with --predictions FILE.")
+    if not args.target:
+        raise DetpactError("eval needs a run folder (e.g. runs/exp01), an exported .onnx file, or --predictions FILE.")
+    if args.target.endswith(".onnx"):
+        return api.evaluate_onnx(args.target, data=args.data, max_images=args.max_images, **common)
+    return api.evaluate(args.target, checkpoint=args.checkpoint, verify_config=args.verify_config, data=args.data,
+                        max_images=args.max_images, **common)
+
+
+def print_metrics(metrics: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(metrics, indent=2))
+        return
+    print(format_table(metrics))
+    if "operating_point" in metrics:
+        print(format_operating_point(metrics["operating_point"]))
 
 
 def print_checks(checks: list[Check]) -> None:

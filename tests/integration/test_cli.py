@@ -3,12 +3,16 @@ train -> crash -> resume -> eval -> export -> predict on a tiny synthetic config
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import io
 import json
 import signal
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,7 +89,7 @@ def test_train_crash_resume_eval_export_predict(tmp_path, env, tiny_config):
     metrics = json.loads(evaluated.stdout)
     best = max(val, key=lambda r: r["map50_95"])
     assert metrics["map50_95"] == pytest.approx(best["map50_95"], abs=1e-9)
-    assert json.loads((run / "reports" / "eval.json").read_text())["metrics"]["map50"] == metrics["map50"]
+    assert json.loads((run / "reports" / "eval_best.json").read_text())["metrics"]["map50"] == metrics["map50"]
     table = run_cli(["eval", str(run)], env, tmp_path)
     assert "AP @[.50:.95]" in table.stdout and "circle" in table.stdout
 
@@ -98,6 +102,8 @@ def test_train_crash_resume_eval_export_predict(tmp_path, env, tiny_config):
     onnx_meta = json.loads((run / "exports" / "model.onnx.meta.json").read_text())
     assert onnx_meta["exporter"] == "dynamo" and onnx_meta["class_names"][0] == "circle"
     assert not list((run / "exports").glob("*.data"))  # weights embedded: one self-contained file
+    old_opset = run_cli(["export", str(run), "--opset", "17"], env, tmp_path)  # dynamo writes opset >= 18
+    assert old_opset.returncode == 2 and "export.exporter: torchscript" in old_opset.stderr
 
     # predict on real files: a folder of val images plus one named image.
     val_images = Path(meta["dataset"]["root"]) / "images" / "val"
@@ -121,7 +127,7 @@ def test_train_crash_resume_eval_export_predict(tmp_path, env, tiny_config):
 
     # The manifest covers every artifact, with correct hashes.
     manifest = json.loads((run / "manifest.json").read_text())["files"]
-    for rel in CONTRACT[:-2] + ["reports/eval.json"]:
+    for rel in CONTRACT[:-2] + ["reports/eval_best.json"]:
         assert manifest[rel]["sha256"] == hashlib.sha256((run / rel).read_bytes()).hexdigest(), rel
 
 
@@ -303,3 +309,66 @@ def test_eval_predictions_reproduces_pycocotools(tmp_path, env, gt, dt):
         stats = [-1.0 if metrics[k] is None else metrics[k] for k in HEADLINE_KEYS]
         assert stats == pytest.approx(list(reference["stats"].values()), abs=1e-12, rel=0), predictions
         assert json.loads((tmp_path / "eval.json").read_text())["metrics"] == metrics
+
+
+def edge_case_coco(rng: np.random.Generator) -> tuple[dict, list[dict]]:
+    """COCO ground truth and results with what trips evaluators up: crowd regions, images
+    without boxes, a category without ground truth (but with detections), an image with
+    more than 100 detections of one class, and tied scores."""
+    categories = [{"id": c, "name": f"class{c}"} for c in (1, 2, 3, 7)]  # 7: no ground truth
+    images, annotations, results = [], [], []
+    for image_id in range(1, 31):
+        images.append({"id": image_id, "width": 320, "height": 240, "file_name": f"img{image_id:03d}.jpg"})
+        count = 0 if image_id % 7 == 0 else int(rng.integers(1, 8))  # every 7th image is empty
+        for _ in range(count):
+            x, y = rng.uniform(0, 250), rng.uniform(0, 180)
+            w, h = rng.uniform(4, 70), rng.uniform(4, 60)
+            crowd = int(rng.random() < 0.1)
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(rng.integers(1, 4)),
+                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": crowd})
+    for ann in annotations:  # a hit (jittered), sometimes twice, with coarse (tied) scores
+        for _ in range(int(rng.integers(1, 3))):
+            x, y, w, h = (v + rng.normal(0, 2) for v in ann["bbox"])
+            results.append({"image_id": ann["image_id"], "category_id": ann["category_id"],
+                            "bbox": [x, y, max(w, 1), max(h, 1)], "score": round(float(rng.random()), 1)})
+    for image_id in (3, 4):  # more than 100 detections of one class on one image
+        for _ in range(130):
+            results.append({"image_id": image_id, "category_id": 2, "score": float(rng.choice([0.3, 0.5, 0.7])),
+                            "bbox": [rng.uniform(0, 250), rng.uniform(0, 180), rng.uniform(5, 60), rng.uniform(5, 60)]})
+    for image_id in range(1, 31, 3):  # false positives everywhere, some on the category without GT
+        results.append({"image_id": image_id, "category_id": int(rng.choice([1, 3, 7])), "score": 0.5,
+                        "bbox": [rng.uniform(0, 250), rng.uniform(0, 180), 20.0, 20.0]})
+    return {"images": images, "annotations": annotations, "categories": categories}, results
+
+
+def pycocotools_stats(gt_path: Path, results_path: Path) -> list[float]:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(str(gt_path))
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes(str(results_path)), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return [float(s) for s in evaluator.stats]
+
+
+def test_eval_predictions_equals_pycocotools_on_generated_edge_cases(tmp_path, env):
+    gt, results = edge_case_coco(np.random.default_rng(7))
+    assert max(Counter((r["image_id"], r["category_id"]) for r in results).values()) > 100
+    assert any(a["iscrowd"] for a in gt["annotations"]) and len({r["score"] for r in results}) < len(results) / 10
+    gt_path, results_path, ours = tmp_path / "gt.json", tmp_path / "results.json", tmp_path / "preds.json"
+    gt_path.write_text(json.dumps(gt))
+    results_path.write_text(json.dumps(results))
+    reference = pycocotools_stats(gt_path, results_path)
+    converted = run_cli(["predictions", "convert", str(results_path), "--to", "detpact", "--gt", str(gt_path),
+                         "--out", str(ours)], env, tmp_path)
+    assert converted.returncode == 0, converted.stderr
+    for predictions in (results_path, ours):
+        result = run_cli(["eval", "--predictions", str(predictions), "--gt", str(gt_path), "--json"], env, tmp_path)
+        assert result.returncode == 0, result.stderr
+        metrics = json.loads(result.stdout)
+        stats = [-1.0 if metrics[k] is None else metrics[k] for k in HEADLINE_KEYS]
+        assert stats == pytest.approx(reference, abs=1e-12, rel=0), predictions
+        assert metrics["per_class"]["class7"] is None and metrics["no_gt_class_dets"]["class7"] > 0

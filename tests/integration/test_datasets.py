@@ -113,13 +113,13 @@ def test_corrupted_copy_every_defect_reported_and_training_refused(tmp_path, env
     result = run_cli(["eval", "runs/skip", "--data", "json.yaml", "--out", "other.json", "--json"], env, tmp_path)
     assert result.returncode == 0, result.stderr
     other = json.loads((tmp_path / "other.json").read_text())
-    assert other["data_config"] == "json.yaml" and set(other["metrics"]) >= {"map50_95", "map50"}
+    assert other["data"] == "json.yaml" and set(other["metrics"]) >= {"map50_95", "map50"}
     assert (tmp_path / "runs" / "skip" / "manifest.json").read_bytes() == manifest
-    assert not (tmp_path / "runs" / "skip" / "reports" / "eval.json").exists()
+    assert not list((tmp_path / "runs" / "skip" / "reports").glob("eval_*.json"))
     shapes = tmp_path / "shapes.yaml"
     shapes.write_text(yaml.safe_dump(TINY_CONFIG))
     result = run_cli(["eval", "runs/skip", "--data", str(shapes)], env, tmp_path)
-    assert result.returncode == 2 and "other classes than the run" in result.stderr
+    assert result.returncode == 2 and "other classes than the model" in result.stderr
 
 
 def test_data_show_and_convert_commands(tmp_path, env, tiny_config):

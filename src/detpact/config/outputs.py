@@ -14,6 +14,10 @@ class EvalConfig(Section):
     # Also validate every N optimizer steps (mid-epoch too); None = only by epochs.
     every_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(32, ge=1)
+    # The operating point reported beside COCO mAP: precision, recall, F1 and the mean
+    # IoU of matches of the detections scoring >= score_threshold, matched at iou_threshold.
+    score_threshold: float = Field(0.25, ge=0.0, le=1.0)
+    iou_threshold: float = Field(0.5, gt=0.0, le=1.0)
 
 
 class ExportConfig(Section):
@@ -24,6 +28,17 @@ class ExportConfig(Section):
     opset: int = Field(18, ge=13)
     parity_policy: Literal["fail", "warn"] = "fail"
     parity_images: int = Field(8, ge=1)
+    # Also evaluate the ONNX model on the validation split and require its mAP .50:.95
+    # within parity_map_tol of PyTorch's (fp32, CPU); parity_map_images caps the images
+    # (null: the whole split).
+    parity_map: bool = True
+    parity_map_tol: float = Field(1e-3, ge=0.0)
+    parity_map_images: int | None = Field(None, ge=1)
+    # Put the postprocessing inside the graph: outputs boxes [B, max_det, 4], scores and
+    # labels [B, max_det] and num_dets [B] (detections are the first num_dets rows).
+    nms: bool = False
+    # float16 weights and activations; CUDA only (ONNX Runtime's CPU kernels lack fp16).
+    half: bool = False
     # Raw outputs pass when |onnxruntime - torch| <= atol + rtol * |torch| everywhere
     # (box coordinates: rtol relative to max(|torch|, image size); see export/parity.py).
     parity_rtol: float = Field(1e-3, gt=0.0)

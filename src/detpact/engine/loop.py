@@ -157,7 +157,7 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
                 recal_loader.sampler.epoch = progress.epoch - 1 if progress.step_in_epoch == 0 else progress.epoch
                 recalibrate_batchnorm(eval_model, recal_loader, device, cfg.run.amp, cfg.run.channels_last)
             metrics = evaluate(eval_model, val_loader, data.val, data.class_names, cfg.model.postprocess,
-                               device, cfg.run.amp, cfg.run.channels_last)
+                               device, cfg.run.amp, cfg.run.channels_last, cfg.eval)
         metrics = broadcast_from_main(ctx, metrics)
         recorder.validation(progress.global_step, progress.epoch, metrics)
         # The metrics are None when the val split has no ground truth; the first validation

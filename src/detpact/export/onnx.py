@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from detpact import __version__
 from detpact.config import Config, PostprocessConfig
 from detpact.data.transforms import PAD_VALUE
 from detpact.models.detector import Detector
@@ -63,28 +64,38 @@ def export_onnx(deploy: DeployModel, path: Path, image_size: int, opset: int, ex
         tmp.unlink(missing_ok=True)
 
 
-def onnx_metadata(cfg: Config, class_names: list[str], config_hash: str, exporter: str, checkpoint: str,
-                  nms_free: bool = False) -> dict[str, Any]:
+def onnx_metadata(cfg: Config, class_names: list[str], config_hash: str, checkpoint: str, nms_free: bool = False,
+                  opset: int | None = None, in_graph: bool = False) -> dict[str, Any]:
     """Everything a consumer needs to feed the model and read its outputs."""
     size = cfg.data.image_size
     post = cfg.model.postprocess
     candidates = "queries" if nms_free else "locations"
+    if in_graph:
+        outputs = {
+            "boxes": {"shape": ["batch", post.max_det, 4], "format": "xyxy, letterboxed-input pixels"},
+            "scores": {"shape": ["batch", post.max_det], "format": "probability (sigmoid)"},
+            "labels": {"shape": ["batch", post.max_det], "format": "class id (index into class_names); -1 = padding"},
+            "num_dets": {"shape": ["batch"], "format": "detections per image: the first num_dets rows, best first"},
+        }
+    else:
+        outputs = {
+            "boxes": {"shape": ["batch", candidates, 4], "format": "xyxy, letterboxed-input pixels"},
+            "scores": {"shape": ["batch", candidates, len(class_names)], "format": "per-class probability (sigmoid)"},
+        }
     return {
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32"},
         "preprocessing": {
             "letterbox": {"size": size, "keep_aspect_ratio": True, "centered": True, "pad_value": PAD_VALUE},
             "color": "RGB", "layout": "NCHW", "scale": "1/255 (pixel values in [0, 1])",
         },
-        "outputs": {
-            "boxes": {"shape": ["batch", candidates, 4], "format": "xyxy, letterboxed-input pixels"},
-            "scores": {"shape": ["batch", candidates, len(class_names)], "format": "per-class probability (sigmoid)"},
-        },
-        "postprocessing": _postprocessing(post, nms_free),
+        "outputs": outputs,
+        "postprocessing": {**_postprocessing(post, nms_free), "in_graph": in_graph},
         "class_names": list(class_names),
         "config_hash": config_hash,
         "checkpoint": checkpoint,
-        "opset": cfg.export.opset,
-        "exporter": exporter,
+        "opset": opset or cfg.export.opset,
+        "exporter": cfg.export.exporter,
+        "detpact_version": __version__,
         "torch_version": torch.__version__,
     }
 

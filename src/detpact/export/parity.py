@@ -29,6 +29,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from detpact.config import PostprocessConfig
+from detpact.export.nms_graph import OUTPUTS as GRAPH_OUTPUTS
+from detpact.export.nms_graph import RAW
 from detpact.export.onnx import INPUT_NAME, OUTPUT_NAMES, DeployModel
 from detpact.models.boxes import box_iou
 from detpact.models.postprocess import Detections, postprocess_scores
@@ -44,10 +46,19 @@ ORT_LEVELS = {
 
 
 def check_parity(
-    deploy: DeployModel, onnx_path: str, images: np.ndarray, post_cfg: PostprocessConfig, rtol: float, atol: float
+    deploy: DeployModel, onnx_model: str | bytes, images: np.ndarray, post_cfg: PostprocessConfig, rtol: float,
+    atol: float, in_graph: bool = False,
 ) -> dict[str, Any]:
-    """Compare ONNX Runtime with eager PyTorch (fp32) on `images` [N, 3, S, S] float32 in [0, 1]."""
+    """Compare ONNX Runtime with eager PyTorch (fp32) on `images` [N, 3, S, S] float32 in [0, 1].
+
+    `onnx_model`: a file path or the serialized model. With `in_graph`, the model carries its
+    postprocessing (export/nms_graph.py) and also outputs raw_boxes / raw_scores: gates A
+    and B run on those, and gate C requires the graph's detections to be exactly what
+    models/postprocess.py makes of the same raw outputs.
+    """
     nms = not deploy.detector.nms_free
+    raw_names = [RAW[name] for name in OUTPUT_NAMES] if in_graph else list(OUTPUT_NAMES)
+    fetch = raw_names + (list(GRAPH_OUTPUTS) if in_graph else [])
     with torch.no_grad():
         reference = [t.numpy() for t in deploy.eval()(torch.from_numpy(images))]
     scales = {"boxes": float(images.shape[-1]), "scores": 0.0}
@@ -56,12 +67,14 @@ def check_parity(
         options = ort.SessionOptions()
         options.graph_optimization_level = level
         options.log_severity_level = 3
-        session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
         for batch in sorted({1, len(images)}):
-            got = [np.concatenate(parts) for parts in zip(*(
-                session.run(list(OUTPUT_NAMES), {INPUT_NAME: images[i : i + batch]})
+            fetched = [np.concatenate(parts) for parts in zip(*(
+                session.run(fetch, {INPUT_NAME: images[i : i + batch]})
                 for i in range(0, len(images), batch)
             ))]  # fmt: skip
+            got, final = fetched[:2], fetched[2:]
+            graph = compare_in_graph(final, got, post_cfg, nms) if in_graph else None
             reordered = 0
             if not nms:  # a set of queries: their order is not part of the output
                 got, reordered = align_queries(got, reference, rtol, atol, [scales[name] for name in OUTPUT_NAMES])
@@ -69,9 +82,9 @@ def check_parity(
                 name: _elementwise(g, r, rtol, atol, scales[name]) for name, g, r in zip(OUTPUT_NAMES, got, reference)
             }
             postnms = compare_detections(got, reference, post_cfg, nms)
-            passed = all(o["pass"] for o in outputs.values()) and postnms["pass"]
+            passed = all(o["pass"] for o in outputs.values()) and postnms["pass"] and (graph or {"pass": True})["pass"]
             checks.append({"session": level_name, "batch": batch, "outputs": outputs, "postnms": postnms,
-                           "reordered_queries": reordered, "pass": passed})
+                           **({"in_graph": graph} if graph else {}), "reordered_queries": reordered, "pass": passed})
     return {
         "verdict": "pass" if all(c["pass"] for c in checks) else "fail",
         "thresholds": {"rtol": rtol, "atol": atol, "boxes_relative_to": scales["boxes"],
@@ -80,6 +93,48 @@ def check_parity(
         "num_images": len(images),
         "checks": checks,
     }
+
+
+def compare_in_graph(final: list[np.ndarray], raw: list[np.ndarray], post_cfg: PostprocessConfig,
+                     nms: bool) -> dict[str, Any]:
+    """Gate C: the graph's detections (boxes, scores, labels, num_dets) against
+    models/postprocess.py on the same raw outputs. Both sides see identical numbers, so
+    every detection must be on both sides, but for float rounding in the boxes and for
+    the order of equal scores: which of two tied candidates the top-k takes, or NMS
+    visits first, is arbitrary, so a detection whose score another candidate of the image
+    shares exactly may be on one side only (counted as `tie_order`)."""
+    boxes, scores, labels, counts = final
+    reference = postprocess_scores(torch.from_numpy(raw[1]), torch.from_numpy(raw[0]), post_cfg, nms)
+    mismatched, tie_order, examples = 0, 0, []
+    for image, (ref, n) in enumerate(zip(reference, counts.tolist())):
+        ours = (boxes[image, :n], scores[image, :n], labels[image, :n])
+        theirs = (ref.boxes.numpy(), ref.scores.numpy(), ref.labels.numpy())
+        lonely = [*_unmatched(ours, theirs), *_unmatched(theirs, ours)]
+        if not lonely:
+            continue
+        values, repeats = np.unique(raw[1][image], return_counts=True)
+        tied = set(values[repeats > 1].tolist())
+        if all(score in tied for score in lonely):
+            tie_order += 1
+            continue
+        mismatched += 1
+        _example(examples, f"image {image}: {len(lonely)} detections on one side only (the graph kept {n}, "
+                           f"postprocess {len(ref.scores)}), scores {sorted(lonely, reverse=True)[:3]}")
+    return {"images": len(reference), "mismatched_images": mismatched, "tie_order_images": tie_order,
+            "examples": examples, "pass": mismatched == 0}
+
+
+def _unmatched(side: tuple[np.ndarray, ...], other: tuple[np.ndarray, ...]) -> list[float]:
+    """Scores of `side`'s detections that `other` lacks (same label and score, box within rounding)."""
+    free = np.ones(len(other[1]), bool)
+    lonely = []
+    for box, score, label in zip(*side):
+        match = free & (other[2] == label) & (other[1] == score) & np.isclose(other[0], box, rtol=1e-6, atol=1e-4).all(1)
+        if match.any():
+            free[int(match.argmax())] = False
+        else:
+            lonely.append(float(score))
+    return lonely
 
 
 def align_queries(got: list[np.ndarray], ref: list[np.ndarray], rtol: float, atol: float,
@@ -279,4 +334,12 @@ def describe_failure(report: dict[str, Any]) -> str:
         worst = max(postnms, key=lambda p: p["unmatched"])
         parts.append(f"after NMS {worst['unmatched']} of {worst['detections']} detections differ with no near-tie "
                      f"to explain them ({'; '.join(worst['examples'][:2])})")
+    graph = [c["in_graph"] for c in report["checks"] if not c.get("in_graph", {"pass": True})["pass"]]
+    if graph:
+        parts.append(f"the in-graph postprocessing differs from detpact's on {graph[0]['mismatched_images']} images "
+                     f"({'; '.join(graph[0]['examples'][:2])})")
+    accuracy = report.get("map")
+    if accuracy and not accuracy["pass"]:
+        parts.append(f"mAP .50:.95 on {accuracy['images']} validation images: ONNX {accuracy['onnx']:.5f} vs PyTorch "
+                     f"{accuracy['torch']:.5f}, a difference of {accuracy['diff']:.5f} > {accuracy['tolerance']}")
     return "; ".join(parts)

@@ -1,7 +1,9 @@
-"""Load a trained detector from a run and predict on image files (torch backend)."""
+"""Load a trained detector and predict on image files, through any backend, with optional TTA."""
 
 from __future__ import annotations
 
+import glob
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,15 +11,19 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import ImageDraw
+from torch import Tensor
 
-from detpact.config import Config, PostprocessConfig, validate_config
-from detpact.data.dataset import eval_loader
-from detpact.data.formats import IMAGE_SUFFIXES, Sample, image_size, open_rgb
-from detpact.engine.evaluate import predict_loader
+from detpact.config import Config, validate_config
+from detpact.data.dataset import DetectionDataset, make_loader, resolve_num_workers
+from detpact.data.formats import IMAGE_SUFFIXES, Sample, open_rgb
+from detpact.data.formats import image_size as image_size_of
+from detpact.engine.evaluate import Backend, predict_loader
 from detpact.engine.runtime import resolve_device
 from detpact.errors import DetpactError
 from detpact.evaluation.coco import ImageDetections
+from detpact.inference.tta import augment, augmented_size, merge_detections, tta_views, unaugment_boxes
 from detpact.models.detector import Detector, build_model
+from detpact.models.postprocess import Detections
 from detpact.run.checkpoint import inference_state_dict, load_checkpoint
 
 # Distinct colours for drawn boxes, cycled by class id.
@@ -55,31 +61,85 @@ def load_detector(checkpoint: Path, device: torch.device | None = None) -> Loade
 
 
 def collect_images(inputs: list[str | Path]) -> list[Path]:
-    """Image files named directly or found (recursively, sorted) in named folders."""
+    """Image files named directly, found (recursively, sorted) in named folders, or matched
+    by glob patterns (`photos/*.jpg`, `data/**/*.png`)."""
     paths: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif item.is_file():
-            paths.append(item)
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            paths += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            paths.append(path)
+        elif glob.has_magic(str(item)):
+            matches = sorted(Path(m) for m in glob.glob(str(item), recursive=True))
+            images = [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_SUFFIXES]
+            if not images:
+                raise DetpactError(f"No images match {item} ({', '.join(IMAGE_SUFFIXES)}).")
+            paths += images
         else:
-            raise DetpactError(f"Image or folder not found: {item}. Pass image files or folders of images.")
+            raise DetpactError(f"Image or folder not found: {item}. Pass image files, folders or glob patterns.")
     if not paths:
         raise DetpactError(f"No images found in {', '.join(map(str, inputs))} ({', '.join(IMAGE_SUFFIXES)}).")
     return paths
 
 
-def predict_images(loaded: LoadedModel, paths: list[Path], post_cfg: PostprocessConfig) -> list[dict]:
+@dataclass(frozen=True)
+class TTASettings:
+    """Test-time augmentation: views (scales x horizontal flip) merged per image."""
+
+    scales: tuple[float, ...] = (1.0, 0.83, 1.17)
+    flip: bool = True
+    merge: str = "wbf"  # wbf | nms
+    iou_threshold: float = 0.55
+
+
+class TTABackend:
+    """A backend that runs `detect` (float images -> detections) on every TTA view of a
+    batch, maps the boxes back to the input frame and merges them per image."""
+
+    def __init__(self, detect: Callable[[Tensor], list[Detections]], settings: TTASettings, max_det: int,
+                 score_threshold: float, fixed_size: int | None = None):
+        self.detect, self.settings, self.max_det, self.score_threshold = detect, settings, max_det, score_threshold
+        self.views = tta_views(settings.scales, settings.flip)
+        if fixed_size is not None:
+            resized = sorted({v.scale for v in self.views if augmented_size(fixed_size, v) != fixed_size})
+            if resized:
+                raise DetpactError(f"--tta scales {', '.join(map(str, resized))} change the input size, which an "
+                                   f"exported ONNX model fixes at {fixed_size}: use --backend torch, or "
+                                   "--tta-scales 1.0 (flip only).")
+
+    def __call__(self, images: Tensor) -> list[Detections]:
+        x = images.float() / 255.0
+        size = x.shape[-1]
+        per_image: list[list[Detections]] = [[] for _ in range(len(x))]
+        for view in self.views:
+            augmented = augment(x, view)
+            for views, det in zip(per_image, self.detect(augmented)):
+                boxes = unaugment_boxes(det.boxes.float().cpu(), view, size, augmented.shape[-1])
+                views.append(Detections(boxes, det.scores.float().cpu(), det.labels.cpu(), det.locations.cpu()))
+        merged = [merge_detections(views, self.settings.merge, self.settings.iou_threshold, max_det=self.max_det)
+                  for views in per_image]
+        # A box that few views found is down-weighted by the fusion: the threshold holds for the result too.
+        return [_above(det, self.score_threshold) for det in merged]
+
+
+def _above(det: Detections, threshold: float) -> Detections:
+    keep = det.scores > threshold
+    return Detections(det.boxes[keep], det.scores[keep], det.labels[keep], det.locations[keep])
+
+
+def predict_images(backend: Backend, paths: list[Path], image_size: int, class_names: list[str],
+                   batch_size: int, progress: bool = True) -> list[dict]:
     """Predictions per image: {"image", "width", "height", "detections": [{box, score, class_id, class_name}]}
     (docs/predictions.md; `box` is xyxy in the original image's pixels).
 
-    Images go through the same letterbox, precision and postprocessing as validation.
+    Images go through the same letterbox as validation, in batches of `batch_size`.
     """
-    samples = [Sample(path, *image_size(path), np.zeros((0, 4), np.float32), np.zeros(0, np.int64)) for path in paths]
-    cfg = loaded.config
-    loader = eval_loader(samples, cfg.data, cfg.eval.batch_size)
-    detections = predict_loader(loaded.model, loader, post_cfg, loaded.device, cfg.run.amp, cfg.run.channels_last)
-    return [_image_record(sample, det, loaded.class_names) for sample, det in zip(samples, detections)]
+    samples = [Sample(path, *image_size_of(path), np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
+               for path in paths]
+    loader = make_loader(DetectionDataset(samples, image_size, train=False), batch_size, resolve_num_workers("auto"))
+    detections = predict_loader(backend, loader, progress="predict" if progress else None)
+    return [_image_record(sample, det, class_names) for sample, det in zip(samples, detections)]
 
 
 def _image_record(sample: Sample, det: ImageDetections, class_names: list[str]) -> dict:

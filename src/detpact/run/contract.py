@@ -48,6 +48,7 @@ def resolve_output_root(configured: str | None, environ: Mapping[str, str]) -> P
     return Path(configured or environ.get("DETPACT_OUTPUT_DIR") or DEFAULT_OUTPUT_ROOT)
 
 
+EVAL_REPORT = re.compile(r"eval_[A-Za-z0-9_.-]+\.json")
 EPOCH_SNAPSHOT = re.compile(r"epoch_\d{4,}\.pt")
 
 
@@ -70,7 +71,6 @@ class RunDir:
         self.train_report_json = self.reports / "train_report.json"
         self.train_report_md = self.reports / "train_report.md"
         self.onnx_parity = self.reports / "onnx_parity.json"
-        self.eval_report = self.reports / "eval.json"
         self.onnx_model = self.exports / "model.onnx"
         self.onnx_meta = self.exports / "model.onnx.meta.json"
         self.manifest = self.root / "manifest.json"
@@ -116,9 +116,13 @@ class RunDir:
             self.last_ckpt, self.prev_ckpt, self.best_ckpt, self.train_metrics, self.train_metrics_csv, self.val_metrics,
             self.config_resolved,
             self.run_meta, self.train_report_json, self.train_report_md, self.onnx_parity,
-            self.eval_report, self.onnx_model, self.onnx_meta,
+            self.onnx_model, self.onnx_meta,
         ]
-        return [p for p in paths if p.is_file()] + self.epoch_snapshots()
+        return [p for p in paths if p.is_file()] + self.epoch_snapshots() + self.eval_reports()
+
+    def eval_reports(self) -> list[Path]:
+        """The reports of `detpact eval` on this run: reports/eval_<checkpoint or onnx>.json."""
+        return sorted(p for p in self.reports.glob("eval_*.json") if EVAL_REPORT.fullmatch(p.name))
 
 
 def sha256_file(path: Path) -> str:
