@@ -131,3 +131,18 @@ def test_a_predictions_file_scores_against_the_run_split(trained, tmp_path):
     assert np.isclose(from_file["map50"], from_run["map50"], atol=0.01)
     missing = run_cli(["eval", "--predictions", str(out)], env, root)
     assert missing.returncode == 2 and "--gt COCO_JSON, a run folder" in missing.stderr
+
+
+def test_bad_inputs_are_named_with_the_fix(trained, tmp_path):
+    root, env, run, _ = trained
+    lonely = tmp_path / "model.onnx"
+    lonely.write_bytes((run / "exports" / "model.onnx").read_bytes())
+    cases = [
+        (["eval", str(lonely)], "model.onnx.meta.json beside it"),
+        (["eval", str(run), "--max-images", "0"], "--max-images must be at least 1"),
+        (["predict", str(run), str(tmp_path / "nothing" / "*.jpg"), "--out", str(tmp_path / "p.json")],
+         "No images match"),
+    ]
+    for args, message in cases:
+        result = run_cli(args, env, root)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, args

@@ -6,9 +6,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import yaml
-
-from detpact.config import DataConfig, load_config
+from detpact.config import DataConfig, is_config_file, load_config
 from detpact.data.build import Sources, build_datasets, read_sources, read_yolo_folder
 from detpact.data.dataset import DetectionDataset
 from detpact.data.preflight import PreflightReport, run_preflight
@@ -47,13 +45,9 @@ def _dataset_sources(target: Path, overrides: Sequence[str], cache_dir: Path) ->
     """The dataset a `data` command names: a detpact config, a dataset YAML or a YOLO folder."""
     if target.is_dir():
         return read_yolo_folder(target)
+    if is_config_file(target):
+        return read_sources(load_config(target, overrides).data, cache_dir)
     if target.suffix in (".yaml", ".yml") and target.is_file():
-        try:
-            raw = yaml.safe_load(target.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError):
-            raw = {"config_version": None}  # load_config explains what is wrong with it
-        if isinstance(raw, dict) and "config_version" in raw:
-            return read_sources(load_config(target, overrides).data, cache_dir)
         return read_sources(DataConfig(format="yolo", path=str(target)), cache_dir)
     raise DetpactError(f"{target} is neither a config / dataset YAML file nor a dataset folder.")
 

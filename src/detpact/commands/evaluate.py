@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from detpact.commands.runs import cache_dir, checkpoint_path, open_run, run_data
-from detpact.config import DataConfig, EvalConfig, config_hash, diff_configs, load_config
+from detpact.config import DataConfig, EvalConfig, config_hash, diff_configs, is_config_file, load_config
 from detpact.data.build import DatasetSplits, build_datasets
 from detpact.data.dataset import eval_loader
 from detpact.data.formats import Sample
@@ -28,6 +27,7 @@ from detpact.engine.evaluate import predict_loader, score
 from detpact.engine.runtime import setup_determinism
 from detpact.errors import DetpactError
 from detpact.evaluation.coco import ImageDetections, ImageGT, evaluate_coco_json, to_coco_gt
+from detpact.evaluation.operating import operating_point
 from detpact.inference.onnx_backend import OnnxBackend
 from detpact.inference.predictions import coco_results_for, load_json
 from detpact.inference.predictor import LoadedModel, load_detector
@@ -62,14 +62,9 @@ def first_images(samples: list[Sample], max_images: int | None) -> list[Sample]:
 def dataset_config(target: Path, image_size: int) -> DataConfig:
     """The data section that `--data TARGET` names, at the model's input size: a detpact
     config's, or for a dataset folder or an Ultralytics dataset YAML, a YOLO dataset."""
-    if target.suffix in (".yaml", ".yml") and target.is_file():
-        try:
-            raw = yaml.safe_load(target.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError):
-            raw = {"config_version": None}  # load_config says what is wrong with it
-        if isinstance(raw, dict) and "config_version" in raw:
-            return load_config(target).data.model_copy(update={"image_size": image_size})
-    elif not target.is_dir():
+    if is_config_file(target):
+        return load_config(target).data.model_copy(update={"image_size": image_size})
+    if not target.is_dir() and not target.is_file():
         raise DetpactError(f"--data {target}: not found. Pass a detpact config, a dataset YAML or a dataset folder.")
     return DataConfig(format="yolo", path=str(target), image_size=image_size)
 
@@ -93,17 +88,7 @@ def predictions_on(path: Path, samples: list[Sample], class_names: list[str], bb
     gt = to_coco_gt(gts, class_names)
     for image, sample in zip(gt["images"], samples):
         image["file_name"] = str(sample.image_path)
-    grouped: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for result in coco_results_for(path, gt, bbox_format):
-        grouped[result["image_id"]].append(result)
-    detections = []
-    for i in range(len(samples)):
-        rows = grouped.get(i, [])
-        boxes = np.array([r["bbox"] for r in rows], np.float64).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
-        detections.append(ImageDetections(i, boxes, np.array([r["score"] for r in rows], np.float64),
-                                          np.array([r["category_id"] - 1 for r in rows], np.int64)))
-    return detections
+    return _coco_records(gt, coco_results_for(path, gt, bbox_format))[1]
 
 
 def report_name(name: str) -> str:
@@ -191,7 +176,11 @@ def evaluate_predictions(predictions: str | Path, *, gt: str | Path | None = Non
             raise DetpactError("eval --predictions with --gt takes no run folder, --data or --max-images: the "
                                "ground-truth file is the whole evaluation set.")
         ground_truth = load_json(Path(gt), "a COCO ground-truth file")
-        metrics = evaluate_coco_json(ground_truth, coco_results_for(Path(predictions), ground_truth, bbox_format))
+        results = coco_results_for(Path(predictions), ground_truth, bbox_format)
+        metrics = evaluate_coco_json(ground_truth, results)
+        eval_cfg = eval_settings(EvalConfig(), score_threshold, iou_threshold)
+        metrics["operating_point"] = operating_point(*_coco_records(ground_truth, results), eval_cfg.score_threshold,
+                                                     eval_cfg.iou_threshold)
         facts: dict[str, Any] = {"ground_truth": str(gt)}
     else:
         if (run_dir is None) == (data is None):
@@ -254,6 +243,33 @@ def _data_for_predictions(run_dir: str | Path | None, data: str | Path | None,
         return build_datasets(load_config(run.config_resolved).data, cache_dir(environ))
     data_cfg = dataset_config(Path(data), 640)  # the size does not matter: no image is loaded
     return build_datasets(data_cfg, cache_dir(environ))
+
+
+def _coco_records(gt: Mapping[str, Any], results: list[dict[str, Any]]
+                  ) -> tuple[list[ImageGT], list[ImageDetections], list[str]]:
+    """COCO ground truth and results as per-image records (class = rank of the category id)."""
+    categories = sorted(gt["categories"], key=lambda c: c["id"])
+    index = {c["id"]: i for i, c in enumerate(categories)}
+
+    def xyxy(rows: list[dict[str, Any]]) -> np.ndarray:
+        boxes = np.array([r["bbox"] for r in rows], np.float64).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        return boxes
+
+    anns, dets = defaultdict(list), defaultdict(list)
+    for ann in gt.get("annotations", []):
+        anns[ann["image_id"]].append(ann)
+    for result in results:
+        dets[result["image_id"]].append(result)
+    gts, detections = [], []
+    for image in gt["images"]:
+        a, d = anns[image["id"]], dets[image["id"]]
+        gts.append(ImageGT(image["id"], image.get("width", 0), image.get("height", 0), xyxy(a),
+                           np.array([index[x["category_id"]] for x in a], np.int64),
+                           np.array([bool(x.get("iscrowd", 0)) for x in a], bool)))
+        detections.append(ImageDetections(image["id"], xyxy(d), np.array([x["score"] for x in d], np.float64),
+                                          np.array([index[x["category_id"]] for x in d], np.int64)))
+    return gts, detections, [c["name"] for c in categories]
 
 
 def verify_config_hash(loaded: LoadedModel, config_path: Path) -> None:

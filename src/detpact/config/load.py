@@ -43,6 +43,19 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return validate_config(raw, source=str(path))
 
 
+def is_config_file(path: Path) -> bool:
+    """Whether `path` is a detpact config (a YAML file with `config_version`) rather than,
+    say, an Ultralytics dataset YAML. A YAML file that cannot be read counts as a config,
+    so that load_config reports what is wrong with it."""
+    if path.suffix not in (".yaml", ".yml") or not path.is_file():
+        return False
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return True
+    return isinstance(raw, dict) and "config_version" in raw
+
+
 def validate_config(raw: dict[str, Any], source: str = "<config>") -> Config:
     """Validate a raw mapping against the schema; errors become one DetpactError."""
     try:
