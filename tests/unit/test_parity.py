@@ -120,3 +120,11 @@ def test_swapped_queries_are_realigned_and_a_changed_query_still_fails():
     changed[0][0, 4] += 5.0  # a query that differs is no permutation of the reference
     aligned, _ = align_queries(changed, [boxes, scores], 1e-3, 1e-5, [64.0, 0.0])
     assert np.abs(aligned[0] - boxes).max() >= 5.0
+
+
+def test_a_tie_at_the_score_cutoff_passes_but_a_score_moved_across_it_fails():
+    post = PostprocessConfig(score_threshold=0.5)
+    tie = compare_detections(_raw([A, D], [0.9, 0.5004]), _raw([A, D], [0.9, 0.4996]), post)
+    assert tie["pass"] and tie["near_cutoff_not_required"] == 1
+    moved = compare_detections(_raw([A, D], [0.9, 0.3]), _raw([A, D], [0.9, 0.7]), post)  # torch keeps D, ORT not
+    assert not moved["pass"] and moved["kept_on_one_side_only"] == 1

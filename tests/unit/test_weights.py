@@ -273,3 +273,33 @@ def test_freeze_bn_keeps_the_statistics_in_train_mode():
     plain = tiny_model()
     plain.load_state_dict(model.state_dict())
     assert torch.equal(model.train()(images).cls_logits, plain.eval()(images).cls_logits)
+
+
+def _safetensors_bytes(header: dict, data: bytes, declared: int | None = None) -> bytes:
+    body = json.dumps(header).encode()
+    return (len(body) if declared is None else declared).to_bytes(8, "little") + body + data
+
+
+@pytest.mark.parametrize("content", [
+    (10**6).to_bytes(8, "little") + b"{}{}",  # the header length runs past the end of the file
+    (200 << 20).to_bytes(8, "little") + b"{}",  # a 200 MiB header
+    _safetensors_bytes({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8),  # past the data
+    _safetensors_bytes({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12),  # overlapping
+], ids=["length", "huge_header", "offsets", "overlap"])
+def test_a_malformed_safetensors_file_is_refused_with_its_name(tmp_path, content):
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(DetpactError) as caught:
+        read_weight_file(path)
+    assert str(path) in caught.value.message and "is not a readable .safetensors file" in caught.value.message
+
+
+def test_an_old_torch_is_refused_by_the_pickle_loaders_but_safetensors_still_load(tmp_path, monkeypatch):
+    state = {"w": torch.ones(3)}
+    torch.save(state, tmp_path / "w.pt")
+    save_file(state, str(tmp_path / "w.safetensors"))
+    monkeypatch.setattr(torch, "__version__", "2.9.0")
+    with pytest.raises(DetpactError, match="CVE-2026-24747"):
+        read_weight_file(tmp_path / "w.pt")
+    assert torch.equal(read_weight_file(tmp_path / "w.safetensors")["w"], state["w"])

@@ -250,7 +250,8 @@ def _judge_flips(image: int, ort_side: _Side, torch_side: _Side, iou_threshold: 
     """(reason, example text) for every detection kept on one side only, best score first
     (`iou_threshold` None: no NMS ran, so only a score cut-off can excuse a flip).
 
-    A flip is excused when the detection sits near a score cut-off on either side, or when
+    A flip is excused when the detection sits at a score cut-off (within POSTNMS_SCORE_ATOL
+    above it on the side that kept it, below it on the other), or when
     NMS suppressed it on the other side through a tie: a suppressor whose IoU with it is
     within POSTNMS_IOU_TIE of the threshold on both sides, whose score is within
     POSTNMS_SCORE_ATOL of it, or which is itself an excused flip (a tie's knock-on effect).
@@ -262,7 +263,10 @@ def _judge_flips(image: int, ort_side: _Side, torch_side: _Side, iou_threshold: 
     verdicts = []
     for side, other, key in flips:
         location, label = key
-        near_cutoff = any(float(s.scores[location, label]) <= s.cutoff + POSTNMS_SCORE_ATOL for s in (side, other))
+        # Near the cut-off: barely above it where kept, barely below it where dropped (a
+        # detection dropped far below the cut-off is a changed score, not a tie).
+        near_cutoff = (float(side.scores[location, label]) <= side.cutoff + POSTNMS_SCORE_ATOL
+                       and float(other.scores[location, label]) >= other.cutoff - POSTNMS_SCORE_ATOL)
         if near_cutoff:
             excused.add(key)
             verdicts.append(("score_cutoff", ""))
