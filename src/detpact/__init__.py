@@ -12,8 +12,19 @@
 
 __version__ = "0.1.0"  # before the imports below: modules record it
 
-from detpact.api import evaluate, export, model_info, predict, preflight, train, verify
-from detpact.config import Config, config_hash, load_config
 from detpact.errors import DetpactError
+
+_LAZY = {"evaluate": "detpact.api", "export": "detpact.api", "model_info": "detpact.api", "predict": "detpact.api",
+         "preflight": "detpact.api", "train": "detpact.api", "verify": "detpact.api", "Config": "detpact.config",
+         "config_hash": "detpact.config", "load_config": "detpact.config"}
+
+
+def __getattr__(name: str):
+    """The API, imported on first use: `import detpact.commands.doctor` must not need torch."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'detpact' has no attribute {name!r}")
 
 __all__ = ["Config", "DetpactError", "config_hash", "evaluate", "export", "load_config", "model_info", "predict", "preflight", "train", "verify"]

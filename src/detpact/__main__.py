@@ -1,5 +1,5 @@
 """`python -m detpact ...` (also the torchrun entry point)."""
 
-from detpact.cli import main
+from detpact.launch import main
 
 raise SystemExit(main())

@@ -18,7 +18,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from detpact import __version__, api
+from detpact.commands import doctor as doctor_command
 from detpact.commands import predictions as predictions_command
+from detpact.commands import smoke as smoke_command
 from detpact.commands.model_info import format_model_info
 from detpact.console import setup_logging
 from detpact.data.convert import SOURCE_FORMATS, TARGET_FORMATS, convert, format_summary
@@ -128,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert_cmd = data_commands.add_parser(
         "convert", help="convert a dataset between COCO, Pascal VOC and YOLO into a new folder")
-    convert_cmd.add_argument("--from", dest="src_format", required=True, choices=SOURCE_FORMATS, help="format of SRC")
+    convert_cmd.add_argument("--from", dest="src_format", choices=SOURCE_FORMATS,
+                             help="format of SRC (default: recognised from SRC)")
     convert_cmd.add_argument("--to", dest="dst_format", required=True, choices=TARGET_FORMATS, help="format to write")
     convert_cmd.add_argument("src", metavar="SRC",
                              help="coco: the JSON file; voc: a folder with annotations/ and images/ (or the XML folder, "
@@ -153,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print the report as JSON")
 
     predictions_command.add_parser(commands)
+    doctor_command.add_parser(commands)
+    smoke_command.add_parser(commands)
 
     runs = commands.add_parser("runs", help="inspect run folders")
     runs_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="RUNS_COMMAND")
@@ -208,6 +213,10 @@ def run_command(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2) if args.json else format_model_info(report))
     elif args.command == "predictions":
         return predictions_command.run(args)
+    elif args.command == "doctor":
+        return doctor_command.run(args)
+    elif args.command == "smoke":
+        return smoke_command.run(args)
     elif args.command == "runs":
         checks = api.verify(args.run_dir, reevaluate=not args.no_eval)
         failed = [check for check in checks if check.status == "fail"]

@@ -146,3 +146,15 @@ def test_bad_inputs_are_named_with_the_fix(trained, tmp_path):
     for args, message in cases:
         result = run_cli(args, env, root)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, args
+
+
+def test_smoke_runs_on_the_cpu_and_skips_cuda_here(trained, tmp_path):
+    root, env, run, val_images = trained
+    report = tmp_path / "smoke.json"
+    image = sorted(val_images.iterdir())[0]
+    result = run_cli(["smoke", str(run), "--image", str(image), "--devices", "cpu,cuda", "--output-json", str(report)],
+                     env, root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    devices = json.loads(report.read_text())["devices"]
+    assert devices["cpu"]["status"] == "pass" and devices["cpu"]["inference_seconds"] > 0
+    assert devices["cuda"]["status"] == "skip" and "CUDA" in devices["cuda"]["reason"]

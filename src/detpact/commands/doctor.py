@@ -262,3 +262,15 @@ def run(args: argparse.Namespace) -> int:
         output.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(output, report)
     return 0 if report["passed"] else 1
+
+
+def main(argv: list[str]) -> int:
+    """`detpact doctor ...` on its own (detpact.launch), importing nothing heavy first."""
+    parser = argparse.ArgumentParser(prog="detpact")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["doctor", *argv])
+    try:
+        return run(args)
+    except DetpactError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
