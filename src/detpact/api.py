@@ -27,7 +27,7 @@ from detpact.commands.predict import BACKENDS as BACKENDS
 from detpact.commands.predict import predict as predict
 from detpact.commands.runs import CHECKPOINT_CHOICES as CHECKPOINT_CHOICES
 from detpact.commands.runs import cache_dir, checkpoint_path, open_run, run_data
-from detpact.config import Config, dump_config_yaml, load_config
+from detpact.config import Config, dump_config_yaml, load_config_or_dataset
 from detpact.data.build import build_datasets
 from detpact.engine.distributed import (
     barrier,
@@ -85,7 +85,7 @@ def train(
     was trained with unless `allow_world_size_change`.
     """
     environ = os.environ if environ is None else environ
-    cfg = config if isinstance(config, Config) else load_config(config, overrides)
+    cfg = config if isinstance(config, Config) else load_config_or_dataset(config, overrides)
     cfg, seed_source = seed_from_environment(cfg, environ, overrides)
     output_root = resolve_output_root(cfg.run.output_root, environ)
     if resume and not run_id:

@@ -6,8 +6,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from detpact.config import DataConfig, is_config_file, load_config
-from detpact.data.build import Sources, build_datasets, read_sources, read_yolo_folder
+from detpact.config import DataConfig, is_config_file, load_config, load_config_or_dataset
+from detpact.data.build import Sources, build_datasets, read_sources
 from detpact.data.dataset import DetectionDataset
 from detpact.data.preflight import PreflightReport, run_preflight
 from detpact.data.show import save_grid
@@ -34,7 +34,7 @@ def show_samples(config: str | Path, *, out: str | Path, count: int = 16, epoch:
                  overrides: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> Path:
     """Draw the first `count` training samples of `epoch`, augmented exactly as training
     would see them, with their boxes and class names, into the PNG `out`."""
-    cfg = load_config(config, overrides)
+    cfg = load_config_or_dataset(config, overrides)
     data = build_datasets(cfg.data, resolve_cache_dir(os.environ if environ is None else environ))
     dataset = DetectionDataset(data.train, cfg.data.image_size, train=True, seed=cfg.run.seed,
                                augment=cfg.data.augment)
@@ -42,13 +42,10 @@ def show_samples(config: str | Path, *, out: str | Path, count: int = 16, epoch:
 
 
 def _dataset_sources(target: Path, overrides: Sequence[str], cache_dir: Path) -> Sources:
-    """The dataset a `data` command names: a detpact config, a dataset YAML or a YOLO folder."""
-    if target.is_dir():
-        return read_yolo_folder(target)
+    """The dataset a `data` command names: a detpact config's, or the dataset at the path
+    (a YOLO or VOC folder, a dataset YAML, a COCO JSON or a folder holding one)."""
     if is_config_file(target):
         return read_sources(load_config(target, overrides).data, cache_dir)
-    if target.suffix in (".yaml", ".yml") and target.is_file():
-        return read_sources(DataConfig(format="yolo", path=str(target)), cache_dir)
-    raise DetpactError(f"{target} is neither a config / dataset YAML file nor a dataset folder.")
-
-
+    if overrides:
+        raise DetpactError("--set applies to a detpact config; pass one instead of a dataset path to override keys.")
+    return read_sources(DataConfig(format="auto", path=str(target)), cache_dir)

@@ -18,6 +18,7 @@ from detpact.config.load import (
     dump_config_yaml,
     is_config_file,
     load_config,
+    load_config_or_dataset,
     resolved_dict,
     validate_config,
 )
@@ -55,5 +56,5 @@ __all__ = [
     "CheckpointConfig", "Config", "EarlyStopConfig", "DataConfig", "EMAConfig", "EvalConfig", "ExportConfig", "HeadConfig",
     "LoggingConfig", "LossConfig", "MatcherConfig", "ModelConfig", "NeckConfig", "NonFiniteConfig", "OptimizerConfig",
     "PostprocessConfig", "ProjectorConfig", "RTDETRConfig", "RunConfig", "SetLossConfig", "SchedulerConfig", "SplitSource", "SyntheticConfig", "TrainConfig",
-    "config_hash", "diff_configs", "dump_config_yaml", "is_config_file", "load_config", "resolved_dict", "validate_config",
+    "config_hash", "diff_configs", "dump_config_yaml", "is_config_file", "load_config", "load_config_or_dataset", "resolved_dict", "validate_config",
 ]

@@ -57,11 +57,14 @@ class AugmentConfig(Section):
 
 
 class DataConfig(Section):
+    # auto: recognise the dataset at `path` (a YOLO folder, an Ultralytics dataset YAML, a
+    # VOC folder, a COCO JSON or a folder holding one; data/detect.py) and its splits; a
+    # folder without a validation split holds out val_ratio 0.2 (stratified).
     # yolo: images/ + labels/ txt folders, or `path` naming an Ultralytics dataset YAML.
     # coco: a COCO JSON per split; voc: a folder of Pascal VOC XML per split.
     # synthetic: the built-in shapes dataset, generated into `path` (default: a cache
     # folder). Only chosen when named here: a missing real dataset is always an error.
-    format: Literal["yolo", "coco", "voc", "synthetic"] = "yolo"
+    format: Literal["auto", "yolo", "coco", "voc", "synthetic"] = "auto"
     path: str | None = None
     classes: list[str] | None = None
     # Split sources, relative to `path`. yolo default: images/train and images/val.

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from detpact.config.tree import Config
+from detpact.config.tree import CONFIG_VERSION, Config
 from detpact.errors import DetpactError
 
 # Keys that do not change what a run computes (the thread count only its last bits):
@@ -41,6 +41,19 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for override in overrides:
         _apply_override(raw, override)
     return validate_config(raw, source=str(path))
+
+
+def load_config_or_dataset(target: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A detpact config, or for a dataset (a folder, an Ultralytics dataset YAML, a COCO
+    JSON) the default config training on it (`data.path` = the dataset, format auto)."""
+    path = Path(target)
+    if is_config_file(path) or not path.exists():  # a missing file: load_config names it
+        return load_config(path, overrides)
+    raw: dict[str, Any] = {"config_version": CONFIG_VERSION, "run": {"name": path.stem or "dataset"},
+                           "data": {"path": str(path)}}
+    for override in overrides:
+        _apply_override(raw, override)
+    return validate_config(raw, source=f"the default config for the dataset {path}")
 
 
 def is_config_file(path: Path) -> bool:

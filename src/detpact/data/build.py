@@ -17,6 +17,7 @@ import yaml
 
 from detpact.config import DataConfig, SplitSource
 from detpact.data.coco_voc import read_coco, read_voc
+from detpact.data.detect import resolve_auto
 from detpact.data.fingerprint import dataset_fingerprint
 from detpact.data.formats import IMAGE_SUFFIXES, Annotations, Sample, read_class_names, read_yolo, yolo_label_dir
 from detpact.data.preflight import PreflightReport, list_findings, run_preflight
@@ -71,6 +72,7 @@ def build_datasets(cfg: DataConfig, cache_dir: Path, progress: bool = True) -> D
     cache_dir: where the synthetic dataset goes when `data.path` is not set, and where
     preflight caches its image checks.
     """
+    cfg = resolve_auto(cfg, cache_dir)
     sources = read_sources(cfg, cache_dir)
     report = run_preflight(sources.root, sources.format, sources.splits, cache_dir, progress)
     if report.errors and cfg.on_error == "fail":
@@ -119,6 +121,7 @@ def failure_message(report: PreflightReport) -> str:
 def read_sources(cfg: DataConfig, cache_dir: Path) -> Sources:
     """Read each split of the configured dataset (no image decoding, no checks beyond the
     readers' findings)."""
+    cfg = resolve_auto(cfg, cache_dir)
     if cfg.format == "synthetic":
         spec = cfg.synthetic
         root = Path(cfg.path) if cfg.path else cache_dir / f"synthetic-{_synthetic_key(cfg)}"
@@ -162,12 +165,6 @@ def read_sources(cfg: DataConfig, cache_dir: Path) -> Sources:
     names = list(cfg.classes) if cfg.classes else sorted({n for a in read.values() for n in a.class_names})
     read = {name: a if a.class_names == names else read_voc(*voc_dirs[name], names) for name, a in read.items()}
     return Sources(path, "voc", names, read)
-
-
-def read_yolo_folder(root: Path) -> Sources:
-    """A YOLO dataset folder without a config, for preflight: the splits of
-    `yolo_folder_splits`, with class names from `classes.txt`."""
-    return read_yolo_sources(root, yolo_folder_splits(root, flat_name="images"), None, "yolo")
 
 
 def yolo_folder_splits(root: Path, flat_name: str) -> dict[str, SplitSource]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 from collections import Counter
 from collections.abc import Mapping
@@ -43,6 +44,7 @@ import yaml
 
 from detpact.data.build import read_dataset_yaml, read_yolo_sources, yolo_folder_splits
 from detpact.data.coco_voc import read_coco, read_voc
+from detpact.data.detect import coco_image_root, detect_dataset, voc_dirs
 from detpact.data.formats import (
     Annotations,
     Finding,
@@ -57,7 +59,7 @@ TARGET_FORMATS = ("yolo", "coco")
 MAX_LISTED = 20
 
 
-def convert(src_format: str, dst_format: str, src: str | Path, out: str | Path, copy_images: bool = False,
+def convert(src_format: str | None, dst_format: str, src: str | Path, out: str | Path, copy_images: bool = False,
             images: str | Path | None = None, classes: list[str] | None = None, force: bool = False) -> dict[str, Any]:
     """Read the dataset `src` in `src_format` and write it to the new folder `out` in
     `dst_format`; returns the summary (counts, left-out ignore boxes, findings).
@@ -69,10 +71,21 @@ def convert(src_format: str, dst_format: str, src: str | Path, out: str | Path, 
     classes: class names in id order (voc: fixes the order; yolo: replaces classes.txt /
     names; coco: must equal the categories). force: convert despite error findings.
     """
+    src = Path(src)
+    if src_format is None:  # recognised as training recognises it (data.format: auto)
+        found = detect_dataset(src)
+        src_format = found.format
+        if found.format == "coco" and not src.is_file():
+            if len(found.splits) > 1:
+                raise DetpactError(f"{src} holds a COCO JSON per split: convert one at a time, naming the JSON file "
+                                   "as SRC.")
+            src = found.root / found.splits["train"].annotations
+        elif found.dataset_yaml is not None:
+            src = found.dataset_yaml
     if src_format not in SOURCE_FORMATS or dst_format not in TARGET_FORMATS:
         raise DetpactError(f"Cannot convert {src_format!r} to {dst_format!r}: sources are {', '.join(SOURCE_FORMATS)}"
                            f", targets {', '.join(TARGET_FORMATS)}.")
-    src, out = Path(src), Path(out)
+    out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DetpactError(f"Output folder {out} exists and is not an empty folder: convert writes a new dataset into a new or empty folder. "
                            "Choose another OUT or remove it first.")
@@ -116,6 +129,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines += [f"  - {e}" for e in summary["forced_errors"][:MAX_LISTED]]
     if summary.get("not_in_yaml"):
         lines.append(f"splits not named in dataset.yaml: {', '.join(summary['not_in_yaml'])}")
+    lines.append(f"train on it: detpact train {shlex.quote(summary['out'])}   (or set data.path in a config)")
     return "\n".join(lines)
 
 
@@ -128,46 +142,19 @@ def read_source(fmt: str, src: Path, images: str | Path | None,
     if fmt == "coco":
         if not src.is_file():
             raise DetpactError(f"COCO annotation file not found: {src}. SRC must be the JSON file.")
-        image_root = Path(images) if images else _coco_image_root(src)
+        image_root = Path(images) if images else coco_image_root(src)
         read = read_coco(src, image_root)
         if classes and list(classes) != read.class_names:
             raise DetpactError(f"--classes {classes} differs from the categories of {src} {read.class_names}: "
                                "leave --classes out for a COCO source.")
         return {"": read}, [src.parent, image_root]
     if fmt == "voc":
-        xml_dir, image_dir = _voc_dirs(src, images)
+        xml_dir, image_dir = voc_dirs(src, images)
         return {"": read_voc(xml_dir, image_dir, classes)}, [src, xml_dir, image_dir]
     if images:
         raise DetpactError("--images applies to --from coco and voc; a YOLO source has its images/ folder "
                            "(or the dataset YAML names them).")
     return _read_yolo_source(src, classes)
-
-
-def _coco_image_root(json_path: Path) -> Path:
-    """The image folder next to a COCO JSON: `<dataset>/images/<split>` (coco128 and
-    convert's own output), `<dataset>/<split>` (COCO's layout), then `images/` folders."""
-    split = json_path.stem.removeprefix("instances").lstrip("_")
-    tried = []
-    for base in (json_path.parent.parent, json_path.parent):
-        tried += [base / "images" / split, base / split, base / "images"] if split else [base / "images"]
-    for folder in tried:
-        if folder.is_dir():
-            return folder
-    raise DetpactError(f"No image folder found for {json_path} (tried {', '.join(str(p) for p in tried)}): pass "
-                       "--images DIR, the folder the file_name entries are relative to.")
-
-
-def _voc_dirs(src: Path, images: str | Path | None) -> tuple[Path, Path]:
-    if not src.is_dir():
-        raise DetpactError(f"VOC source {src} is not a folder: pass the folder holding annotations/ and images/, "
-                           "or the folder of XML files with --images DIR.")
-    xml_dir = next((src / n for n in ("annotations", "Annotations") if (src / n).is_dir()), src)
-    image_dir = Path(images) if images else next(
-        (d / n for d in (src, src.parent) for n in ("images", "JPEGImages") if (d / n).is_dir()), None)
-    if image_dir is None:
-        raise DetpactError(f"No images/ or JPEGImages/ folder next to the VOC annotations {xml_dir}: pass "
-                           "--images DIR.")
-    return xml_dir, image_dir
 
 
 def _read_yolo_source(src: Path, classes: list[str] | None) -> tuple[dict[str, Annotations], list[Path]]:

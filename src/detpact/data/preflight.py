@@ -13,6 +13,7 @@ reads the cache.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from detpact.engine.progress import progress_bar
 from detpact.run.atomic import atomic_write_json, read_json
 
 CACHE_VERSION = 1
+RARE_BOXES = 3  # a class with at most this many boxes ...
+RARE_RATIO = 20  # ... while another has at least 20x as many is reported (rare_class)
 
 
 @dataclass
@@ -101,9 +104,31 @@ def run_preflight(root: Path, fmt: str, splits: dict[str, Annotations], cache_di
             stats.backgrounds += len(sample.labels) == ignored
             stats.exif_rotated += check.get("orientation", 1) != 1
             report.findings += _image_findings(sample.image_path, (sample.width, sample.height), check)
+    report.findings += rare_class_findings(Path(root), splits)
     report.findings = sorted(set(report.findings), key=lambda f: (f.severity != "error", f.kind, str(f.path),
                                                                   _natural(f.where), f.message))
     return report
+
+
+def rare_class_findings(root: Path, splits: dict[str, Annotations]) -> list[Finding]:
+    """A warning for each class seen in very few boxes (at most RARE_BOXES, while another
+    class has at least RARE_RATIO times as many): most often a typo in a label name, such
+    as `racoon` next to `raccoon`, which would otherwise train as a class of its own."""
+    counts = Counter(int(label) for a in splits.values() for s in a.samples for label in s.labels.tolist())
+    names = next(iter(splits.values())).class_names if splits else []
+    most = max(counts.values(), default=0)
+    findings = []
+    for class_id, name in enumerate(names):
+        seen = counts.get(class_id, 0)
+        if seen == 0 or seen > RARE_BOXES or most < RARE_RATIO * seen:
+            continue
+        others = [n for i, n in enumerate(names) if i != class_id and counts.get(i, 0) >= RARE_RATIO * seen]
+        close = difflib.get_close_matches(name, others, n=1, cutoff=0.75)
+        hint = f" Did you mean '{close[0]}' ({counts[names.index(close[0])]} boxes)?" if close else ""
+        findings.append(Finding("rare_class", root, f"class {name!r}",
+                                f"class {name!r} has only {seen} box{'es' if seen > 1 else ''} (the largest class has "
+                                f"{most}): a typo in a label?{hint}"))
+    return findings
 
 
 def _image_findings(path: Path, stated: tuple[int, int], check: dict[str, Any]) -> list[Finding]:
