@@ -78,6 +78,18 @@ def tiny_config(tmp_path: Path) -> Path:
     return write_tiny_config(tmp_path / "tiny.yaml")
 
 
+def train_tiny_run(root: Path, cache_dir: Path, *sets: str) -> tuple[dict[str, str], Path, Path]:
+    """Train the tiny config through the CLI into root/runs/tiny (`sets`: extra --set
+    arguments); returns the environment, the run folder and its validation image folder."""
+    env = make_env(root / "runs", cache_dir)
+    config = write_tiny_config(root / "tiny.yaml")
+    result = run_cli(["train", str(config), "--run-id", "tiny", *sets], env, root)
+    assert result.returncode == 0, result.stderr
+    run = root / "runs" / "tiny"
+    meta = json.loads((run / "reports" / "run_meta.json").read_text())
+    return env, run, Path(meta["dataset"]["root"]) / "images" / "val"
+
+
 def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `python -m detpact ARGS` as a real subprocess."""
     return subprocess.run(

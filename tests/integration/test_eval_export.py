@@ -10,24 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_env, run_cli, write_tiny_config
+from conftest import run_cli, train_tiny_run
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache_dir):
-    """A tiny run trained 4 epochs and exported (by the legacy tracer: quicker, and it writes opset 17)."""
+    """A tiny run trained 2 epochs and exported (by the legacy tracer: quicker, and it writes opset 17)."""
     root = tmp_path_factory.mktemp("eval_export")
-    env = make_env(root / "runs", cache_dir)
-    config = write_tiny_config(root / "tiny.yaml")
-    result = run_cli(["train", str(config), "--run-id", "tiny", "--set", "train.epochs=4", "--set", "export.onnx=true",
-                      "--set", "export.exporter=torchscript"],
-                     env, root)
-    assert result.returncode == 0, result.stderr
-    run = root / "runs" / "tiny"
-    meta = json.loads((run / "reports" / "run_meta.json").read_text())
-    return root, env, run, Path(meta["dataset"]["root"]) / "images" / "val"
+    env, run, val_images = train_tiny_run(root, cache_dir, "--set", "train.epochs=2", "--set", "export.onnx=true",
+                                          "--set", "export.exporter=torchscript")
+    return root, env, run, val_images
 
 
 def eval_json(args: list[str], env: dict, cwd: Path) -> dict:

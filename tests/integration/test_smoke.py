@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_env, run_cli, write_tiny_config
+from conftest import train_tiny_run
 from detpact.commands import smoke
 from detpact.errors import DetpactError
 
@@ -21,15 +20,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache_dir):
     """A tiny run trained for one epoch, and one of its validation images."""
-    root = tmp_path_factory.mktemp("smoke")
-    env = make_env(root / "runs", cache_dir)
-    config = write_tiny_config(root / "tiny.yaml")
-    result = run_cli(["train", str(config), "--run-id", "tiny", "--set", "train.epochs=1"], env, root)
-    assert result.returncode == 0, result.stderr
-    run = root / "runs" / "tiny"
-    meta = json.loads((run / "reports" / "run_meta.json").read_text())
-    image = sorted((Path(meta["dataset"]["root"]) / "images" / "val").glob("*.jpg"))[0]
-    return run, image
+    _, run, val_images = train_tiny_run(tmp_path_factory.mktemp("smoke"), cache_dir, "--set", "train.epochs=1")
+    return run, sorted(val_images.glob("*.jpg"))[0]
 
 
 def smoke_cli(args: list[str]) -> int:

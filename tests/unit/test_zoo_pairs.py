@@ -74,8 +74,7 @@ def test_pair_trains_and_exports_with_parity(backbone, head, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("head", HEADS)
-@pytest.mark.parametrize("opset", [17, 18])
+@pytest.mark.parametrize(("head", "opset"), [("dense", 17), ("dense", 18), ("rtdetr", 18)])  # rtdetr: dynamo, >= 18
 def test_postprocessing_in_the_graph_passes_parity_for_every_head(head, opset, tmp_path):
     """export --nms: the graph's detections equal models/postprocess.py's on the same raw
     outputs, at both ReduceX forms (axes attribute < 18, input >= 18), with more
