@@ -152,7 +152,11 @@ def test_nonfinite_steps_are_skipped_then_abort(tmp_path, env, tiny_config):
     assert "not finite for 2 step(s) in a row" in aborted.stderr and "Traceback" not in aborted.stderr
     abort_run = tmp_path / "runs" / "abort"
     assert len(read_jsonl(abort_run / "reports" / "train_metrics.jsonl")) == 5  # nothing written is lost
-    assert (abort_run / "checkpoints" / "last.pt").is_file()  # the epoch-1 checkpoint stays
+    kept = torch.load(abort_run / "checkpoints" / "last.pt", weights_only=True)  # the epoch-1 checkpoint stays,
+    assert kept["progress"]["global_step"] == 3  # finite and matching its manifest entry
+    assert all(torch.isfinite(t).all() for t in kept["model"].values() if t.is_floating_point())
+    kept_entry = json.loads((abort_run / "manifest.json").read_text())["files"]["checkpoints/last.pt"]
+    assert kept_entry["sha256"] == hashlib.sha256((abort_run / "checkpoints" / "last.pt").read_bytes()).hexdigest()
     status = json.loads((abort_run / "status.json").read_text())
     assert (status["phase"], status["end_reason"]) == ("failed", "nonfinite_abort")
     report = json.loads((abort_run / "reports" / "train_report.json").read_text())

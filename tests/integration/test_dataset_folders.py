@@ -48,6 +48,9 @@ def test_a_coco_json_folder_preflights_and_trains(tmp_path, env):
     assert preflight.returncode == 0, preflight.stderr
     report = json.loads((tmp_path / "pf.json").read_text())
     assert report["format"] == "coco" and len(report["class_names"]) == 80 and report["class_names"][0] == "person"
+    converted = run_cli(["data", "convert", "--to", "yolo", str(COCO128_JSON), str(tmp_path / "yolo")], env, tmp_path)
+    assert converted.returncode == 0, converted.stderr
+    assert "converted coco -> yolo: 128 images" in converted.stdout and "train on it: detpact train" in converted.stdout
     trained = run_cli(["train", str(COCO128_JSON), "--run-id", "coco", *QUICK], env, tmp_path)
     assert trained.returncode == 0, trained.stderr
     assert "COCO dataset" in trained.stderr

@@ -14,8 +14,8 @@ from detpact.export.parity import align_queries, check_parity, compare_detection
 from detpact.models.detector import build_model
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+@pytest.fixture(scope="module", params=[64, 96], ids=["64px", "96px"])
+def exported(tmp_path_factory, request):
     torch.manual_seed(0)
     cfg = ModelConfig.model_validate({"backbone": {"args": {"width_mult": 0.0625}}})
     model = build_model(cfg, 3)
@@ -27,9 +27,10 @@ def exported(tmp_path_factory):
     with torch.no_grad():
         model.train()(torch.rand(4, 3, 64, 64))
     deploy = DeployModel(model).eval()
+    size = request.param  # the graph's input size is fixed at export: each size is its own export
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    export_onnx(deploy, path, image_size=64, opset=18, exporter="torchscript")
-    images = np.random.default_rng(0).random((3, 3, 64, 64), dtype=np.float32)
+    export_onnx(deploy, path, image_size=size, opset=18, exporter="torchscript")
+    images = np.random.default_rng(0).random((3, 3, size, size), dtype=np.float32)
     return deploy, path, images
 
 
@@ -39,8 +40,8 @@ def test_faithful_export_passes_both_gates(exported):
     assert report["verdict"] == "pass"
     assert {(c["session"], c["batch"]) for c in report["checks"]} == {
         ("ort_disable_all", 1), ("ort_disable_all", 3), ("ort_enable_all", 1), ("ort_enable_all", 3)}
-    # float32 rounding only: sigmoid scores agree to ~4e-5, far below a 1 % weight change.
-    assert all(c["outputs"]["scores"]["max_abs"] < 1e-4 for c in report["checks"])
+    # float32 rounding only: sigmoid scores agree to ~1e-4 (4e-5 at 64 px), far below a 1 % weight change.
+    assert all(c["outputs"]["scores"]["max_abs"] < 2e-4 for c in report["checks"])
 
 
 def test_perturbed_weight_fails_the_gate(exported, tmp_path):
