@@ -331,3 +331,21 @@ def test_keep_epochs_leaves_the_last_two_after_a_crash_at_any_point_of_a_rotatio
     commit_checkpoint(run, step_bundle(50), best=False, epoch=5, keep_epochs=2)
     assert [p.name for p in run.epoch_snapshots()] == [expected[-1], "epoch_0005.pt"]
     assert load_checkpoint(run.best_ckpt)["progress"]["global_step"] in (10, 40)  # never touched by the rotation
+
+
+def test_a_run_without_a_manifest_resumes_unverified_with_a_warning_and_is_recorded_again(tmp_path, caplog):
+    """RELIABILITY row 11: the atomic rename is what commits a checkpoint, so a run whose
+    manifest.json is gone still resumes from its newest complete file, says that it could
+    not verify it, clears the orphan of an interrupted write and records the files again."""
+    run = make_run(tmp_path)
+    commit_checkpoint(run, step_bundle(1), best=True)
+    commit_checkpoint(run, step_bundle(2), best=False)
+    orphan = run.checkpoints / ".last.pt.x1y2.tmp"
+    orphan.write_bytes(b"half a checkpoint")
+    run.manifest.unlink()
+    loaded, path = resume_checkpoint(run)
+    assert path == run.last_ckpt and loaded["progress"]["global_step"] == 2
+    assert "records no checkpoint checksums" in caplog.text
+    assert not orphan.exists()
+    assert read_manifest(run)["checkpoints/last.pt"] == file_entry(run.last_ckpt)
+    assert read_manifest(run)["checkpoints/last.prev.pt"] == file_entry(run.prev_ckpt)
