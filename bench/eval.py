@@ -21,10 +21,7 @@ pycocotools vs detpact within 1e-12. detpact pauses Python's garbage collector w
 evaluates; `--gc-paused-reference` also times faster-coco-eval's JSON path that way, to
 show how much of the gap that pause makes.
 
-    .venv/bin/python -m bench.eval [--images 5000] [--repeats 3] [--gc-paused-reference]
-
-(Run it as a module: `python bench/eval.py` would put bench/ first on sys.path, where
-bench/onnx.py hides the onnx package that detpact imports.)
+    .venv/bin/python bench/eval.py [--images 5000] [--repeats 3] [--gc-paused-reference]
 """
 
 from __future__ import annotations
