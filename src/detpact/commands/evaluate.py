@@ -171,6 +171,7 @@ def evaluate_predictions(predictions: str | Path, *, gt: str | Path | None = Non
     COCO ground-truth file (`gt`), a run's validation split (`run_dir`) or a dataset's
     (`data`); the report goes to `out` when given."""
     started = time.perf_counter()
+    eval_cfg = eval_settings(EvalConfig(), score_threshold, iou_threshold)
     if gt is not None:
         if run_dir is not None or data is not None or max_images is not None:
             raise DetpactError("eval --predictions with --gt takes no run folder, --data or --max-images: the "
@@ -178,23 +179,21 @@ def evaluate_predictions(predictions: str | Path, *, gt: str | Path | None = Non
         ground_truth = load_json(Path(gt), "a COCO ground-truth file")
         results = coco_results_for(Path(predictions), ground_truth, bbox_format)
         metrics = evaluate_coco_json(ground_truth, results)
-        eval_cfg = eval_settings(EvalConfig(), score_threshold, iou_threshold)
         metrics["operating_point"] = operating_point(*_coco_records(ground_truth, results), eval_cfg.score_threshold,
                                                      eval_cfg.iou_threshold)
-        facts: dict[str, Any] = {"ground_truth": str(gt)}
+        facts: dict[str, Any] = {"ground_truth": str(gt), "seconds": round(time.perf_counter() - started, 2),
+                                 "time": utc_now()}
     else:
         if (run_dir is None) == (data is None):
             raise DetpactError("eval --predictions FILE needs what to score it against: --gt COCO_JSON, a run folder "
                                "(its validation split) or --data CONFIG_OR_DATASET.")
         splits = _data_for_predictions(run_dir, data, environ)
-        eval_cfg = eval_settings(EvalConfig(), score_threshold, iou_threshold)
         samples = first_images(splits.val, max_images)
         detections = predictions_on(Path(predictions), samples, splits.class_names, bbox_format)
         metrics = score(samples, detections, splits.class_names, 100, eval_cfg)
         facts = _eval_facts(splits, samples, data, started)
-    _write_eval_report({"source": {"predictions": str(predictions)}, **facts,
-                        "seconds": round(time.perf_counter() - started, 2), "time": utc_now(), "metrics": metrics},
-                       None, "predictions", out)
+    _write_eval_report({"source": {"predictions": str(predictions)}, **facts, "metrics": metrics}, None,
+                       "predictions", out)
     return metrics
 
 

@@ -8,7 +8,6 @@ in-graph postprocessing when there is one, and the mAP of both on the validation
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from detpact.export.onnx import DeployModel, export_onnx, onnx_metadata
 from detpact.export.parity import check_parity, describe_failure
 from detpact.inference.onnx_backend import OnnxBackend
 from detpact.inference.predictor import LoadedModel
-from detpact.run.atomic import atomic_write_json
+from detpact.run.atomic import atomic_open, atomic_write_json
 from detpact.run.contract import RunDir
 
 log = logging.getLogger(__name__)
@@ -130,9 +129,5 @@ def _with_raw_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _save_onnx(model: onnx.ModelProto, path: Path) -> None:
     onnx.checker.check_model(model)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        onnx.save(model, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(path) as handle:
+        handle.write(model.SerializeToString())

@@ -4,7 +4,7 @@ checkpoint (PyTorch) or an exported model (ONNX Runtime), optionally with TTA.""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,49 +45,62 @@ def predict(source: str | Path, images: Sequence[str | Path], *, out: str | Path
     if (max_det is not None and max_det < 1) or (batch_size is not None and batch_size < 1):
         raise DetpactError("--max-det and --batch must be at least 1.")
     paths = collect_images(list(images))
-    chosen, runner, meta = _prediction_backend(source, checkpoint, backend, environ)
+    chosen = _prediction_source(source, checkpoint, backend, environ)
+    runner = chosen.backend
     post = runner.post_cfg.model_copy(update={"score_threshold": score_threshold,
                                               **({"iou_threshold": iou_threshold} if iou_threshold else {}),
                                               **({"max_det": max_det} if max_det else {})})
     runner.set_postprocess(post)
-    image_size = runner.image_size if chosen == "onnxruntime" else meta.pop("image_size")
     run_batch = runner
     if tta is not None:
-        run_batch = TTABackend(runner.detect, tta, post.max_det, post.score_threshold,
-                               fixed_size=image_size if chosen == "onnxruntime" else None)
-    records = predict_images(run_batch, paths, image_size, meta["class_names"], batch_size or meta.pop("batch_size"),
-                             progress)
-    meta.update(backend=chosen, score_threshold=score_threshold, iou_threshold=post.iou_threshold,
-                max_det=post.max_det, tta=asdict(tta) if tta else None, box_format="xyxy pixels")
+        fixed = chosen.image_size if chosen.name == "onnxruntime" else None  # an exported graph's input is fixed
+        run_batch = TTABackend(runner.detect, tta, post.max_det, post.score_threshold, fixed_size=fixed)
+    records = predict_images(run_batch, paths, chosen.image_size, chosen.meta["class_names"],
+                             batch_size or chosen.batch_size, progress)
+    meta = {**chosen.meta, "backend": chosen.name, "score_threshold": score_threshold,
+            "iou_threshold": post.iou_threshold, "max_det": post.max_det, "tta": asdict(tta) if tta else None,
+            "box_format": "xyxy pixels"}
     write_predictions(Path(out), records, meta)
     if save_images is not None:
         draw_predictions(records, Path(save_images))
     return records
 
 
-def _prediction_backend(source: str | Path, checkpoint: str, backend: str | None,
-                        environ: Mapping[str, str] | None) -> tuple[str, Any, dict[str, Any]]:
-    """(backend name, backend, predictions meta) for `predict`'s source."""
+@dataclass
+class _Source:
+    """What `predict` runs: the backend, its input size and batch size, and the facts
+    about it that go into the predictions file's meta."""
+
+    name: str  # torch | onnxruntime
+    backend: Any  # TorchBackend | OnnxBackend
+    image_size: int
+    batch_size: int
+    meta: dict[str, Any]
+
+
+def _prediction_source(source: str | Path, checkpoint: str, backend: str | None,
+                       environ: Mapping[str, str] | None) -> _Source:
+    """What `predict` runs for its source and --backend."""
     if backend not in (None, *BACKENDS):
         raise DetpactError(f"Unknown --backend {backend!r}: choose one of {', '.join(BACKENDS)}.")
     if str(source).endswith(".onnx"):
         if backend == "torch":
             raise DetpactError(f"{source} is an exported model: it runs with --backend onnxruntime, not torch.")
         runner = OnnxBackend(Path(source))
-        return "onnxruntime", runner, {"onnx": str(source), "class_names": runner.class_names,
-                                       "config_hash": runner.meta.get("config_hash"), "batch_size": 32}
+        return _Source("onnxruntime", runner, runner.image_size, 32, {
+            "onnx": str(source), "class_names": runner.class_names, "config_hash": runner.meta.get("config_hash")})
     run = open_run(source, environ)
     if backend == "onnxruntime":
         if not run.onnx_model.is_file():
             raise DetpactError(f"{run.root} has no exported model ({run.onnx_model} is missing): run "
                                f"`detpact export {run.root}` first, or use --backend torch.")
         runner = OnnxBackend(run.onnx_model)
-        return "onnxruntime", runner, {"run": str(run.root), "onnx": str(run.onnx_model),
-                                       "class_names": runner.class_names, "config_hash": runner.meta.get("config_hash"),
-                                       "batch_size": load_config(run.config_resolved).eval.batch_size}
+        return _Source("onnxruntime", runner, runner.image_size, load_config(run.config_resolved).eval.batch_size, {
+            "run": str(run.root), "onnx": str(run.onnx_model), "class_names": runner.class_names,
+            "config_hash": runner.meta.get("config_hash")})
     loaded = load_detector(checkpoint_path(run, checkpoint))
     cfg = loaded.config
     runner = TorchBackend(loaded.model, cfg.model.postprocess, loaded.device, cfg.run.amp, cfg.run.channels_last)
-    return "torch", runner, {"run": str(run.root), "checkpoint": checkpoint, "class_names": loaded.class_names,
-                             "config_hash": loaded.bundle["config_hash"], "image_size": cfg.data.image_size,
-                             "batch_size": cfg.eval.batch_size}
+    return _Source("torch", runner, cfg.data.image_size, cfg.eval.batch_size, {
+        "run": str(run.root), "checkpoint": checkpoint, "class_names": loaded.class_names,
+        "config_hash": loaded.bundle["config_hash"]})
