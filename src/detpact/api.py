@@ -35,6 +35,7 @@ from detpact.engine.distributed import (
     init_distributed,
     launched_by_torchrun,
     process_device,
+    restart_attempt,
 )
 from detpact.engine.faults import parse_faults
 from detpact.engine.loop import fit
@@ -94,12 +95,19 @@ def train(
     if run_id is None and (ddp or launched_by_torchrun(environ)):
         raise DetpactError("Training with several processes needs --run-id: every process must write to the "
                            "same run folder.")
-    ctx = init_distributed(environ, ddp, cfg.run.device)
+    ctx = init_distributed(environ, ddp, cfg.run.device, cfg.train.ddp.timeout_s)
     try:
         if not ctx.is_main:
             logging.getLogger("detpact").setLevel(logging.WARNING)  # rank 0 reports for all
-        faults = parse_faults(environ.get("DETPACT_FAULT"), ctx.rank)
+        attempt = restart_attempt(environ)
+        faults = parse_faults(environ.get("DETPACT_FAULT"), ctx.rank, attempt)
         run = RunDir.for_run_id(output_root, run_id or default_run_id(cfg.run.name, datetime.now()))
+        if attempt and not resume and run.config_resolved.is_file():
+            # torchrun --max-restarts started the workers again after one failed: the
+            # same command line goes on from the run's newest verified checkpoint.
+            if ctx.is_main:
+                log.warning("torchrun restarted the training processes (restart %d): resuming %s", attempt, run.root)
+            resume = True
         drift: dict[str, Any] = {}
         bundle = open_for_training(run, cfg, ctx, resume, allow_drift, allow_world_size_change, drift)
         device = process_device(ctx, resolve_device(cfg.run.device))

@@ -1,6 +1,8 @@
 """Two training processes through real torchrun (gloo on CPU): the run contract holds,
-only rank 0 writes, a killed group resumes to the same bits, a non-finite loss on one
-rank makes both skip, and resuming with another process count is refused."""
+only rank 0 writes, a killed group resumes to the same bits, torchrun's elastic restart
+resumes by itself to the same bits, a slow rank 0 is waited for (or, past
+train.ddp.timeout_s, fails fast naming the rank with nothing committed), a non-finite
+loss on one rank makes both skip, and resuming with another process count is refused."""
 
 from __future__ import annotations
 
@@ -25,9 +27,10 @@ DDP_CONFIG["train"].update(epochs=3, batch_size=4, checkpoint={"every_steps": 2}
 TOTAL_STEPS = 9
 
 
-def torchrun(args: list[str], env: dict[str, str], cwd: Path, nproc: int = 2) -> subprocess.Popen:
+def torchrun(args: list[str], env: dict[str, str], cwd: Path, nproc: int = 2,
+             launcher: tuple[str, ...] = ()) -> subprocess.Popen:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               "-m", "detpact", *args]
+               *launcher, "-m", "detpact", *args]
     return subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -48,7 +51,13 @@ def workdir(tmp_path_factory, cache_dir) -> tuple[Path, dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def two_ranks(workdir) -> Path:
+    """The reference two-process run. Rank 0 also sleeps 5 s inside its checkpoint write
+    of step 2 while rank 1 waits at the checkpoint (the default train.ddp.timeout_s), and
+    TORCH_DISTRIBUTED_DEBUG=DETAIL makes torch check before every collective that both
+    ranks run the same one with the same shapes (it raises on a mismatch). The other
+    tests' runs, plain, must end with the same bits."""
     root, env = workdir
+    env = {**env, "TORCH_DISTRIBUTED_DEBUG": "DETAIL", "DETPACT_FAULT": "sleep@save=2:seconds=5@rank=0"}
     code, output = finish(torchrun(["train", "ddp.yaml", "--run-id", "two"], env, root))
     assert code == 0, output
     return root / "runs" / "two"
@@ -108,6 +117,43 @@ def test_a_killed_group_resumes_to_the_same_bits(workdir, two_ranks):
     assert code == 0, output
     assert "resumed at step 4" in output
     assert_same_run(run, two_ranks)
+
+
+def test_torchrun_restarts_a_failed_group_which_resumes_to_the_same_bits(workdir, two_ranks):
+    """torchrun --max-restarts=1: rank 1 raises after step 7 on the first attempt only
+    (faults act on attempt 0). torchrun restarts both processes with the same command
+    line; they resume from the newest verified checkpoint (step 6) by themselves and end
+    with the bits of the uninterrupted run."""
+    root, env = workdir
+    env = {**env, "DETPACT_FAULT": "raise@step=7@rank=1"}
+    code, output = finish(torchrun(["train", "ddp.yaml", "--run-id", "elastic"], env, root,
+                                   launcher=("--max-restarts", "1")))
+    assert code == 0, output
+    assert "DETPACT_FAULT raise@step=7" in output
+    assert "torchrun restarted the training processes (restart 1)" in output and "resumed at step 6" in output
+    run = root / "runs" / "elastic"
+    assert_same_run(run, two_ranks)
+    resumes = json.loads((run / "reports" / "run_meta.json").read_text())["resumes"]
+    assert len(resumes) == 1
+
+
+def test_a_rank_waiting_past_the_timeout_fails_fast_and_commits_nothing(workdir):
+    """train.ddp.timeout_s 3 and rank 0 sleeping 5 s inside its checkpoint write of step 2:
+    rank 1 gives up at the checkpoint after 3 s with an error naming rank 0, and the
+    checkpoint of step 2 is never committed (no file in checkpoints/, none in the manifest)."""
+    root, env = workdir
+    env = {**env, "DETPACT_FAULT": "sleep@save=2:seconds=5@rank=0"}
+    code, output = finish(torchrun(["train", "ddp.yaml", "--run-id", "timeout", "--set", "train.ddp.timeout_s=3"],
+                                   env, root), timeout=120)
+    assert code != 0, output
+    assert "error: rank 1: the processes did not all reach the checkpoint of step 2 within train.ddp.timeout_s " \
+           "(3 s)" in output, output
+    assert "from rank 0" in output  # gloo's monitored barrier names the rank that did not come
+    run = root / "runs" / "timeout"
+    assert list((run / "checkpoints").iterdir()) == []
+    manifest = json.loads((run / "manifest.json").read_text())["files"]
+    assert not [name for name in manifest if name.startswith("checkpoints/")]
+    assert [line["step"] for line in train_lines(run)] == [1, 2]
 
 
 def test_resuming_with_one_process_is_refused(workdir, two_ranks):

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -30,6 +31,21 @@ def test_fault_specs():
     assert faults.save_monitor(3) is None and callable(faults.save_monitor(4))
     with pytest.raises(DetpactError, match="Bad DETPACT_FAULT entry 'kill@epoch=1'"):
         parse_faults("kill@epoch=1")
+
+
+def test_raise_and_sleep_faults_act_once_on_their_rank():
+    faults = parse_faults("raise@step=7@rank=1, sleep@save=2:seconds=0.2@rank=1", rank=1)
+    assert faults.raise_after_step == 7 and faults.sleep_in_save == (2, 0.2)
+    faults.after_step(6)
+    with pytest.raises(RuntimeError, match="raise@step=7"):
+        faults.after_step(7)
+    slow = faults.save_monitor(2)
+    started = time.perf_counter()
+    slow(1024), slow(2048)  # sleeps at the first write only
+    assert 0.2 <= time.perf_counter() - started < 0.4
+    assert parse_faults("raise@step=7@rank=1", rank=0).raise_after_step is None
+    # After torchrun restarts the group, the processes run clean.
+    assert parse_faults("raise@step=7@rank=1", rank=1, attempt=1).raise_after_step is None
 
 
 def test_first_signal_requests_a_stop_second_stops_now():

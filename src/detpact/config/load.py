@@ -29,6 +29,7 @@ HASH_EXCLUDED_KEYS = (
     ("task",),
     ("data", "num_workers"),
     ("data", "cache"),
+    ("train", "ddp", "timeout_s"),
     ("logging",),
 )
 

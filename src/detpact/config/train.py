@@ -168,6 +168,10 @@ class DDPConfig(Section):
     sync_bn: bool = False
     """under torchrun: BatchNorm layers normalise over the global batch (torch's
     SyncBatchNorm; CUDA only) instead of each process's share of it"""
+    timeout_s: float = Field(1800.0, gt=0.0)
+    """seconds a process waits for the others in a collective (a gradient all-reduce, the
+    meeting at a checkpoint or a validation) before the run fails naming the rank that did
+    not arrive: longer than rank 0's slowest validation or checkpoint write"""
 
 
 class TrainConfig(Section):

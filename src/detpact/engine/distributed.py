@@ -26,14 +26,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from detpact.errors import DetpactError
+from detpact.errors import DetpactError, TrainingAborted
 
 log = logging.getLogger(__name__)
 
 # torchrun sets these in every worker's environment.
 _TORCHRUN_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-# A collective that waits longer than this means a rank died or hung: fail instead of hanging forever.
-_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
@@ -44,6 +42,7 @@ class Distributed:
     world_size: int = 1
     local_rank: int = 0
     backend: str | None = None
+    timeout_s: float = 1800.0  # train.ddp.timeout_s: how long a collective waits for every rank
 
     @property
     def enabled(self) -> bool:
@@ -65,11 +64,21 @@ def launched_by_torchrun(environ: Mapping[str, str]) -> bool:
     return all(key in environ for key in _TORCHRUN_KEYS)
 
 
-def init_distributed(environ: Mapping[str, str], requested: bool, device_name: str) -> Distributed:
+def restart_attempt(environ: Mapping[str, str]) -> int:
+    """How many times torchrun has restarted the worker group (--max-restarts); 0 at first."""
+    try:
+        return int(environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
+def init_distributed(environ: Mapping[str, str], requested: bool, device_name: str,
+                     timeout_s: float = 1800.0) -> Distributed:
     """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); SINGLE without torchrun.
 
     `requested` (the --ddp flag) without torchrun's environment is a user error: one
-    process cannot start the others.
+    process cannot start the others. `timeout_s` (train.ddp.timeout_s): a collective that
+    waits longer means a rank died or hung, and fails instead of hanging forever.
     """
     if not launched_by_torchrun(environ):
         if requested:
@@ -88,8 +97,15 @@ def init_distributed(environ: Mapping[str, str], requested: bool, device_name: s
                                "device(s): lower torchrun's --nproc_per_node.")
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=_TIMEOUT)
-    return Distributed(rank=rank, world_size=world_size, local_rank=local_rank, backend=backend)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+        # torchrun's workers share its store across restarts (--max-restarts): without a
+        # prefix per attempt, a restarted group reads the dead group's addresses
+        # (pytorch#135712) and fails to connect.
+        store = dist.PrefixStore(f"detpact/attempt_{restart_attempt(environ)}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    return Distributed(rank=rank, world_size=world_size, local_rank=local_rank, backend=backend,
+                       timeout_s=timeout_s)
 
 
 def process_device(ctx: Distributed, device: torch.device) -> torch.device:
@@ -108,6 +124,26 @@ def barrier(ctx: Distributed) -> None:
     """Every rank waits here until all have arrived (around checkpoints and validation)."""
     if ctx.enabled:
         dist.barrier()
+
+
+def meet(ctx: Distributed, what: str) -> None:
+    """Every rank waits here for all the others, as `barrier`; a rank that does not arrive
+    within train.ddp.timeout_s ends the run with TrainingAborted naming the ranks involved
+    (gloo's monitored barrier; under nccl a plain barrier, which fails on the timeout)."""
+    if not ctx.enabled:
+        return
+    try:
+        if ctx.backend == "gloo":
+            dist.monitored_barrier(wait_all_ranks=True)
+        else:
+            dist.barrier()
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())
+        raise TrainingAborted(
+            f"rank {ctx.rank}: the processes did not all reach {what} within train.ddp.timeout_s "
+            f"({ctx.timeout_s:g} s): {detail[:400]}. A rank died or hung (its log says why); if rank 0's "
+            "validations or checkpoint writes legitimately take that long, raise train.ddp.timeout_s. The run "
+            "continues from its last committed checkpoint with --resume.", reason="ddp_timeout") from exc
 
 
 def sum_values(ctx: Distributed, values: Sequence[float], device: torch.device) -> list[float]:

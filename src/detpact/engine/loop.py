@@ -34,6 +34,7 @@ from detpact.engine.distributed import (
     broadcast_from_main,
     broadcast_state,
     global_normaliser,
+    meet,
     sync_batchnorm,
 )
 from detpact.engine.early_stop import EarlyStopping
@@ -55,7 +56,7 @@ from detpact.errors import DetpactError, TrainingAborted, TrainingStopped
 from detpact.models.detector import build_model, count_parameters
 from detpact.models.losses import build_criterion
 from detpact.models.losses.normalise import local_normaliser
-from detpact.run.checkpoint import commit_checkpoint
+from detpact.run.checkpoint import stage_checkpoint
 from detpact.run.contract import RunDir
 from detpact.run.weights import apply_freeze, apply_initial_weights, carried_initial_weights
 
@@ -129,22 +130,32 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
     saved_at = -1
 
     def save(improved: bool, epoch_done: bool = False) -> None:
+        """Checkpoint the step on rank 0. Its files are committed only once every rank has
+        met it there: a rank that died or hung leaves the previous checkpoint in place."""
         nonlocal saved_at
-        error: DetpactError | None = None
+        staged, error = None, None
         if ctx.is_main:
             try:
                 parts.guard.check_weights(progress.global_step, parts.model, parts.ema.module if parts.ema else None)
                 bundle = {**make_bundle(cfg, data, run, parts, progress, sampler, best, plan),
                           "early_stop": early.state_dict()}
                 snapshot = progress.epoch if epoch_done and tcfg.checkpoint.keep_epochs else None
-                commit_checkpoint(run, bundle, best=improved, on_write=faults.save_monitor(progress.global_step),
-                                  epoch=snapshot, keep_epochs=tcfg.checkpoint.keep_epochs)
+                staged = stage_checkpoint(run, bundle, best=improved, epoch=snapshot,
+                                          on_write=faults.save_monitor(progress.global_step))
             except DetpactError as exc:
                 error = exc
-        # A barrier, and every rank stops together when rank 0 could not write.
-        if any_rank(ctx, error is not None, device):
-            raise error or TrainingAborted(f"Training aborted at step {progress.global_step}: rank 0 could not "
-                                           "write its checkpoint (its log says why).")
+        try:
+            meet(ctx, f"the checkpoint of step {progress.global_step}")
+            _stop_together(ctx, error, device, progress.global_step)
+            if staged is not None:
+                try:
+                    staged.commit(tcfg.checkpoint.keep_epochs)
+                except DetpactError as exc:
+                    error = exc
+            _stop_together(ctx, error, device, progress.global_step)
+        finally:
+            if staged is not None:
+                staged.discard()
         saved_at = progress.global_step
 
     def validate() -> bool:
@@ -243,6 +254,13 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
     finish("early_stop" if early.stopped else "time_budget" if plan.time_budget else "steps_done")
     recorder.phase("trained", progress.global_step, progress.epoch, end_reason=result.end_reason)
     return result
+
+
+def _stop_together(ctx: Distributed, error: DetpactError | None, device: torch.device, step: int) -> None:
+    """Every rank raises when rank 0 could not write its checkpoint (`error`, on rank 0)."""
+    if any_rank(ctx, error is not None, device):
+        raise error or TrainingAborted(f"Training aborted at step {step}: rank 0 could not write its checkpoint "
+                                       "(its log says why).")
 
 
 def _plan_time_budget(cfg: Config, data: DatasetSplits, device: torch.device, plan: TrainPlan,

@@ -5,7 +5,7 @@ A bundle is a dict of tensors and plain Python values only (see ARCHITECTURE.md,
 nothing in a checkpoint can run code when it is read.
 
 A run keeps `last.pt`, the checkpoint before it as `last.prev.pt`, and `best.pt`;
-`manifest.json` holds their sha256s. `commit_checkpoint` orders its writes so that a
+`manifest.json` holds their sha256s. `stage_checkpoint` and `StagedCheckpoint.commit` order its writes so that a
 crash at any point leaves every checkpoint on disk either complete and recorded in
 the manifest, or a temporary file; `resume_checkpoint` verifies before it loads and
 falls back to `last.prev.pt` when `last.pt` is damaged.
@@ -19,7 +19,9 @@ import logging
 import pickle
 import shutil
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -56,47 +58,95 @@ def commit_checkpoint(run: RunDir, bundle: dict[str, Any], *, best: bool,
     """Write `bundle` as checkpoints/last.pt (and as best.pt when `best`; and as the epoch
     snapshot epoch_NNNN.pt when `epoch` is given), keep the previous last.pt as
     last.prev.pt, and record every artifact's sha256 in manifest.json. Only the newest
-    `keep_epochs` epoch snapshots are kept.
-
-    Order: (1) the bundle goes to fsynced temporary files; (2) the manifest is rewritten to
-    describe the checkpoints as they will be after the renames, and lists the sums of the
-    ones being replaced; (3) last.pt -> last.prev.pt, then the temporary files -> last.pt /
-    best.pt / epoch_NNNN.pt; (4) the epoch snapshots past `keep_epochs` are deleted. A crash
-    in (1) leaves a temporary file (removed at the next resume); in (2), (3) or (4), every
-    checkpoint on disk is complete and its sha256 is in the manifest, but for snapshots
-    already left out of it, which the resume deletes (`prune_epoch_snapshots`).
-    `on_write` (fault injection) is called with the bytes written so far.
+    `keep_epochs` epoch snapshots are kept. `stage_checkpoint` then `StagedCheckpoint.commit`
+    in one go; `on_write` (fault injection) is called with the bytes written so far.
     """
-    temps: dict[Path, Path] = {}  # final path -> its temporary file
+    staged = stage_checkpoint(run, bundle, best=best, on_write=on_write, epoch=epoch)
     try:
-        tmp_last, entry = _write_temp(run.last_ckpt, bundle, on_write)
-        temps[run.last_ckpt] = tmp_last
-        snapshot = run.epoch_ckpt(epoch) if epoch is not None else None
-        for target in [run.best_ckpt] * best + [snapshot] * (snapshot is not None):
-            with temp_sibling(target) as (handle, tmp), tmp_last.open("rb") as source:
-                temps[target] = tmp
-                shutil.copyfileobj(source, handle, 1 << 20)
-        # Checkpoints only change through here, so the manifest's entries for the ones
-        # not rewritten still hold: reuse them rather than hash those files again.
-        recorded = read_manifest(run) or {}
-        known = {target: entry for target in temps}
-        if run.last_ckpt.is_file():
-            known[run.prev_ckpt] = recorded.get("checkpoints/last.pt") or file_entry(run.last_ckpt)
-        for kept in [run.best_ckpt, *run.epoch_snapshots()]:
-            name = kept.relative_to(run.root).as_posix()
-            if kept not in known and kept.is_file() and name in recorded:
-                known[kept] = recorded[name]
-        dropped = []
-        if snapshot is not None and keep_epochs:
-            dropped = sorted({*run.epoch_snapshots(), snapshot})[:-keep_epochs]
-        replaced = [old["sha256"] for name, old in recorded.items() if name.startswith("checkpoints/")]
-        write_manifest(run, known, replacing=replaced, dropping=dropped)
-        if run.last_ckpt.is_file():
-            replace(run.last_ckpt, run.prev_ckpt)
-        for target, tmp in temps.items():
-            replace(tmp, target)
-        for old in dropped:
-            remove_quietly(old)
+        staged.commit(keep_epochs)
+    finally:
+        staged.discard()
+
+
+@dataclass
+class StagedCheckpoint:
+    """A checkpoint written to fsynced temporary files but not yet in place.
+
+    Several training processes agree that every rank reached the step before rank 0
+    commits it (engine/loop.py); until then nothing a resume reads has changed.
+    """
+
+    run: RunDir
+    entry: dict[str, Any]  # the manifest entry of the bundle (sha256, size)
+    temps: dict[Path, Path]  # final path -> its temporary file
+    snapshot: Path | None  # the epoch snapshot, when one is written
+
+    def commit(self, keep_epochs: int = 0) -> None:
+        """Put the checkpoint in place, in an order a crash cannot break: (2) the manifest is
+        rewritten to describe the checkpoints as they will be after the renames, and lists
+        the sums of the ones being replaced; (3) last.pt -> last.prev.pt, then the temporary
+        files -> last.pt / best.pt / epoch_NNNN.pt; (4) the epoch snapshots past `keep_epochs`
+        are deleted. A crash in (2), (3) or (4) leaves every checkpoint on disk complete with
+        its sha256 in the manifest, but for snapshots already left out of it, which the
+        resume deletes (`prune_epoch_snapshots`)."""
+        run = self.run
+        with _disk_full_aborts(run):
+            # Checkpoints only change through here, so the manifest's entries for the ones
+            # not rewritten still hold: reuse them rather than hash those files again.
+            recorded = read_manifest(run) or {}
+            known = {target: self.entry for target in self.temps}
+            if run.last_ckpt.is_file():
+                known[run.prev_ckpt] = recorded.get("checkpoints/last.pt") or file_entry(run.last_ckpt)
+            for kept in [run.best_ckpt, *run.epoch_snapshots()]:
+                name = kept.relative_to(run.root).as_posix()
+                if kept not in known and kept.is_file() and name in recorded:
+                    known[kept] = recorded[name]
+            dropped = []
+            if self.snapshot is not None and keep_epochs:
+                dropped = sorted({*run.epoch_snapshots(), self.snapshot})[:-keep_epochs]
+            replaced = [old["sha256"] for name, old in recorded.items() if name.startswith("checkpoints/")]
+            write_manifest(run, known, replacing=replaced, dropping=dropped)
+            if run.last_ckpt.is_file():
+                replace(run.last_ckpt, run.prev_ckpt)
+            for target, tmp in list(self.temps.items()):
+                replace(tmp, target)
+                del self.temps[target]
+            for old in dropped:
+                remove_quietly(old)
+
+    def discard(self) -> None:
+        """Remove the temporary files not committed (none after a commit)."""
+        for tmp in self.temps.values():
+            remove_quietly(tmp)
+        self.temps.clear()
+
+
+def stage_checkpoint(run: RunDir, bundle: dict[str, Any], *, best: bool,
+                     on_write: Callable[[int], None] | None = None, epoch: int | None = None) -> StagedCheckpoint:
+    """(1) of a checkpoint: `bundle` in fsynced temporary files beside last.pt (and best.pt,
+    epoch_NNNN.pt). A crash here leaves only temporary files, removed at the next resume."""
+    temps: dict[Path, Path] = {}
+    try:
+        with _disk_full_aborts(run):
+            tmp_last, entry = _write_temp(run.last_ckpt, bundle, on_write)
+            temps[run.last_ckpt] = tmp_last
+            snapshot = run.epoch_ckpt(epoch) if epoch is not None else None
+            for target in [run.best_ckpt] * best + [snapshot] * (snapshot is not None):
+                with temp_sibling(target) as (handle, tmp), tmp_last.open("rb") as source:
+                    temps[target] = tmp
+                    shutil.copyfileobj(source, handle, 1 << 20)
+    except BaseException:
+        for tmp in temps.values():
+            remove_quietly(tmp)
+        raise
+    return StagedCheckpoint(run, entry, temps, snapshot)
+
+
+@contextmanager
+def _disk_full_aborts(run: RunDir) -> Iterator[None]:
+    """A full disk ends training as TrainingAborted (resumable), any other error as itself."""
+    try:
+        yield
     except Exception as exc:
         full = _disk_full_error(exc)
         if full is not None:
@@ -105,9 +155,6 @@ def commit_checkpoint(run: RunDir, bundle: dict[str, Any], *, best: bool,
                 "checkpoints are intact. Free some space, then continue with --resume.", reason="disk_full"
             ) from exc
         raise
-    finally:
-        for tmp in temps.values():
-            remove_quietly(tmp)  # already renamed on success
 
 
 def resume_checkpoint(run: RunDir, keep_epochs: int = 0) -> tuple[dict[str, Any], Path]:
