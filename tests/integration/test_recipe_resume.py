@@ -27,9 +27,10 @@ RECIPES = {
         "kill@step=5", 4),
     # Batches of 5 with drop_last off: 4 full batches and one of 4 per epoch (15 steps), and
     # loss balancing: learned uncertainty weights, the box loss ramped from x 0.5 over the
-    # first epoch, every component clipped at 50.
+    # first epoch, every component clipped at 50. The resume (from step 6) falls inside the
+    # 8-step warm-up; the multistep one above, right at its milestone 4.
     "onecycle_partial_batches_balanced": (
-        ["--set", "train.scheduler={name: onecycle, warmup_steps: 3}", "--set", "train.batch_size=5",
+        ["--set", "train.scheduler={name: onecycle, warmup_steps: 8}", "--set", "train.batch_size=5",
          "--set", "train.drop_last=false", "--set", "train.task_aligner=uncertainty",
          "--set", "train.loss_box_warmup_epochs=1", "--set", "train.loss_box_scale_start=0.5",
          "--set", "train.loss_component_clip=50"],
@@ -65,6 +66,9 @@ def test_killed_recipe_resumes_to_the_same_bits(tmp_path, cache_dir, recipe):
         weights = [line["task_weight/loss_cls"] for line in lines]
         assert weights[0] == 1.0 and len(set(weights)) > 10  # learned: exp(-s) moves from 1 every step
         assert all(k in lines[0] for k in ("clipped/loss_cls", "task_weight/loss_box", "task_weight/loss_dfl"))
+        rates = [line["lr"] for line in lines]  # equal to the uninterrupted run's (assert_same_run)
+        # Resumed at 6: inside the warm-up, which peaks at step 9 (0-based 8).
+        assert rates[:9] == sorted(rates[:9]) and rates[6] < rates[8] == max(rates)
     if recipe == "sgd_multistep_stages":
         lines = [json.loads(line) for line in (run / "reports" / "train_metrics.jsonl").read_text().splitlines()]
         assert [line["stage"] for line in lines] == [0, 0, 1, 1, 1, None, None, None, None]

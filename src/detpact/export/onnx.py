@@ -11,16 +11,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 from torch import Tensor, nn
 
 from detpact import __version__
 from detpact.config import Config, PostprocessConfig
 from detpact.data.transforms import PAD_VALUE
+from detpact.errors import DetpactError
+from detpact.export.resize import check_resize_modes
 from detpact.models.detector import Detector
 
 INPUT_NAME = "images"
@@ -39,29 +43,55 @@ class DeployModel(nn.Module):
         return out.boxes, out.cls_logits.float().sigmoid()
 
 
-def export_onnx(deploy: DeployModel, path: Path, image_size: int, opset: int, exporter: str) -> None:
-    """Write `path` (weights embedded, dynamic batch) via a temporary file and a rename."""
+def export_onnx(deploy: nn.Module, path: Path, image_size: int, opset: int, exporter: str,
+                output_names: tuple[str, ...] = OUTPUT_NAMES) -> None:
+    """Write `path` (weights embedded, dynamic batch) via a temporary file and a rename.
+
+    `deploy` takes images [B, 3, image_size, image_size] (DeployModel, or a test's micro-model
+    with its own `output_names`). An operator the exporter cannot convert, and a Resize node
+    in a mode not verified against ONNX Runtime (export/resize.py), are DetpactErrors.
+    """
     deploy = deploy.eval()
     example = torch.rand(2, 3, image_size, image_size)
     tmp = path.with_name(f".{path.name}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with _quiet_exporter():
+        with _quiet_exporter(), _exporter_errors(exporter, opset):
             if exporter == "dynamo":
                 torch.onnx.export(
                     deploy, (example,), str(tmp), dynamo=True, verbose=False, external_data=False,
-                    input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), opset_version=opset,
+                    input_names=[INPUT_NAME], output_names=list(output_names), opset_version=opset,
                     dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=4096)}},
                 )
             else:
                 torch.onnx.export(
                     deploy, (example,), str(tmp), dynamo=False, input_names=[INPUT_NAME],
-                    output_names=list(OUTPUT_NAMES), opset_version=opset,
-                    dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
+                    output_names=list(output_names), opset_version=opset,
+                    dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *output_names)},
                 )
+        check_resize_modes(onnx.load(str(tmp), load_external_data=False), str(path))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _exporter_errors(exporter: str, opset: int):
+    """An operator the exporter has no conversion for is a DetpactError naming it."""
+    try:
+        yield
+    except Exception as exc:
+        text = str(exc)
+        op = re.search(r"aten::(\w+)", text)
+        if op is None or "not supported" not in text and "No decompositions" not in text:
+            raise
+        name = op.group(1)
+        what = "unsupported resize mode" if "upsample" in name or "interpolate" in name else "unsupported operator"
+        raise DetpactError(
+            f"{what}: the {exporter} ONNX exporter (opset {opset}) cannot convert aten::{name}. Use the other "
+            "exporter (export.exporter: dynamo or torchscript), a newer opset (export.opset), or change the "
+            "model's operation." + (" F.interpolate modes nearest, bilinear and bicubic export with both."
+                                    if what.startswith("unsupported resize") else "")) from exc
 
 
 def onnx_metadata(cfg: Config, class_names: list[str], config_hash: str, checkpoint: str, nms_free: bool = False,
