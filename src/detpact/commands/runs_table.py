@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -349,3 +350,23 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_show(shown)
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """`detpact runs list|show|compare ...` on their own (detpact.launch): they read only small
+    record files, so they skip importing torch and the rest of the CLI, which takes seconds."""
+    from detpact.commands import runs_compare
+
+    parser = argparse.ArgumentParser(prog="detpact runs")
+    runs_commands = parser.add_subparsers(dest="runs_command", required=True)
+    add_parsers(runs_commands)
+    runs_compare.add_parser(runs_commands)
+    args = parser.parse_args(argv)
+    try:
+        return runs_compare.run(args) if args.runs_command == "compare" else run(args)
+    except DetpactError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except BrokenPipeError:  # stdout was piped into a reader that exited (e.g. `| head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
