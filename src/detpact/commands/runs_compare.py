@@ -102,7 +102,7 @@ def curves(records: RunRecords) -> dict[str, list[tuple[int, float]]]:
     except (OSError, UnicodeDecodeError):
         train = []
     loss = [(r["step"], r["loss"]) for r in train
-            if isinstance(r.get("step"), int) and isinstance(r.get("loss"), (int, float))]
+            if isinstance(r, dict) and isinstance(r.get("step"), int) and isinstance(r.get("loss"), (int, float))]
     return {"val map50_95": val, "train loss": loss}
 
 

@@ -92,7 +92,7 @@ def read_records(run: RunDir) -> RunRecords:
     status = json_file(run.status, required=True)
     report = json_file(run.train_report_json, required=bool(status and status.get("phase") == "done"))
     try:
-        history = read_jsonl(run.val_metrics)
+        history = [record for record in read_jsonl(run.val_metrics) if isinstance(record, dict)]
     except (OSError, UnicodeDecodeError):
         history = []
         problems.append(f"{run.val_metrics.relative_to(run.root)} is unreadable")
