@@ -20,6 +20,7 @@ from rich.table import Table
 from detpact import __version__, api
 from detpact.commands import doctor as doctor_command
 from detpact.commands import predictions as predictions_command
+from detpact.commands import runs_compare, runs_table
 from detpact.commands import smoke as smoke_command
 from detpact.commands.model_info import format_model_info
 from detpact.console import setup_logging
@@ -166,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("run_dir", help="run folder (e.g. runs/exp01) or run id")
     verify.add_argument("--no-eval", action="store_true", help="skip re-evaluating best.pt (the slow check)")
     verify.add_argument("--json", action="store_true", help="print the checks as JSON instead of a table")
+    runs_table.add_parsers(runs_commands)  # runs list, runs show
+    runs_compare.add_parser(runs_commands)  # runs compare
     return parser
 
 
@@ -217,6 +220,10 @@ def run_command(args: argparse.Namespace) -> int:
         return doctor_command.run(args)
     elif args.command == "smoke":
         return smoke_command.run(args)
+    elif args.command == "runs" and args.runs_command in ("list", "show"):
+        return runs_table.run(args)
+    elif args.command == "runs" and args.runs_command == "compare":
+        return runs_compare.run(args)
     elif args.command == "runs":
         checks = api.verify(args.run_dir, reevaluate=not args.no_eval)
         failed = [check for check in checks if check.status == "fail"]

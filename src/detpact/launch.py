@@ -14,6 +14,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from detpact.commands.doctor import main as doctor_main
 
         return doctor_main(args[1:])
+    if args[:1] == ["runs"] and args[1:2] in (["list"], ["show"], ["compare"]):  # quick: no torch import
+        from detpact.commands.runs_table import main as runs_main
+
+        return runs_main(args[1:])
     from detpact.cli import main as cli_main
 
     return cli_main(args)
