@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -47,7 +48,10 @@ def start_mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
         cwd=root, stdout=(root / "server.log").open("wb"), stderr=subprocess.STDOUT,
-        env={**quiet_mlflow_env(), "PYTHONUNBUFFERED": "1"})
+        # its own process group: the server's uvicorn workers go down with it (stop_server)
+        start_new_session=True,
+        # no background job runner (7 more processes, for features detpact does not use)
+        env={**quiet_mlflow_env(), "PYTHONUNBUFFERED": "1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -59,8 +63,27 @@ def start_mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
             if server.poll() is not None:
                 break
             time.sleep(0.3)
-    server.kill()
+    stop_server(server)
     raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """The server and every process it started (its group); nothing it holds needs a clean stop."""
+    try:
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    server.wait(timeout=30)
+
+
+def background(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    """A detpact CLI process whose output goes to files (a pipe nobody reads could fill and block it)."""
+    return subprocess.Popen(args, env=env, cwd=cwd, stdout=(cwd / "stdout.txt").open("w"),
+                            stderr=(cwd / "stderr.txt").open("w"), text=True)
+
+
+def finished(process: subprocess.Popen, cwd: Path, timeout: float) -> tuple[int, str]:
+    return process.wait(timeout=timeout), (cwd / "stderr.txt").read_text()
 
 
 def quiet_mlflow_env(base: dict[str, str] | None = None) -> dict[str, str]:
@@ -80,18 +103,15 @@ def tracked(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Simple
     down.mkdir()
     down_env = quiet_mlflow_env(make_env(down / "runs", cache_dir))
     closed_uri = f"http://127.0.0.1:{free_port()}"
-    unreachable = subprocess.Popen(
+    unreachable = background(
         [sys.executable, "-m", "detpact", "train", str(write_tiny_config(down / "tiny.yaml")), "--run-id", "down",
-         *tracking_sets(closed_uri), "--set", "train.epochs=1"],
-        env=down_env, cwd=down, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         *tracking_sets(closed_uri), "--set", "train.epochs=1"], down_env, down)
     missing = root / "missing"
     missing.mkdir()
-    no_extra = subprocess.Popen(
+    no_extra = background(
         [sys.executable, "-c", "import runpy, sys; sys.modules['mlflow'] = None; "
          "runpy.run_module('detpact', run_name='__main__')", "train", str(write_tiny_config(missing / "tiny.yaml")),
-         "--run-id", "nox", *tracking_sets(closed_uri)],
-        env=quiet_mlflow_env(make_env(missing / "runs", cache_dir)), cwd=missing,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "--run-id", "nox", *tracking_sets(closed_uri)], quiet_mlflow_env(make_env(missing / "runs", cache_dir)), missing)
     # 2. The server, and the tracked run (TensorBoard too, export on, best.pt registered).
     server, uri = start_mlflow_server(root)
     try:
@@ -103,14 +123,15 @@ def tracked(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Simple
         yield SimpleNamespace(
             root=root, run=run, uri=uri, client=MlflowClient(uri), report=report,
             mlflow_run_id=report["tracking"]["mlflow"]["run_id"],
-            unreachable=(unreachable, *unreachable.communicate(timeout=300)), closed_uri=closed_uri,
-            down_run=down / "runs" / "down", no_extra=(no_extra, *no_extra.communicate(timeout=120)),
+            unreachable=finished(unreachable, down, 300), closed_uri=closed_uri,
+            down_run=down / "runs" / "down", no_extra=finished(no_extra, missing, 120),
             missing_runs=missing / "runs")
     finally:
-        for process in (unreachable, no_extra, server):
+        for process in (unreachable, no_extra):
             if process.poll() is None:
                 process.kill()
                 process.wait()
+        stop_server(server)
 
 
 def jsonl(path: Path) -> list[dict]:
@@ -191,8 +212,8 @@ def test_tensorboard_event_files_hold_the_metrics_of_every_step(tracked):
 
 
 def test_an_unreachable_tracking_server_does_not_stop_the_run(tracked):
-    process, _, stderr = tracked.unreachable
-    assert process.returncode == 0, stderr
+    returncode, stderr = tracked.unreachable
+    assert returncode == 0, stderr
     run = tracked.down_run
     assert json.loads((run / "status.json").read_text())["phase"] == "done"
     assert (run / "checkpoints" / "best.pt").is_file()
@@ -202,8 +223,8 @@ def test_an_unreachable_tracking_server_does_not_stop_the_run(tracked):
 
 
 def test_a_missing_extra_stops_before_training_with_the_install_command(tracked):
-    process, _, stderr = tracked.no_extra
-    assert process.returncode == 2, stderr
+    returncode, stderr = tracked.no_extra
+    assert returncode == 2, stderr
     assert "logging.mlflow is on, but mlflow is not installed" in stderr
     assert "pip install 'detpact[tracking]'" in stderr and "Traceback" not in stderr
     assert not (tracked.missing_runs / "nox").exists()
