@@ -104,3 +104,17 @@ def test_tensorboard_event_files_read_back_per_step(tmp_path: Path):
                                              "val/map50_95", "val/per_class/circle"}
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 9.0), (2, 8.0), (3, 7.0)]
     assert [(e.step, e.value) for e in events.Scalars("val/per_class/circle")] == [(3, 0.5)]
+
+
+def test_a_resumed_session_replaces_the_tensorboard_steps_after_its_checkpoint(tmp_path: Path):
+    first = TensorBoardTracker(tmp_path / "tb")
+    for step in range(1, 6):  # crashed after step 5, its last checkpoint at step 3
+        first.log_step(step, {"loss": float(step)})
+    first.finish(RunDir(tmp_path), FINISHED)
+    resumed = TensorBoardTracker(tmp_path / "tb", start_step=3)
+    for step in (4, 5, 6):
+        resumed.log_step(step, {"loss": 10.0 * step})
+    resumed.finish(RunDir(tmp_path), FINISHED)
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0),
+                                                                         (5, 50.0), (6, 60.0)]

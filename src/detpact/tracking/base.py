@@ -77,7 +77,7 @@ class TrackerSet:
         for tracker in list(self.live):
             try:
                 getattr(tracker, method)(*args)
-            except Exception as exc:  # noqa: BLE001 - any tracker failure is reported, never fatal
+            except Exception as exc:  # any tracker failure is reported, never fatal
                 self.fail(tracker.name, f"{method}: {one_line(exc)}")
                 self.live.remove(tracker)
 

@@ -120,6 +120,6 @@ def run_tags(cfg: Config, run: RunDir, meta: Mapping[str, Any]) -> dict[str, str
 def _start(name: str, build: Any, trackers: list[Tracker], errors: dict[str, str]) -> None:
     try:
         trackers.append(build())
-    except Exception as exc:  # noqa: BLE001 - a tracker that is down never stops training
+    except Exception as exc:  # a tracker that is down never stops training
         errors[name] = f"start: {one_line(exc)}"
         log.warning("%s tracking failed (%s); training goes on without it", name, errors[name])

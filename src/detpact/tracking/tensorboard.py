@@ -22,9 +22,9 @@ class TensorBoardTracker:
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package (the extra)
 
         self.logdir = logdir
-        # A resumed run retrains the steps after its last checkpoint: purge_step tells
-        # TensorBoard to drop the first session's events from that step on.
-        self.writer = SummaryWriter(log_dir=str(logdir), purge_step=start_step or None)
+        # A resumed run retrains the steps after its last checkpoint (start_step): purge_step
+        # tells TensorBoard to drop the earlier session's events from the first retrained step on.
+        self.writer = SummaryWriter(log_dir=str(logdir), purge_step=start_step + 1 if start_step else None)
 
     def log_step(self, step: int, record: Mapping[str, Any]) -> None:
         for tag, value in scalars({k: v for k, v in record.items() if k != "step"}, "train"):
