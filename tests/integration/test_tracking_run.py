@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -95,14 +96,17 @@ def tracking_sets(uri: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tracked(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> SimpleNamespace:
+def tracked(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[SimpleNamespace]:
     root = tmp_path_factory.mktemp("tracking")
-    # 1. In the background: a run whose tracking server is down (a closed port), and a
-    #    train command with mlflow unimportable.
+    # 1. In the background: a run whose tracking server is down, and a train command with
+    #    mlflow unimportable. The port is bound and never listens: connections to it are
+    #    refused, and no other process can take it meanwhile.
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_uri = f"http://127.0.0.1:{closed.getsockname()[1]}"
     down = root / "down"
     down.mkdir()
     down_env = quiet_mlflow_env(make_env(down / "runs", cache_dir))
-    closed_uri = f"http://127.0.0.1:{free_port()}"
     unreachable = background(
         [sys.executable, "-m", "detpact", "train", str(write_tiny_config(down / "tiny.yaml")), "--run-id", "down",
          *tracking_sets(closed_uri), "--set", "train.epochs=1"], down_env, down)
@@ -111,10 +115,12 @@ def tracked(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Simple
     no_extra = background(
         [sys.executable, "-c", "import runpy, sys; sys.modules['mlflow'] = None; "
          "runpy.run_module('detpact', run_name='__main__')", "train", str(write_tiny_config(missing / "tiny.yaml")),
-         "--run-id", "nox", *tracking_sets(closed_uri)], quiet_mlflow_env(make_env(missing / "runs", cache_dir)), missing)
-    # 2. The server, and the tracked run (TensorBoard too, export on, best.pt registered).
-    server, uri = start_mlflow_server(root)
+         "--run-id", "nox", *tracking_sets(closed_uri)],
+        quiet_mlflow_env(make_env(missing / "runs", cache_dir)), missing)
+    server = None
     try:
+        # 2. The server, and the tracked run (TensorBoard too, export on, best.pt registered).
+        server, uri = start_mlflow_server(root)
         _, run, _ = train_tiny_run(root, cache_dir, *tracking_sets(uri), "--set", "logging.tensorboard=true",
                                    "--set", f"logging.mlflow.register_model={MODEL_NAME}",
                                    "--set", "export.onnx=true", "--set", "export.exporter=torchscript",
@@ -131,7 +137,9 @@ def tracked(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Simple
             if process.poll() is None:
                 process.kill()
                 process.wait()
-        stop_server(server)
+        if server is not None:
+            stop_server(server)
+        closed.close()
 
 
 def jsonl(path: Path) -> list[dict]:

@@ -59,7 +59,8 @@ def start_tracking(cfg: Config, run: RunDir, meta: Mapping[str, Any], bundle: Ma
         _start("mlflow", lambda: MlflowTracker(logging_cfg.mlflow, run, flat_params(cfg), run_tags(cfg, run, meta)),
                trackers, errors)
     for tracker in trackers:
-        log.info("tracking to %s: %s", tracker.name, ", ".join(f"{k} {v}" for k, v in tracker.describe().items() if v is not None))
+        where = ", ".join(f"{key} {value}" for key, value in tracker.describe().items() if value is not None)
+        log.info("tracking to %s: %s", tracker.name, where)
     return TrackerSet(trackers, errors)
 
 
