@@ -60,6 +60,7 @@ from detpact.run.session import (
 )
 from detpact.run.status import set_phase
 from detpact.run.verify import Check, check_config_hashes, check_manifest, check_parity_report
+from detpact.tracking import NO_TRACKER, check_tracking, finish_tracking, start_tracking
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ def train(
         check_amp(cfg.run.amp, device)
         if cfg.export.onnx:  # an export that cannot succeed is refused now, not after training
             check_export_settings(cfg.export, cfg.export.opset, cfg.export.half)
+        check_tracking(cfg.logging)  # a missing `tracking` extra is refused before anything is written
         determinism = setup_determinism(cfg.run.seed, cfg.run.deterministic, resume_num_threads(cfg, bundle))
         data = build_datasets(cfg.data, cache_dir(environ))
         if bundle is not None and bundle["dataset_fingerprint"] != data.fingerprint:
@@ -136,11 +138,18 @@ def train(
             log.info("run folder: %s (dataset: %s, %s)", run.root, data.mode, data.root)
         barrier(ctx)  # the folder exists before any rank trains
 
+        # TensorBoard / MLflow (logging.*), rank 0 only; a tracker that fails never stops the run.
+        tracker = start_tracking(cfg, run, meta, bundle) if ctx.is_main else NO_TRACKER
         try:
-            result = fit(cfg, run, data, device, bundle, faults, cache_dir=cache_dir(environ), ctx=ctx)
+            result = fit(cfg, run, data, device, bundle, faults, cache_dir=cache_dir(environ), ctx=ctx,
+                         tracker=tracker)
         except (TrainingStopped, TrainingAborted) as exc:
             if ctx.is_main and getattr(exc, "fit_result", None) is not None:
                 report_interrupted(run, cfg, exc.fit_result, meta)
+            finish_tracking(tracker, run, exc)
+            raise
+        except BaseException as exc:
+            finish_tracking(tracker, run, exc)
             raise
         if ctx.is_main:
             finish_train_report(run, cfg, result, meta)
@@ -159,9 +168,11 @@ def train(
             # Training is complete and its checkpoints are final: only the export is missing or
             # untrustworthy, and `runs verify` reports the same (see _status_check).
             set_phase(run.status, "export_failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            finish_tracking(tracker, run, exc)
             raise
     set_phase(run.status, "done")
     write_manifest(run)
+    finish_tracking(tracker, run)  # uploads the reports and the export, records the outcome in train_report.json
     return run
 
 

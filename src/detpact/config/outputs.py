@@ -45,9 +45,30 @@ class ExportConfig(Section):
     parity_atol: float = Field(1e-5, gt=0.0)
 
 
+class MlflowConfig(Section):
+    # Where runs go: a server's http(s):// URI, or a local store (file: path, sqlite:///...);
+    # null = MLflow's own default ($MLFLOW_TRACKING_URI, else its local store).
+    tracking_uri: str | None = None
+    # The MLflow experiment the run is logged under (created when missing).
+    experiment: str = "detpact"
+    # Register checkpoints/best.pt in MLflow's model registry under this name (a new
+    # version per run) when training succeeds; null = do not register.
+    register_model: str | None = None
+    # MLflow's HTTP client: seconds per request and retries (MLFLOW_HTTP_REQUEST_TIMEOUT and
+    # _MAX_RETRIES for this process), so that a server that is down cannot stall a run.
+    timeout_s: float = Field(10.0, gt=0.0)
+    max_retries: int = Field(1, ge=0)
+
+
 class LoggingConfig(Section):
     progress: bool = True
     status_every_s: float = Field(2.0, gt=0.0)
     # Also write reports/train_metrics.csv (the rows of train_metrics.jsonl, for
     # spreadsheets) when training ends.
     metrics_csv: bool = False
+    # Write TensorBoard event files under the run's tensorboard/ folder (needs the
+    # `tracking` extra: pip install 'detpact[tracking]').
+    tensorboard: bool = False
+    # Log the run to MLflow (params, metrics, tags, artifacts); null = off. Needs the
+    # `tracking` extra. A tracker that fails is reported and never stops training.
+    mlflow: MlflowConfig | None = None

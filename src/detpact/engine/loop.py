@@ -59,6 +59,7 @@ from detpact.models.losses.normalise import local_normaliser
 from detpact.run.checkpoint import stage_checkpoint
 from detpact.run.contract import RunDir
 from detpact.run.weights import apply_freeze, apply_initial_weights, carried_initial_weights
+from detpact.tracking.base import NO_TRACKER, TrackerSet
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +86,14 @@ class FitResult:
 
 
 def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, resume: dict | None,
-        faults: Faults = NO_FAULTS, cache_dir: Path | None = None, ctx: Distributed = SINGLE) -> FitResult:
+        faults: Faults = NO_FAULTS, cache_dir: Path | None = None, ctx: Distributed = SINGLE,
+        tracker: TrackerSet = NO_TRACKER) -> FitResult:
     """Train per `cfg` into `run`; `resume` is the checkpoint bundle to continue from.
 
     Under torchrun (`ctx`) every rank runs this on its shard of the data; rank 0 alone
     validates and writes, and the ranks meet at each validation and checkpoint.
     Raises TrainingStopped (after saving last.pt) when SIGINT/SIGTERM asks it to stop.
+    `tracker`: the experiment trackers the recorder also logs to (rank 0's; see tracking/).
     """
     tcfg = cfg.train
     plan = plan_training(tcfg, len(data.train), ctx.world_size)
@@ -194,8 +197,8 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
 
     with stop_on_signals() as stop, train_progress(total_steps, progress.global_step,
                                                    cfg.logging.progress and ctx.is_main) as bar:
-        recorder = (Recorder(run, bar, cfg.logging.status_every_s, total_steps, progress.global_step) if ctx.is_main
-                    else NullRecorder())
+        recorder = (Recorder(run, bar, cfg.logging.status_every_s, total_steps, progress.global_step, tracker)
+                    if ctx.is_main else NullRecorder())
         batches: Iterator | None = None
         try:
             while progress.global_step < total_steps and not early.stopped:

@@ -1,4 +1,5 @@
-"""Where a run's numbers go: the metric JSONL files, status.json and the progress bar.
+"""Where a run's numbers go: the metric JSONL files, status.json, the progress bar and
+the experiment trackers (logging.tensorboard / logging.mlflow).
 
 Keeps the loop body about training: it hands over each step's and each
 validation's results, and the recorder writes them everywhere they belong.
@@ -13,19 +14,22 @@ from detpact.engine.progress import TrainProgress
 from detpact.run.contract import RunDir
 from detpact.run.metrics import JsonlLog
 from detpact.run.status import StatusWriter
+from detpact.tracking.base import NO_TRACKER, TrackerSet
 
 # Step statistics recorded under their own names first, or not at all.
 _STEP_FIELDS = ("loss", "num_pos", "grad_norm", "images")
 
 
 class Recorder:
-    def __init__(self, run: RunDir, bar: TrainProgress, status_every_s: float, total_steps: int, start_step: int):
+    def __init__(self, run: RunDir, bar: TrainProgress, status_every_s: float, total_steps: int, start_step: int,
+                 tracker: TrackerSet = NO_TRACKER):
         self.train_log = JsonlLog(run.train_metrics)
         self.val_log = JsonlLog(run.val_metrics)
         self.status = StatusWriter(run.status, status_every_s)
         self.bar = bar
         self.total_steps = total_steps
         self.start_step = start_step
+        self.tracker = tracker  # its calls never raise: a failing tracker is dropped and reported
         self.started = self.tick = time.perf_counter()
 
     def step(self, step: int, epoch: int, lr: float, images: int, stats: dict | None, skipped_total: int,
@@ -44,6 +48,7 @@ class Recorder:
         record.update(skipped=stats is None, nonfinite_skipped=skipped_total,
                       samples_per_s=round(speed, 2), time_s=round(now - self.started, 3))
         self.train_log.write(record)
+        self.tracker.log_step(step, record)
         self.bar.update(step, record["loss"], lr, speed, epoch)
         eta = (self.total_steps - step) * (now - self.started) / max(1, step - self.start_step)
         self.status.update("train", step=step, epoch=epoch, total_steps=self.total_steps,
@@ -51,6 +56,7 @@ class Recorder:
 
     def validation(self, step: int, epoch: int, metrics: dict[str, Any]) -> None:
         self.val_log.write({"step": step, "epoch": epoch, **metrics})
+        self.tracker.log_validation(step, {"epoch": epoch, **metrics})
         self.status.update("train", force=True,
                            last_val={k: metrics.get(k) for k in ("map50_95", "map50", "map75")})
 

@@ -75,6 +75,8 @@ class RunDir:
         self.onnx_meta = self.exports / "model.onnx.meta.json"
         self.manifest = self.root / "manifest.json"
         self.status = self.root / "status.json"
+        # TensorBoard event files (logging.tensorboard): a live log, not in the manifest.
+        self.tensorboard = self.root / "tensorboard"
 
     @classmethod
     def for_run_id(cls, output_root: Path, run_id: str) -> RunDir:
