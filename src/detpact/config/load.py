@@ -30,6 +30,7 @@ HASH_EXCLUDED_KEYS = (
     ("data", "num_workers"),
     ("data", "cache"),
     ("logging",),
+    ("registry",),
 )
 
 
