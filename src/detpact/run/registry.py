@@ -8,8 +8,8 @@ with a busy timeout lets many processes record runs at once; every write is one
 deadlock upgrading a read lock). The schema version is SQLite's `user_version` pragma;
 a database written by a newer detpact is refused with a clear error.
 
-Only the standard library here (and the project error type): a registry query needs
-neither torch nor the config schema.
+Only the standard library here (and the project's error type and atomic writes): a
+registry query needs neither torch nor the config schema.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from detpact.errors import DetpactError
+from detpact.run.atomic import atomic_open
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 60.0
@@ -183,8 +184,6 @@ class Registry:
 
     def export_csv(self, path: str | Path) -> int:
         """Write every run row to a CSV file (JSON columns as JSON text); returns the row count."""
-        from detpact.run.atomic import atomic_open  # stdlib only, like this module
-
         rows = self.runs()
         with atomic_open(Path(path), "w") as handle:
             writer = csv.writer(handle, lineterminator="\n")
