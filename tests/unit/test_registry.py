@@ -151,10 +151,11 @@ def test_rebuild_restores_a_deleted_or_corrupt_database(tmp_path: Path):
         assert record_run(run, db)  # as training, eval and export record them
     original = snapshot(Registry(db))
     assert [(row["run_id"], row["status"], row["best_value"], row["metrics"]) for row, _ in original] == [
-        ("a", "finished", 0.4, {"step": 2, "map50_95": 0.4}), ("b", "failed", 0.6, {"step": 2, "map50_95": 0.6})]
+        ("a", "finished", 0.4, {"map50_95": 0.4}), ("b", "failed", 0.6, {"map50_95": 0.6})]
     assert original[0][0]["checkpoints"]["best"]["sha256"] == json.loads(runs[0].manifest.read_text())[
         "files"]["checkpoints/best.pt"]["sha256"]
-    assert [(r["kind"], r["name"], r["metrics"]) for r in original[0][1]] == [("eval", "best", {"map50_95": 0.4})]
+    assert [(r["kind"], r["name"], r["path"], r["metrics"]) for r in original[0][1]] == [
+        ("eval", "best", str(runs[0].best_ckpt.resolve()), {"map50_95": 0.4})]
 
     db.unlink()
     assert rebuild(db, [tmp_path / "runs"]) == 2

@@ -187,10 +187,14 @@ def print_evaluations(results: list[dict[str, Any]], data: str | None) -> None:
     for result in results:
         metrics = result.get("metrics") or {}
         cells = [_number(metrics.get(c)) for c in EVAL_COLUMNS] if metrics else [
-            f"[bold red]error:[/] {escape(result['error'])}", *[""] * (len(EVAL_COLUMNS) - 1)]
+            "[bold red]error[/]", *[""] * (len(EVAL_COLUMNS) - 1)]
         table.add_row(escape(result["run_id"]), result["status"], (result["config_hash"] or "-")[:12],
                       _number(result["recorded"].get("map50_95")), *cells, _number(metrics.get("num_images")))
-    _console().print(table)
+    out = _console()
+    out.print(table)
+    for result in results:
+        if "error" in result:
+            out.print(f"[bold red]{escape(result['run_id'])}:[/] {escape(result['error'])}")
 
 
 def _number(value: Any) -> str:

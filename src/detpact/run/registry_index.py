@@ -113,7 +113,7 @@ def resolved_config(run: RunDir) -> dict[str, Any]:
 
 
 def _validation_at(run: RunDir, step: int | None) -> dict[str, Any]:
-    """The val_metrics.jsonl row of the validation at `step` (the one that wrote best.pt)."""
+    """The metrics of the validation at `step` (the one that wrote best.pt), from val_metrics.jsonl."""
     if step is None or step < 0 or not run.val_metrics.is_file():
         return {}
     found: dict[str, Any] = {}
@@ -124,7 +124,7 @@ def _validation_at(run: RunDir, step: int | None) -> dict[str, Any]:
             continue
         if isinstance(row, dict) and row.get("step") == step:
             found = row  # the last one: a resumed run may have validated the same step again
-    return found
+    return {key: value for key, value in found.items() if key not in ("step", "epoch")}  # best_step has them
 
 
 def _file_record(run: RunDir, path: Path, manifest: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -144,11 +144,12 @@ def _eval_records(run: RunDir) -> list[dict[str, Any]]:
         report = read_json(path)
         if not isinstance(report, dict):
             continue
-        source = report.get("source") or {}
+        name = path.stem[len(EVAL_PREFIX):]
+        evaluated = {"best": run.best_ckpt, "last": run.last_ckpt, "onnx": run.onnx_model}.get(name)
         records.append({
-            "kind": "eval", "name": path.stem[len(EVAL_PREFIX):], "time": report.get("time"),
+            "kind": "eval", "name": name, "time": report.get("time"),
             "config_hash": report.get("config_hash"), "dataset_fingerprint": report.get("dataset_fingerprint"),
-            "path": source.get("path") or source.get("onnx"), "sha256": None,
+            "path": str(evaluated.resolve()) if evaluated else None, "sha256": None,
             "metrics": report.get("metrics") or {},
             "details": {key: report.get(key) for key in ("source", "step", "split", "num_images", "dataset_root")},
         })
