@@ -25,6 +25,7 @@ from detpact.commands.export import check_export_settings, export_run
 from detpact.commands.model_info import describe_model
 from detpact.commands.predict import BACKENDS as BACKENDS
 from detpact.commands.predict import predict as predict
+from detpact.commands.record import record_run_of, record_training, registry_from_environment
 from detpact.commands.runs import CHECKPOINT_CHOICES as CHECKPOINT_CHOICES
 from detpact.commands.runs import cache_dir, checkpoint_path, open_run, run_data
 from detpact.config import Config, dump_config_yaml, load_config_or_dataset
@@ -89,6 +90,7 @@ def train(
     environ = os.environ if environ is None else environ
     cfg = config if isinstance(config, Config) else load_config_or_dataset(config, overrides)
     cfg, seed_source = seed_from_environment(cfg, environ, overrides)
+    cfg = registry_from_environment(cfg, environ, overrides)  # where the run is registered (commands/record.py)
     output_root = resolve_output_root(cfg.run.output_root, environ)
     if resume and not run_id:
         raise DetpactError("--resume needs the --run-id of the run to continue (its folder name under "
@@ -147,9 +149,13 @@ def train(
             if ctx.is_main and getattr(exc, "fit_result", None) is not None:
                 report_interrupted(run, cfg, exc.fit_result, meta)
             finish_tracking(tracker, run, exc)
+            if ctx.is_main:
+                record_training(run, cfg)  # a stopped or aborted run is registered too (never raises)
             raise
         except BaseException as exc:
             finish_tracking(tracker, run, exc)
+            if ctx.is_main:
+                record_training(run, cfg)  # so is a run that crashed (status.json says "failed")
             raise
         if ctx.is_main:
             finish_train_report(run, cfg, result, meta)
@@ -169,10 +175,12 @@ def train(
             # untrustworthy, and `runs verify` reports the same (see _status_check).
             set_phase(run.status, "export_failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             finish_tracking(tracker, run, exc)
+            record_training(run, cfg)
             raise
     set_phase(run.status, "done")
     write_manifest(run)
     finish_tracking(tracker, run)  # uploads the reports and the export, records the outcome in train_report.json
+    record_training(run, cfg)  # the registry's row for this run (never raises)
     return run
 
 
@@ -212,6 +220,7 @@ def export(run_dir: str | Path, *, checkpoint: str = "best", opset: int | None =
     write_manifest(run)
     if (read_json(run.status) or {}).get("phase") == "export_failed":  # the export training left undone is done
         set_phase(run.status, "done")
+    record_run_of(run, environ)  # the export in the registry (never raises)
     return report
 
 

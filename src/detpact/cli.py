@@ -20,6 +20,7 @@ from rich.table import Table
 from detpact import __version__, api
 from detpact.commands import doctor as doctor_command
 from detpact.commands import predictions as predictions_command
+from detpact.commands import registry as registry_command
 from detpact.commands import runs_compare, runs_table
 from detpact.commands import smoke as smoke_command
 from detpact.commands.model_info import format_model_info
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     predictions_command.add_parser(commands)
     doctor_command.add_parser(commands)
     smoke_command.add_parser(commands)
+    registry_command.add_parser(commands)
 
     runs = commands.add_parser("runs", help="inspect run folders")
     runs_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="RUNS_COMMAND")
@@ -224,6 +226,8 @@ def run_command(args: argparse.Namespace) -> int:
         return runs_table.run(args)
     elif args.command == "runs" and args.runs_command == "compare":
         return runs_compare.run(args)
+    elif args.command == "registry":
+        return registry_command.run(args)
     elif args.command == "runs":
         checks = api.verify(args.run_dir, reevaluate=not args.no_eval)
         failed = [check for check in checks if check.status == "fail"]

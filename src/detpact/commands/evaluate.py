@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from detpact.commands.record import record_run_of
 from detpact.commands.runs import cache_dir, checkpoint_path, open_run, run_data
 from detpact.config import DataConfig, EvalConfig, config_hash, diff_configs, is_config_file, load_config
 from detpact.data.build import DatasetSplits, build_datasets
@@ -125,6 +126,8 @@ def evaluate(run_dir: str | Path, *, checkpoint: str = "best", environ: Mapping[
               "config_hash": loaded.bundle["config_hash"], "step": loaded.bundle["progress"]["global_step"],
               "metrics": metrics}
     _write_eval_report(report, run if data is None else None, checkpoint, out)
+    if data is None:  # the run keeps the report: the registry records it (never raises)
+        record_run_of(run, environ)
     return metrics
 
 
@@ -159,6 +162,8 @@ def evaluate_onnx(onnx_path: str | Path, *, data: str | Path | None = None, out:
               **_eval_facts(splits, samples, data, started), "config_hash": backend.meta.get("config_hash"),
               "metrics": metrics}
     _write_eval_report(report, run if data is None else None, "onnx", out)
+    if run is not None and data is None:  # the run keeps the report: the registry records it (never raises)
+        record_run_of(run, environ)
     return metrics
 
 

@@ -31,6 +31,7 @@ HASH_EXCLUDED_KEYS = (
     ("data", "cache"),
     ("train", "ddp", "timeout_s"),
     ("logging",),
+    ("registry",),
 )
 
 

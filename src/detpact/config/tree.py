@@ -7,6 +7,7 @@ from pydantic import field_validator, model_validator
 from detpact.config.data import DataConfig
 from detpact.config.model import ModelConfig
 from detpact.config.outputs import EvalConfig, ExportConfig, LoggingConfig
+from detpact.config.registry import RegistryConfig
 from detpact.config.run import RunConfig
 from detpact.config.section import Section
 from detpact.config.train import TrainConfig
@@ -25,6 +26,7 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
     logging: LoggingConfig = LoggingConfig()
+    registry: RegistryConfig = RegistryConfig()
 
     @field_validator("config_version")
     @classmethod
