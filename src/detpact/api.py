@@ -25,6 +25,8 @@ from detpact.commands.export import check_export_settings, export_run
 from detpact.commands.model_info import describe_model
 from detpact.commands.predict import BACKENDS as BACKENDS
 from detpact.commands.predict import predict as predict
+from detpact.commands.report import report as report
+from detpact.commands.report import report_after_training
 from detpact.commands.runs import CHECKPOINT_CHOICES as CHECKPOINT_CHOICES
 from detpact.commands.runs import cache_dir, checkpoint_path, open_run, run_data
 from detpact.config import Config, dump_config_yaml, load_config_or_dataset
@@ -153,6 +155,8 @@ def train(
             set_phase(run.status, "export_failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             raise
     set_phase(run.status, "done")
+    if cfg.logging.reports:
+        report_after_training(run, environ)  # plots + reports/report.html; a failure there is only a warning
     write_manifest(run)
     return run
 

@@ -20,6 +20,7 @@ from rich.table import Table
 from detpact import __version__, api
 from detpact.commands import doctor as doctor_command
 from detpact.commands import predictions as predictions_command
+from detpact.commands import report as report_command
 from detpact.commands import smoke as smoke_command
 from detpact.commands.model_info import format_model_info
 from detpact.console import setup_logging
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     predictions_command.add_parser(commands)
     doctor_command.add_parser(commands)
     smoke_command.add_parser(commands)
+    report_command.add_parser(commands)
 
     runs = commands.add_parser("runs", help="inspect run folders")
     runs_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="RUNS_COMMAND")
@@ -217,6 +219,8 @@ def run_command(args: argparse.Namespace) -> int:
         return doctor_command.run(args)
     elif args.command == "smoke":
         return smoke_command.run(args)
+    elif args.command == "report":
+        return report_command.run(args)
     elif args.command == "runs":
         checks = api.verify(args.run_dir, reevaluate=not args.no_eval)
         failed = [check for check in checks if check.status == "fail"]

@@ -51,3 +51,8 @@ class LoggingConfig(Section):
     # Also write reports/train_metrics.csv (the rows of train_metrics.jsonl, for
     # spreadsheets) when training ends.
     metrics_csv: bool = False
+    # After training (and after `detpact eval` on the run's data), draw the plots into
+    # reports/ and write the self-contained reports/report.html. After training this
+    # evaluates best.pt once more on the validation split (for the PR curves, confusion
+    # matrix and image grid). `detpact report RUN` writes them at any time.
+    reports: bool = True
