@@ -23,6 +23,7 @@ PLOT_TITLES = {
     "val_map": "Validation mAP", "pr_curves": "Precision-recall per class", "confusion": "Confusion matrix",
     "val_images": "Validation images: predictions and ground truth",
 }  # fmt: skip
+WIDE_PLOTS = ("loss", "val_images")  # the others take half the page's width
 HEADLINE = ("map50_95", "map50", "map75", "map_small", "map_medium", "map_large", "ar_max")
 MAX_HISTORY_ROWS = 60  # the validation history table shows the last ones (the plot shows all)
 
@@ -33,7 +34,9 @@ table { border-collapse: collapse; margin: 8px 0; font-size: 13px; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: top; }
 th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 code, pre { font: 12px/1.4 ui-monospace, monospace; } pre { background: #f7f7f7; padding: 8px; overflow-x: auto; }
-figure { margin: 12px 0 20px; } figure img { max-width: 100%; border: 1px solid #eee; }
+.plots { display: flex; flex-wrap: wrap; gap: 8px 16px; align-items: flex-start; }
+figure { margin: 8px 0 16px; flex: 1 1 100%; } figure.half { flex: 1 1 calc(50% - 16px); max-width: calc(50% - 8px); }
+figure img { max-width: 100%; border: 1px solid #eee; } .plots p { flex: 1 1 100%; margin: 4px 0; }
 figcaption { color: #555; font-size: 13px; } .note { color: #777; font-style: italic; }
 .pass { color: #186a1f; font-weight: bold; } .fail { color: #b00020; font-weight: bold; }
 nav a { margin-right: 12px; }
@@ -135,11 +138,12 @@ def _plots(run: RunDir, notes: Mapping[str, str]) -> str:
         caption = escape(title) + (f" &middot; {escape(note)}" if note else "")
         if path.is_file():
             data = base64.b64encode(path.read_bytes()).decode("ascii")
-            parts.append(f'<figure id="plot-{name}"><img alt="{escape(title)}" src="data:image/png;base64,{data}">'
+            width = "" if name in WIDE_PLOTS else ' class="half"'
+            parts.append(f'<figure id="plot-{name}"{width}><img alt="{escape(title)}" src="data:image/png;base64,{data}">'
                          f"<figcaption>{caption}</figcaption></figure>")
         else:
             parts.append(f'<p class="note">{caption}: not drawn</p>')
-    return "\n".join(parts)
+    return '<div class="plots">\n' + "\n".join(parts) + "\n</div>"
 
 
 def _parity(parity: Mapping | None) -> str:
