@@ -16,6 +16,8 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli, train_tiny_run
+from detpact.cli import build_parser
+from detpact.commands import report as report_command
 from detpact.commands.report import report
 from detpact.errors import DetpactError
 from detpact.run.contract import PLOT_NAMES
@@ -87,7 +89,7 @@ def test_report_html_renders_in_headless_chromium(trained, tmp_path):
     assert ((pixels.max(-1) - pixels.min(-1)) > 80).sum() > 30_000
 
 
-def test_eval_and_report_rewrite_the_reports(trained):
+def test_eval_and_report_rewrite_the_reports(trained, capsys):
     root, env, run = trained
     for name in ("confusion", "val_images"):
         plot_path(run, name).unlink()
@@ -96,16 +98,24 @@ def test_eval_and_report_rewrite_the_reports(trained):
     assert plot_path(run, "confusion").is_file() and plot_path(run, "val_images").is_file()
     page = (run / "reports" / "report.html").read_text(encoding="utf-8")
     assert "eval_best.json" in page  # the page now lists the evaluation's metrics
+    # the detections the plots were drawn from are validation's: eval reproduces best.pt's logged numbers
+    best_step = json.loads((run / "reports" / "train_report.json").read_text())["best"]["step"]
+    logged = next(json.loads(line) for line in (run / "reports" / "val_metrics.jsonl").read_text().splitlines()
+                  if json.loads(line)["step"] == best_step)
+    metrics = json.loads((run / "reports" / "eval_best.json").read_text())["metrics"]
+    assert metrics["num_dets"] > 0 and metrics == {key: logged[key] for key in metrics}
 
     (run / "reports" / "report.html").unlink()
     plot_path(run, "loss").unlink()
-    reported = run_cli(["report", "tiny", "--no-eval"], env, root)  # a run id under $DETPACT_OUTPUT_DIR
-    assert reported.returncode == 0, reported.stderr
-    assert f"wrote {run / 'reports' / 'report.html'} (4 plots drawn)" in reported.stdout
+    # `detpact report RUN --no-eval`, parsed and run in this process (it evaluates nothing,
+    # so it leaves no torch state behind; `detpact eval` above went through a subprocess)
+    args = build_parser().parse_args(["report", str(run), "--no-eval"])
+    assert report_command.run(args) == 0
+    assert f"wrote {run / 'reports' / 'report.html'} (4 plots drawn)" in capsys.readouterr().out
     assert plot_path(run, "loss").is_file() and (run / "reports" / "report.html").is_file()
     assert base64.b64encode(plot_path(run, "pr_curves").read_bytes()).decode() in \
         (run / "reports" / "report.html").read_text(encoding="utf-8")  # kept from the eval, still embedded
-    with pytest.raises(DetpactError, match="Run folder not found: nothere"):
+    with pytest.raises(DetpactError, match="Run folder not found: nothere"):  # not a folder, nor a run id there
         report("nothere", environ=env)
     with pytest.raises(DetpactError, match="no checkpoints/best.pt yet"):
         (run / "checkpoints" / "best.pt").rename(run / "checkpoints" / "best.bak")
