@@ -42,7 +42,9 @@ TINY_CONFIG = {
     },
     "eval": {"batch_size": 8},
     "export": {"onnx": False, "parity_images": 3},
-    "logging": {"progress": False},
+    # The report (plots, report.html: a second evaluation of best.pt and ~4 s a run) is left
+    # out of the many tiny runs; tests/integration/test_report_html.py turns it on.
+    "logging": {"progress": False, "reports": False},
 }
 
 

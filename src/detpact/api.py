@@ -26,6 +26,8 @@ from detpact.commands.model_info import describe_model
 from detpact.commands.predict import BACKENDS as BACKENDS
 from detpact.commands.predict import predict as predict
 from detpact.commands.record import record_run_of, record_training, registry_from_environment
+from detpact.commands.report import report as report
+from detpact.commands.report import report_after_training
 from detpact.commands.runs import CHECKPOINT_CHOICES as CHECKPOINT_CHOICES
 from detpact.commands.runs import cache_dir, checkpoint_path, open_run, run_data
 from detpact.config import Config, dump_config_yaml, load_config_or_dataset
@@ -178,6 +180,8 @@ def train(
             record_training(run, cfg)
             raise
     set_phase(run.status, "done")
+    if cfg.logging.reports:
+        report_after_training(run, environ)  # plots + reports/report.html; a failure there is only a warning
     write_manifest(run)
     finish_tracking(tracker, run)  # uploads the reports and the export, records the outcome in train_report.json
     record_training(run, cfg)  # the registry's row for this run (never raises)

@@ -21,6 +21,7 @@ from detpact import __version__, api
 from detpact.commands import doctor as doctor_command
 from detpact.commands import predictions as predictions_command
 from detpact.commands import registry as registry_command
+from detpact.commands import report as report_command
 from detpact.commands import runs_compare, runs_table
 from detpact.commands import smoke as smoke_command
 from detpact.commands.model_info import format_model_info
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor_command.add_parser(commands)
     smoke_command.add_parser(commands)
     registry_command.add_parser(commands)
+    report_command.add_parser(commands)
 
     runs = commands.add_parser("runs", help="inspect run folders")
     runs_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="RUNS_COMMAND")
@@ -228,6 +230,8 @@ def run_command(args: argparse.Namespace) -> int:
         return runs_compare.run(args)
     elif args.command == "registry":
         return registry_command.run(args)
+    elif args.command == "report":
+        return report_command.run(args)
     elif args.command == "runs":
         checks = api.verify(args.run_dir, reevaluate=not args.no_eval)
         failed = [check for check in checks if check.status == "fail"]

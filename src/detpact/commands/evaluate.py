@@ -23,8 +23,7 @@ from detpact.config import DataConfig, EvalConfig, config_hash, diff_configs, is
 from detpact.data.build import DatasetSplits, build_datasets
 from detpact.data.dataset import eval_loader
 from detpact.data.formats import Sample
-from detpact.engine.evaluate import evaluate as evaluate_model
-from detpact.engine.evaluate import predict_loader, score
+from detpact.engine.evaluate import TorchBackend, predict_loader, score
 from detpact.engine.runtime import setup_determinism
 from detpact.errors import DetpactError
 from detpact.evaluation.coco import ImageDetections, ImageGT, evaluate_coco_json, to_coco_gt
@@ -34,6 +33,7 @@ from detpact.inference.predictions import coco_results_for, load_json
 from detpact.inference.predictor import LoadedModel, load_detector
 from detpact.run.atomic import atomic_write_json, read_json
 from detpact.run.contract import RunDir, utc_now, write_manifest
+from detpact.run.reporting import ValEvaluation, write_reports
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +120,17 @@ def evaluate(run_dir: str | Path, *, checkpoint: str = "best", environ: Mapping[
         loaded.class_names, dataset_config(Path(data), cfg.data.image_size), cache_dir(environ), Path(data))
     samples = first_images(splits.val, max_images)
     started = time.perf_counter()
-    metrics = evaluate_as_trained(run, loaded, samples, splits.class_names, eval_cfg)
+    detections = predict_as_trained(run, loaded, samples)
+    metrics = score(samples, detections, splits.class_names, cfg.model.postprocess.max_det, eval_cfg, curves=True)
+    pr_curves = metrics.pop("pr_curves")  # for the plot only: the report keeps the metrics as validation logs them
+    step = loaded.bundle["progress"]["global_step"]
     report = {"source": {"checkpoint": checkpoint, "path": str(checkpoint_path(run, checkpoint))},
               **_eval_facts(splits, samples, data, started),
-              "config_hash": loaded.bundle["config_hash"], "step": loaded.bundle["progress"]["global_step"],
-              "metrics": metrics}
+              "config_hash": loaded.bundle["config_hash"], "step": step, "metrics": metrics}
     _write_eval_report(report, run if data is None else None, checkpoint, out)
+    if data is None and cfg.logging.reports:  # the run's own data: the report's evaluation plots follow
+        write_reports(run, ValEvaluation(f"{checkpoint}.pt at step {step}, {len(samples)} validation images",
+                                         samples, detections, pr_curves, splits.class_names, eval_cfg))
     if data is None:  # the run keeps the report: the registry records it (never raises)
         record_run_of(run, environ)
     return metrics
@@ -206,12 +211,19 @@ def evaluate_as_trained(run: RunDir, loaded: LoadedModel, samples: list[Sample],
                          eval_cfg: EvalConfig) -> dict[str, Any]:
     """Validation metrics of `loaded`, computed as training computed them: same seed,
     determinism and thread count, so the numbers reproduce the logged ones exactly."""
+    detections = predict_as_trained(run, loaded, samples)
+    return score(samples, detections, class_names, loaded.config.model.postprocess.max_det, eval_cfg)
+
+
+def predict_as_trained(run: RunDir, loaded: LoadedModel, samples: list[Sample]) -> list[ImageDetections]:
+    """`loaded`'s detections on `samples` (image_id = index), as training's validation
+    made them (what engine.evaluate.evaluate does, keeping the detections)."""
     cfg = loaded.config
     threads = ((read_json(run.run_meta) or {}).get("determinism") or {}).get("num_threads")
     setup_determinism(cfg.run.seed, cfg.run.deterministic, threads)
-    return evaluate_model(loaded.model, eval_loader(samples, cfg.data, cfg.eval.batch_size), samples,
-                          class_names, cfg.model.postprocess, loaded.device, cfg.run.amp, cfg.run.channels_last,
-                          eval_cfg)
+    backend = TorchBackend(loaded.model.eval(), cfg.model.postprocess, loaded.device, cfg.run.amp,
+                           cfg.run.channels_last)
+    return predict_loader(backend, eval_loader(samples, cfg.data, cfg.eval.batch_size))
 
 
 def _eval_facts(splits: DatasetSplits, samples: list[Sample], data: str | Path | None, started: float

@@ -72,3 +72,8 @@ class LoggingConfig(Section):
     # Log the run to MLflow (params, metrics, tags, artifacts); null = off. Needs the
     # `tracking` extra. A tracker that fails is reported and never stops training.
     mlflow: MlflowConfig | None = None
+    # After training (and after `detpact eval` on the run's data), draw the plots into
+    # reports/ and write the self-contained reports/report.html. After training this
+    # evaluates best.pt once more on the validation split (for the PR curves, confusion
+    # matrix and image grid). `detpact report RUN` writes them at any time.
+    reports: bool = True

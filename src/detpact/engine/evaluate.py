@@ -69,12 +69,17 @@ def predict_loader(backend: Backend, loader: DataLoader, progress: str | None = 
     return results
 
 
+def ground_truth(samples: list[Sample]) -> list[ImageGT]:
+    """The evaluator's records of `samples` (image_id = index in `samples`)."""
+    return [ImageGT(i, s.width, s.height, s.boxes.astype(np.float64), s.labels, s.ignore) for i, s in enumerate(samples)]
+
+
 def score(samples: list[Sample], detections: list[ImageDetections], class_names: list[str], max_det: int,
-          eval_cfg: EvalConfig) -> dict:
+          eval_cfg: EvalConfig, curves: bool = False) -> dict:
     """COCO metrics of `detections` (image_id = index in `samples`), with the operating
-    point at eval_cfg's thresholds under `operating_point`."""
-    gts = [ImageGT(i, s.width, s.height, s.boxes.astype(np.float64), s.labels, s.ignore) for i, s in enumerate(samples)]
-    metrics = evaluate_detections(gts, detections, class_names, max_det=max_det)
+    point at eval_cfg's thresholds under `operating_point` (`curves`: and `pr_curves`)."""
+    gts = ground_truth(samples)
+    metrics = evaluate_detections(gts, detections, class_names, max_det=max_det, curves=curves)
     metrics["operating_point"] = operating_point(gts, detections, class_names, eval_cfg.score_threshold,
                                                  eval_cfg.iou_threshold)
     return metrics

@@ -79,9 +79,11 @@ def _gc_paused() -> Iterator[None]:
 
 @_gc_paused()
 def evaluate_detections(
-    gts: list[ImageGT], dets: list[ImageDetections], class_names: list[str], max_det: int = 100
+    gts: list[ImageGT], dets: list[ImageDetections], class_names: list[str], max_det: int = 100,
+    curves: bool = False,
 ) -> dict:
     """COCO box metrics of `dets` against `gts`; see `evaluate_coco_json` for the keys.
+    `curves`: also `pr_curves`, each class's precision-recall curve (see `_pr_curves`).
 
     Class id c becomes COCO category id c + 1, named `class_names[c]`. Detections are
     ranked by (-score, image_id, label, x1, y1, x2, y2) before evaluation, so the
@@ -93,7 +95,7 @@ def evaluate_detections(
     image_ids, labels = ranked[0], ranked[1]
     _check_result_ids(set(np.unique(image_ids).tolist()), set(), gt)
     dets_per_cat = dict(enumerate(np.bincount(labels, minlength=len(class_names)).tolist(), start=1))
-    return _evaluate(gt, detection_annotations(*ranked), max_det, dets_per_cat)
+    return _evaluate(gt, detection_annotations(*ranked), max_det, dets_per_cat, curves)
 
 
 @_gc_paused()
@@ -166,7 +168,8 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def _evaluate(gt: dict, annotations: list[dict], max_det: int, dets_per_cat: Mapping[int, int]) -> dict:
+def _evaluate(gt: dict, annotations: list[dict], max_det: int, dets_per_cat: Mapping[int, int],
+              curves: bool = False) -> dict:
     """The metrics dict of `evaluate_coco_json`, from inputs the evaluator may mutate.
 
     `annotations` are the detections as COCO annotations (`detection_annotations`).
@@ -182,6 +185,8 @@ def _evaluate(gt: dict, annotations: list[dict], max_det: int, dets_per_cat: Map
     metrics: dict = {key: _defined(s) for key, s in zip(HEADLINE_KEYS, evaluator.stats[:12], strict=True)}
     metrics.update(_per_class(evaluator, gt, dets_per_cat))
     metrics.update(num_images=len(gt["images"]), num_gt=num_gt, num_dets=len(annotations), max_det=max_det)
+    if curves:
+        metrics["pr_curves"] = _pr_curves(evaluator, gt)
     return metrics
 
 
@@ -221,6 +226,18 @@ def _per_class(evaluator: COCOeval_faster, gt: dict, dets_per_cat: Mapping[int, 
         ap50[names[cat_id]] = _mean_defined(p[0])  # iouThrs[0] == 0.50
     no_gt = {names[c]: dets_per_cat.get(c, 0) for c in evaluator.params.catIds if ap[names[c]] is None}
     return {"per_class": ap, "per_class_ap50": ap50, "no_gt_class_dets": no_gt}
+
+
+def _pr_curves(evaluator: COCOeval_faster, gt: dict) -> dict:
+    """Each class's precision at COCO's 101 recall points, at IoU .50 (area all, max_det):
+    the interpolated curve whose mean is the class's AP50. A class without GT has None."""
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    precision = evaluator.eval["precision"]  # [T, R, K, A, M]
+    per_class = {}
+    for k, cat_id in enumerate(evaluator.params.catIds):
+        curve = precision[0, :, k, 0, -1]  # [R]; -1 everywhere when the class has no GT
+        per_class[names[cat_id]] = None if (curve < 0).all() else [max(float(p), 0.0) for p in curve]
+    return {"iou": 0.5, "recall": [float(r) for r in evaluator.params.recThrs], "precision": per_class}
 
 
 def _checked_max_det(max_det: int) -> int:

@@ -50,6 +50,8 @@ def resolve_output_root(configured: str | None, environ: Mapping[str, str]) -> P
 
 EVAL_REPORT = re.compile(r"eval_[A-Za-z0-9_.-]+\.json")
 EPOCH_SNAPSHOT = re.compile(r"epoch_\d{4,}\.pt")
+# The plots of reports/ (run/plots.py draws them), in the order report.html shows them.
+PLOT_NAMES = ("loss", "lr", "grad_norm", "val_map", "pr_curves", "confusion", "val_images")
 
 
 class RunDir:
@@ -71,6 +73,7 @@ class RunDir:
         self.train_report_json = self.reports / "train_report.json"
         self.train_report_md = self.reports / "train_report.md"
         self.onnx_parity = self.reports / "onnx_parity.json"
+        self.report_html = self.reports / "report.html"  # self-contained: plots inlined, no network
         self.onnx_model = self.exports / "model.onnx"
         self.onnx_meta = self.exports / "model.onnx.meta.json"
         self.manifest = self.root / "manifest.json"
@@ -120,7 +123,14 @@ class RunDir:
             self.run_meta, self.train_report_json, self.train_report_md, self.onnx_parity,
             self.onnx_model, self.onnx_meta,
         ]
+        paths += [*(self.plot(name) for name in PLOT_NAMES), self.report_html]
         return [p for p in paths if p.is_file()] + self.epoch_snapshots() + self.eval_reports()
+
+    def plot(self, name: str) -> Path:
+        """reports/plot_<name>.png, for a name of PLOT_NAMES."""
+        if name not in PLOT_NAMES:
+            raise ValueError(f"unknown plot {name!r}: one of {', '.join(PLOT_NAMES)}")
+        return self.reports / f"plot_{name}.png"
 
     def eval_reports(self) -> list[Path]:
         """The reports of `detpact eval` on this run: reports/eval_<checkpoint or onnx>.json."""
