@@ -21,7 +21,6 @@ from detpact.commands.evaluate import evaluate as evaluate
 from detpact.commands.evaluate import evaluate_as_trained
 from detpact.commands.evaluate import evaluate_onnx as evaluate_onnx
 from detpact.commands.evaluate import evaluate_predictions as evaluate_predictions
-from detpact.commands.export import check_export_settings, export_run
 from detpact.commands.model_info import describe_model
 from detpact.commands.predict import BACKENDS as BACKENDS
 from detpact.commands.predict import predict as predict
@@ -33,6 +32,7 @@ from detpact.commands.runs import cache_dir, checkpoint_path, open_run, run_data
 from detpact.config import Config, dump_config_yaml, load_config_or_dataset
 from detpact.data.build import build_datasets
 from detpact.engine.distributed import (
+    Distributed,
     barrier,
     close,
     init_distributed,
@@ -44,7 +44,7 @@ from detpact.engine.faults import parse_faults
 from detpact.engine.loop import fit
 from detpact.engine.plan import plan_training
 from detpact.engine.runtime import check_amp, resolve_device, setup_determinism
-from detpact.errors import DetpactError, TrainingAborted, TrainingStopped
+from detpact.errors import DetpactError
 from detpact.inference.predictor import load_detector
 from detpact.run.atomic import atomic_write_text, read_json
 from detpact.run.contract import (
@@ -63,7 +63,7 @@ from detpact.run.session import (
 )
 from detpact.run.status import set_phase
 from detpact.run.verify import Check, check_config_hashes, check_manifest, check_parity_report
-from detpact.tracking import NO_TRACKER, check_tracking, finish_tracking, start_tracking
+from detpact.tracking import NO_TRACKER, TrackerSet, check_tracking, finish_tracking, start_tracking
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,8 @@ def train(
         device = process_device(ctx, resolve_device(cfg.run.device))
         check_amp(cfg.run.amp, device)
         if cfg.export.onnx:  # an export that cannot succeed is refused now, not after training
+            from detpact.commands.export import check_export_settings  # onnx: loaded when an export is due
+
             check_export_settings(cfg.export, cfg.export.opset, cfg.export.half)
         check_tracking(cfg.logging)  # a missing `tracking` extra is refused before anything is written
         determinism = setup_determinism(cfg.run.seed, cfg.run.deterministic, resume_num_threads(cfg, bundle))
@@ -147,17 +149,12 @@ def train(
         try:
             result = fit(cfg, run, data, device, bundle, faults, cache_dir=cache_dir(environ), ctx=ctx,
                          tracker=tracker)
-        except (TrainingStopped, TrainingAborted) as exc:
+        except BaseException as exc:
+            # A stopped or aborted run writes its report, saying why; a crashed one has its
+            # status.json say "failed". Either way the trackers and the registry hear of it.
             if ctx.is_main and getattr(exc, "fit_result", None) is not None:
                 report_interrupted(run, cfg, exc.fit_result, meta)
-            finish_tracking(tracker, run, exc)
-            if ctx.is_main:
-                record_training(run, cfg)  # a stopped or aborted run is registered too (never raises)
-            raise
-        except BaseException as exc:
-            finish_tracking(tracker, run, exc)
-            if ctx.is_main:
-                record_training(run, cfg)  # so is a run that crashed (status.json says "failed")
+            _session_ended(tracker, run, cfg, ctx, exc)
             raise
         if ctx.is_main:
             finish_train_report(run, cfg, result, meta)
@@ -176,16 +173,23 @@ def train(
             # Training is complete and its checkpoints are final: only the export is missing or
             # untrustworthy, and `runs verify` reports the same (see _status_check).
             set_phase(run.status, "export_failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            finish_tracking(tracker, run, exc)
-            record_training(run, cfg)
+            _session_ended(tracker, run, cfg, ctx, exc)
             raise
     set_phase(run.status, "done")
     if cfg.logging.reports:
         report_after_training(run, environ)  # plots + reports/report.html; a failure there is only a warning
     write_manifest(run)
-    finish_tracking(tracker, run)  # uploads the reports and the export, records the outcome in train_report.json
-    record_training(run, cfg)  # the registry's row for this run (never raises)
+    _session_ended(tracker, run, cfg, ctx)
     return run
+
+
+def _session_ended(tracker: TrackerSet, run: RunDir, cfg: Config, ctx: Distributed,
+                   failure: BaseException | None = None) -> None:
+    """However training ended: the trackers upload the run's files and close, recording the
+    outcome in train_report.json, and the registry records the run (rank 0). Neither raises."""
+    finish_tracking(tracker, run, failure)
+    if ctx.is_main:
+        record_training(run, cfg)
 
 
 def verify(run_dir: str | Path, *, environ: Mapping[str, str] | None = None, reevaluate: bool = True) -> list[Check]:
@@ -218,6 +222,8 @@ def export(run_dir: str | Path, *, checkpoint: str = "best", opset: int | None =
     # Exported and compared in float32 on the CPU, where onnxruntime runs too.
     loaded = load_detector(ckpt_path, torch.device("cpu"))
     export_cfg = loaded.config.export
+    from detpact.commands.export import check_export_settings, export_run
+
     check_export_settings(export_cfg, export_cfg.opset if opset is None else opset,
                           export_cfg.half if half is None else half)
     report = export_run(run, loaded, run_data(loaded, environ), ckpt_path, opset=opset, nms=nms, half=half)

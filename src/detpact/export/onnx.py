@@ -16,7 +16,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import onnx
 import torch
 from torch import Tensor, nn
 
@@ -24,7 +23,6 @@ from detpact import __version__
 from detpact.config import Config, PostprocessConfig
 from detpact.data.transforms import PAD_VALUE
 from detpact.errors import DetpactError
-from detpact.export.resize import check_resize_modes
 from detpact.models.detector import Detector
 
 INPUT_NAME = "images"
@@ -51,6 +49,10 @@ def export_onnx(deploy: nn.Module, path: Path, image_size: int, opset: int, expo
     with its own `output_names`). An operator the exporter cannot convert, and a Resize node
     in a mode not verified against ONNX Runtime (export/resize.py), are DetpactErrors.
     """
+    import onnx  # loaded when an export runs: every command imports this module
+
+    from detpact.export.resize import check_resize_modes
+
     deploy = deploy.eval()
     example = torch.rand(2, 3, image_size, image_size)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -21,7 +21,6 @@ from detpact.data.formats import Sample
 from detpact.engine.evaluate import ground_truth
 from detpact.evaluation.confusion import confusion_matrix
 from detpact.evaluation.records import ImageDetections
-from detpact.run import plots
 from detpact.run.atomic import read_json
 from detpact.run.contract import RunDir, write_manifest
 from detpact.run.html import write_report_html
@@ -64,6 +63,8 @@ def write_reports(run: RunDir, evaluation: ValEvaluation | None, missing_evaluat
     Without `evaluation` the evaluation plots on disk are kept as they are (with
     `missing_evaluation` as their note, when there are none). Never raises for a plot.
     """
+    from detpact.run import plots  # matplotlib: imported when a report is drawn, not by every command
+
     outcome = ReportOutcome(None, [], {}, [])
     train_rows, val_rows = read_jsonl(run.train_metrics), read_jsonl(run.val_metrics)
     best_step = ((read_json(run.train_report_json) or {}).get("best") or {}).get("step")
@@ -103,6 +104,8 @@ def write_reports(run: RunDir, evaluation: ValEvaluation | None, missing_evaluat
 
 
 def _evaluation_drawings(evaluation: ValEvaluation) -> dict[str, Callable[[Path], Path]]:
+    from detpact.run import plots
+
     names, cfg = evaluation.class_names, evaluation.eval_cfg
 
     def confusion(path: Path) -> Path:

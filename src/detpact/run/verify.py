@@ -14,7 +14,6 @@ from typing import Literal
 
 from detpact.config import config_hash, load_config
 from detpact.errors import DetpactError
-from detpact.export.parity import describe_failure
 from detpact.run.atomic import read_json, stale_temp_files
 from detpact.run.checkpoint import CORRUPT_SUFFIX, load_checkpoint
 from detpact.run.contract import RunDir, file_entry, read_manifest
@@ -100,6 +99,8 @@ def check_parity_report(run: RunDir) -> list[Check]:
     name = "ONNX parity"
     if report.get("verdict") == "pass":
         return [Check(name, "pass", f"pass on {report.get('num_images')} images ({report.get('onnx')})")]
+    from detpact.export.parity import describe_failure  # onnx and onnxruntime: only for a failed verdict
+
     status: Status = "warn" if report.get("policy") == "warn" else "fail"
     return [Check(name, status, f"{report.get('verdict')} under policy {report.get('policy')!r}: "
                                 f"{describe_failure(report)}")]
