@@ -18,7 +18,7 @@ from conftest import run_cli, train_tiny_run
 from detpact.api import evaluate
 from detpact.config.model import ModelConfig
 from detpact.errors import DetpactError
-from detpact.models.detector import build_model
+from detpact.models.detector import build_model, count_parameters
 from detpact.models.quant import INSTALL_HINT, QuantisedLinear, apply_quant, dequantise_for_inference
 
 pytest.importorskip("torchao", reason="train.quant needs the adapt extra")
@@ -49,12 +49,14 @@ def test_int8wo_takes_every_linear_but_attention_out_projections_and_freezes_the
     attention_out = {f"{name}.out_proj" for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     float_keys = model.state_dict().keys()
     params_before = sum(p.numel() for p in model.parameters())
+    assert count_parameters(model) == params_before
     record = apply_quant(model, "int8wo", required=True, device=CPU)
 
     quantised = {name for name, m in model.named_modules() if isinstance(m, QuantisedLinear)}
     assert attention_out and quantised == linears - attention_out
     assert record["applied"] == "int8wo" and record["layers"] == len(quantised) and record["reason"] is None
     assert record["quantised_params"] == params_before - sum(p.numel() for p in model.parameters())
+    assert count_parameters(model) == params_before  # the run's parameter count still counts them
     assert not any(type(m) is nn.Linear for name, m in model.named_modules() if name not in attention_out)
     assert all(isinstance(m.qweight, torch.Tensor) and not m.qweight.requires_grad for m in model.modules()
                if isinstance(m, QuantisedLinear))
