@@ -158,11 +158,21 @@ def dequantise_for_inference(model: nn.Module, record: dict[str, Any] | None) ->
     mode = (record or {}).get("applied", "none")
     if mode == "none":
         return 0
+    # int4 is quantised where its kernels are (the same rounding as in training), then brought back
+    where = torch.device("cuda") if mode in NEEDS_CUDA else linear_device(model)
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise DetpactError(f"This checkpoint comes from a train.quant: {mode} run, whose weights can only be "
+                           "rebuilt on a CUDA device (torchao's int4 kernels); evaluate, predict or export it there.")
     layers = list(quantisable_linears(model))
     with torch.no_grad():
         for _, _, _, linear in layers:
-            linear.weight.copy_(quantised_weight(linear.weight.detach(), mode).dequantize().to(linear.weight.dtype))
+            dequantised = quantised_weight(linear.weight.detach().to(where), mode).dequantize()
+            linear.weight.copy_(dequantised.to(linear.weight.device, linear.weight.dtype))
     return len(layers)
+
+
+def linear_device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _not_applied(record: dict[str, Any], reason: str, fix: str) -> dict[str, Any]:
