@@ -24,6 +24,7 @@ from detpact.evaluation.coco import ImageDetections
 from detpact.inference.tta import augment, augmented_size, merge_detections, tta_views, unaugment_boxes
 from detpact.models.detector import Detector, build_model
 from detpact.models.postprocess import Detections
+from detpact.models.quant import dequantise_for_inference
 from detpact.run.checkpoint import inference_state_dict, load_checkpoint
 
 # Distinct colours for drawn boxes, cycled by class id.
@@ -54,6 +55,7 @@ def load_detector(checkpoint: Path, device: torch.device | None = None) -> Loade
     class_names = list(bundle["class_names"])
     model = build_model(cfg.model, len(class_names))
     model.load_state_dict(inference_state_dict(bundle))
+    dequantise_for_inference(model, (bundle.get("weights") or {}).get("quant"))  # a train.quant run's weights
     model = model.to(device)
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
