@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from detpact.config.continual import ContinualConfig
 from detpact.config.section import Section
 
 
@@ -241,6 +242,8 @@ class TrainConfig(Section):
     metrics line (`stage`) and a resume inside any stage is exact"""
     ddp: DDPConfig = DDPConfig()
     """several training processes (torchrun)"""
+    continual: ContinualConfig = ContinualConfig()
+    """regularisers against forgetting a previous task (docs/adaptation.md); all off by default"""
 
     @model_validator(mode="after")
     def _one_way_to_accumulate(self) -> TrainConfig:

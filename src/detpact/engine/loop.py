@@ -44,6 +44,7 @@ from detpact.engine.faults import NO_FAULTS, Faults
 from detpact.engine.guards import NonFiniteGuard
 from detpact.engine.multiscale import MultiScale
 from detpact.engine.optim import build_optimizer, describe_groups, lr_at
+from detpact.engine.penalties import build_penalties
 from detpact.engine.plan import TrainPlan, plan_training
 from detpact.engine.progress import train_progress
 from detpact.engine.recalibrate import EpochSampler, recalibrate_batchnorm, recalibration_indices
@@ -321,6 +322,8 @@ def _build_step_parts(cfg: Config, device: torch.device, num_classes: int, last_
         grad_clip=tcfg.grad_clip, accumulate=micro_batches,
         multi_scale=MultiScale(cfg.run.seed, cfg.data.image_size, cfg.data.multi_scale) if cfg.data.multi_scale else None,
         weights=weights, dist=ctx, balance=balance,
+        penalties=build_penalties(tcfg.continual, model, criterion, device, cfg.run.amp, cfg.run.seed + ctx.rank,
+                                  multi_scale=bool(cfg.data.multi_scale)),
     )
 
 

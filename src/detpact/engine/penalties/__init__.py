@@ -1,0 +1,138 @@
+"""Continual-learning penalties: terms added to the criterion's loss so that fine-tuning on
+a new task keeps what a previous one taught (docs/adaptation.md, "Continual learning").
+
+distill.py: self-distillation from a teacher checkpoint ("loss_distill").
+derpp.py:   DER++ replay of a reservoir buffer ("loss_derpp_logits", "loss_derpp_labels").
+ewc.py:     Elastic Weight Consolidation ("loss_ewc"), and the end-of-run Fisher.
+si.py:      Synaptic Intelligence ("loss_si"), its path integral tracked step by step.
+
+Every penalty has the same small interface (`Penalty`): `losses(model, images, targets,
+outputs)` -> {"loss_<name>": weighted scalar tensor} on each micro-batch, after the
+criterion (float32, outside autocast; `images` are the model's input pixels, `outputs` its
+DetectorOutput); `after_step(model)` after each optimizer step that was taken; and
+`state_dict()` / `load_state_dict()`, which go into the checkpoint bundle under
+"continual" so that a resume is exact. `train_step` adds the losses to the one it
+back-propagates and logs each as its own component.
+
+What a task leaves for the next (EWC's Fisher, SI's importance, DER++'s buffer, with the
+weights they anchor to) is written at the end of its run to `checkpoints/continual.pt`
+(`train.continual.save_state`) and named by the next run (`train.continual.previous`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from detpact.config.continual import ContinualConfig
+from detpact.errors import DetpactError
+from detpact.run.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+STATE_KIND = "detpact.continual"  # what a continual.pt says it is
+
+
+class Penalty(Protocol):
+    def losses(self, model: nn.Module, images: Tensor, targets: list[dict], outputs: Any) -> dict[str, Tensor]: ...
+
+    def after_step(self, model: nn.Module) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Penalties:
+    """The run's penalties by name (distill, derpp, ewc, si: that order, the order their
+    losses are added in)."""
+
+    items: dict[str, Penalty]
+
+    def losses(self, model: nn.Module, images: Tensor, targets: list[dict], outputs: Any) -> dict[str, Tensor]:
+        terms: dict[str, Tensor] = {}
+        for penalty in self.items.values():
+            terms.update(penalty.losses(model, images, targets, outputs))
+        return terms
+
+    def after_step(self, model: nn.Module) -> None:
+        for penalty in self.items.values():
+            penalty.after_step(model)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: penalty.state_dict() for name, penalty in self.items.items()}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        missing = sorted(set(self.items) - set(state or {}))
+        if missing:
+            raise DetpactError(f"Cannot resume: the checkpoint holds no state of the continual penalties {missing} "
+                               "(train.continual changed since the run started). Resume with the settings it "
+                               "started with.")
+        for name, penalty in self.items.items():
+            penalty.load_state_dict(state[name])
+
+    def get(self, name: str) -> Penalty | None:
+        return self.items.get(name)
+
+
+def parameters_of(model: nn.Module) -> dict[str, Tensor]:
+    """The model's parameters by name (what the penalties weigh and anchor)."""
+    return dict(model.named_parameters())
+
+
+def load_previous(path: str) -> dict[str, Any]:
+    """The continual state another run wrote (`train.continual.previous`)."""
+    state = load_checkpoint(Path(path))
+    if state.get("kind") != STATE_KIND:
+        raise DetpactError(f"train.continual.previous: {path} is not a continual state file. Name the "
+                           "checkpoints/continual.pt that the previous task's run wrote with "
+                           "train.continual.save_state: true.")
+    return state
+
+
+def require(previous: dict[str, Any] | None, part: str, key: str) -> Any:
+    """`previous[part]`, or an error saying which setting needs it."""
+    if previous is None or previous.get(part) is None:
+        source = "no train.continual.previous is set" if previous is None else "the previous run did not save it"
+        raise DetpactError(f"train.continual.{key} needs the previous task's {part} state, but {source}. Train "
+                           "the previous task with train.continual.save_state: true and name its "
+                           "checkpoints/continual.pt in train.continual.previous.")
+    return previous[part]
+
+
+def check_shapes(params: dict[str, Tensor], tensors: dict[str, Tensor], what: str) -> None:
+    """Every tensor of `tensors` names a parameter of the same shape."""
+    wrong = [n for n, t in tensors.items() if n not in params or params[n].shape != t.shape]
+    if wrong:
+        raise DetpactError(f"train.continual.previous: the {what} does not fit this model ({len(wrong)} tensors, "
+                           f"e.g. {wrong[0]}). The previous task must have trained the same architecture and "
+                           "class count.")
+
+
+def save_state(path: Path, anchor: nn.Module, parts: dict[str, Any]) -> None:
+    """Write continual.pt: `parts` ({"ewc": ..., "si": ..., "derpp": ...}) and the
+    parameters of `anchor` (the run's final inference weights) as the weights they hold to."""
+    state = {"format_version": FORMAT_VERSION, "kind": STATE_KIND,
+             "anchor": {n: p.detach().cpu().clone() for n, p in anchor.named_parameters()}, **parts}
+    save_checkpoint(path, state)
+    log.info("continual state written to %s (%s)", path, ", ".join(k for k, v in parts.items() if v is not None)
+             or "anchor only")
+
+
+def build_penalties(cfg: ContinualConfig, model: nn.Module, criterion: Any, device: torch.device, amp: str,
+                    seed: int = 0, multi_scale: bool = False) -> Penalties | None:
+    """The penalties `cfg` turns on (None when none is); `model` is the student, built and
+    on `device`, with its starting weights."""
+    from detpact.engine.penalties.distill import SelfDistill
+
+    items: dict[str, Penalty] = {}
+    sd = cfg.self_distill
+    if sd.teacher is not None and sd.weight > 0:
+        items["distill"] = SelfDistill.from_checkpoint(sd, device, amp)
+    return Penalties(items) if items else None

@@ -1,0 +1,96 @@
+"""The continual-learning penalties (engine/penalties/) against values worked out by hand
+on tiny modules."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from detpact.config.continual import SelfDistillConfig
+from detpact.engine.penalties.distill import SelfDistill
+from detpact.errors import DetpactError
+
+CPU = torch.device("cpu")
+
+
+class FixedHead(nn.Module):
+    """A 'detector' whose outputs are fixed tensors (what a teacher predicts)."""
+
+    def __init__(self, logits: torch.Tensor, boxes: torch.Tensor):
+        super().__init__()
+        self.register_buffer("logits", logits)
+        self.register_buffer("boxes", boxes)
+
+    def forward(self, images: torch.Tensor, targets=None) -> SimpleNamespace:
+        return SimpleNamespace(cls_logits=self.logits.expand(len(images), -1, -1),
+                               boxes=self.boxes.expand(len(images), -1, -1))
+
+
+def _distill(kl: str, keys: list[str], weight: float = 2.0, temperature: float = 1.0) -> SelfDistill:
+    # teacher: one location, two classes with logits ln 3 (p = 3/4) and 0 (p = 1/2); one box
+    teacher = FixedHead(torch.tensor([[[math.log(3.0), 0.0]]]), torch.tensor([[[0.0, 0.0, 10.0, 20.0]]]))
+    cfg = SelfDistillConfig(teacher="unused.pt", weight=weight, temperature=temperature, kl=kl, keys=keys)
+    return SelfDistill(cfg, teacher, CPU, "none")
+
+
+def _student_outputs() -> SimpleNamespace:
+    # student: both classes at logit 0 (q = 1/2); its box 4 px off on x1 and 8 px on y2
+    return SimpleNamespace(cls_logits=torch.zeros(1, 1, 2), boxes=torch.tensor([[[4.0, 0.0, 10.0, 28.0]]]))
+
+
+IMAGES = torch.zeros(1, 3, 32, 40)  # H 32, W 40
+
+
+def test_distill_forward_kl_matches_hand_value():
+    # KL(3/4 || 1/2) = 3/4 ln(3/2) + 1/4 ln(1/2); the second class matches (0); mean over 2
+    expected = 2.0 * (0.75 * math.log(1.5) + 0.25 * math.log(0.5)) / 2
+    losses = _distill("forward", ["logits"]).losses(None, IMAGES, [], _student_outputs())
+    assert list(losses) == ["loss_distill"]
+    assert losses["loss_distill"].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_distill_reverse_and_sym_kl_match_hand_values():
+    reverse = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)  # KL(1/2 || 3/4)
+    forward = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    got_reverse = _distill("reverse", ["logits"], weight=1.0).losses(None, IMAGES, [], _student_outputs())
+    got_sym = _distill("sym", ["logits"], weight=1.0).losses(None, IMAGES, [], _student_outputs())
+    assert got_reverse["loss_distill"].item() == pytest.approx(reverse / 2, rel=1e-6)
+    assert got_sym["loss_distill"].item() == pytest.approx((forward + reverse) / 4, rel=1e-6)
+
+
+def test_distill_temperature_and_boxes():
+    # T = 2: teacher logit ln 3 / 2 -> p = sqrt(3) / (1 + sqrt(3)); times T^2 = 4
+    p = math.sqrt(3) / (1 + math.sqrt(3))
+    logits = 4 * (p * math.log(p / 0.5) + (1 - p) * math.log((1 - p) / 0.5)) / 2
+    boxes = (4 / 40 + 8 / 32) / 4  # mean L1 over the 4 coordinates, in fractions of W, H
+    losses = _distill("forward", ["logits", "bbox"], weight=1.0, temperature=2.0).losses(
+        None, IMAGES, [], _student_outputs())
+    assert losses["loss_distill"].item() == pytest.approx(logits + boxes, rel=1e-6)
+    only_boxes = _distill("forward", ["bbox"], weight=3.0).losses(None, IMAGES, [], _student_outputs())
+    assert only_boxes["loss_distill"].item() == pytest.approx(3 * boxes, rel=1e-6)
+
+
+def test_distill_gradient_reaches_the_student_only():
+    student = _student_outputs()
+    student.cls_logits.requires_grad_(True)
+    penalty = _distill("forward", ["logits"])
+    penalty.losses(None, IMAGES, [], student)["loss_distill"].backward()
+    # d/dz KL(p || sigmoid(z)) = sigmoid(z) - p: (1/2 - 3/4) for class 0, x weight 2 / 2 elements
+    assert student.cls_logits.grad.flatten().tolist() == pytest.approx([-0.25, 0.0])
+    assert all(not b.requires_grad for b in penalty.teacher.buffers())
+    assert not penalty.teacher.training
+
+
+def test_distill_refuses_a_teacher_with_other_classes_and_a_changed_file():
+    penalty = _distill("forward", ["logits"])
+    wrong = SimpleNamespace(cls_logits=torch.zeros(1, 1, 3), boxes=torch.zeros(1, 1, 4))
+    with pytest.raises(DetpactError, match="same head and classes"):
+        penalty.losses(None, IMAGES, [], wrong)
+    penalty.teacher_sha256 = "abc"
+    penalty.load_state_dict({"teacher_sha256": "abc"})
+    with pytest.raises(DetpactError, match="changed since the run started"):
+        penalty.load_state_dict({"teacher_sha256": "def"})
