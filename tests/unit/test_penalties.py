@@ -10,8 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from detpact.config.continual import SelfDistillConfig
+from detpact.config.continual import ContinualConfig, SelfDistillConfig
+from detpact.engine.penalties import build_penalties, load_previous
 from detpact.engine.penalties.distill import SelfDistill
+from detpact.engine.penalties.ewc import EWC, estimate_fisher
+from detpact.engine.penalties.handoff import save_continual_state
 from detpact.errors import DetpactError
 
 CPU = torch.device("cpu")
@@ -94,3 +97,88 @@ def test_distill_refuses_a_teacher_with_other_classes_and_a_changed_file():
     penalty.load_state_dict({"teacher_sha256": "abc"})
     with pytest.raises(DetpactError, match="changed since the run started"):
         penalty.load_state_dict({"teacher_sha256": "def"})
+
+
+# --- EWC ---------------------------------------------------------------------------------
+
+class Probe(nn.Module):
+    """A 1x1 convolution without bias: the sum of its output has gradient sum(x) per channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 1, bias=False)
+
+    def forward(self, images: torch.Tensor, targets=None) -> torch.Tensor:
+        return self.conv(images)
+
+
+def _sum_loss(outputs, targets) -> dict[str, torch.Tensor]:
+    return {"loss": outputs.sum()}
+
+
+def _linear(weight: list[float], bias: float) -> nn.Linear:
+    layer = nn.Linear(2, 1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([weight]))
+        layer.bias.fill_(bias)
+    return layer
+
+
+def test_ewc_matches_hand_value_and_pulls_towards_the_anchor():
+    model = _linear([1.0, 2.0], 0.5)
+    fisher = {"weight": torch.tensor([[2.0, 0.0]]), "bias": torch.tensor([4.0])}
+    anchor = {"weight": torch.zeros(1, 2), "bias": torch.zeros(1)}
+    penalty = EWC(2.0, fisher, anchor, model, CPU)
+    loss = penalty.losses(model, IMAGES, [], None)["loss_ewc"]
+    assert loss.item() == pytest.approx(2.0 / 2 * (2 * 1 + 0 * 4 + 4 * 0.25))  # lambda/2 sum F (theta - theta*)^2
+    loss.backward()
+    # d/dtheta = lambda F (theta - theta*): [2 x 2 x 1, 0], 2 x 4 x 0.5
+    assert model.weight.grad.tolist() == [[4.0, 0.0]] and model.bias.grad.tolist() == [4.0]
+    restored = EWC(2.0, {n: torch.zeros_like(t) for n, t in fisher.items()}, anchor, model, CPU)
+    restored.load_state_dict(penalty.state_dict())
+    assert restored.losses(model, IMAGES, [], None)["loss_ewc"].item() == loss.item()
+
+
+def test_ewc_refuses_a_fisher_of_another_model():
+    with pytest.raises(DetpactError, match="does not fit this model"):
+        EWC(1.0, {"weight": torch.ones(3, 2)}, {"weight": torch.ones(3, 2)}, _linear([1.0, 2.0], 0.0), CPU)
+
+
+def _batches(*counts: int):
+    """Batches of uint8 images of ones (255 -> 1.0), `count` images each."""
+    return [(torch.full((n, 3, 1, 1), 255, dtype=torch.uint8), [{}] * n) for n in counts]
+
+
+def test_fisher_is_the_mean_squared_batch_gradient():
+    model = Probe()
+    # gradients: batch of 1 image -> 1 per channel, batch of 2 -> 2; the third is not used
+    fisher = estimate_fisher(model, _sum_loss, _batches(1, 2, 2), 2, CPU, "none", False)
+    assert fisher["conv.weight"].flatten().tolist() == [2.5, 2.5, 2.5]  # (1^2 + 2^2) / 2
+    assert model.conv.weight.grad is None  # estimated on a copy
+
+
+def test_saved_state_folds_in_the_previous_fisher_and_feeds_the_next_run(tmp_path):
+    model = Probe()
+    first, second = tmp_path / "a.pt", tmp_path / "b.pt"
+    save_continual_state(first, ContinualConfig(), None, model, _sum_loss, _batches(1), CPU, "none", False)
+    state = load_previous(str(first))
+    assert state["ewc"]["fisher"]["conv.weight"].flatten().tolist() == [1.0, 1.0, 1.0]
+    assert torch.equal(state["anchor"]["conv.weight"], model.conv.weight.detach())
+    online = ContinualConfig(previous=str(first), ewc={"gamma": 0.5})
+    save_continual_state(second, online, None, model, _sum_loss, _batches(2), CPU, "none", False)
+    assert load_previous(str(second))["ewc"]["fisher"]["conv.weight"].flatten().tolist() == [4.5] * 3  # 0.5 x 1 + 4
+    penalties = build_penalties(ContinualConfig(previous=str(second), ewc={"weight": 1.0}), model, _sum_loss, CPU,
+                                "none")
+    with torch.no_grad():
+        model.conv.weight.add_(1.0)  # one away from the anchor on each of 3 weights
+    assert penalties.losses(model, IMAGES, [], None)["loss_ewc"].item() == pytest.approx(0.5 * 3 * 4.5)
+
+
+def test_ewc_without_a_previous_state_is_refused(tmp_path):
+    with pytest.raises(DetpactError, match="needs the previous task's ewc state"):
+        build_penalties(ContinualConfig(ewc={"weight": 1.0}), Probe(), _sum_loss, CPU, "none")
+    not_state = tmp_path / "x.pt"
+    torch.save({"format_version": 1}, not_state)
+    with pytest.raises(DetpactError, match="not a continual state file"):
+        build_penalties(ContinualConfig(previous=str(not_state), ewc={"weight": 1.0}), Probe(), _sum_loss, CPU,
+                        "none")

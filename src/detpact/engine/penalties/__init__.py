@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from detpact.config.continual import ContinualConfig
 from detpact.errors import DetpactError
-from detpact.run.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from detpact.run.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -115,24 +115,19 @@ def check_shapes(params: dict[str, Tensor], tensors: dict[str, Tensor], what: st
                            "class count.")
 
 
-def save_state(path: Path, anchor: nn.Module, parts: dict[str, Any]) -> None:
-    """Write continual.pt: `parts` ({"ewc": ..., "si": ..., "derpp": ...}) and the
-    parameters of `anchor` (the run's final inference weights) as the weights they hold to."""
-    state = {"format_version": FORMAT_VERSION, "kind": STATE_KIND,
-             "anchor": {n: p.detach().cpu().clone() for n, p in anchor.named_parameters()}, **parts}
-    save_checkpoint(path, state)
-    log.info("continual state written to %s (%s)", path, ", ".join(k for k, v in parts.items() if v is not None)
-             or "anchor only")
-
-
 def build_penalties(cfg: ContinualConfig, model: nn.Module, criterion: Any, device: torch.device, amp: str,
                     seed: int = 0, multi_scale: bool = False) -> Penalties | None:
     """The penalties `cfg` turns on (None when none is); `model` is the student, built and
     on `device`, with its starting weights."""
     from detpact.engine.penalties.distill import SelfDistill
+    from detpact.engine.penalties.ewc import EWC
 
+    previous = load_previous(cfg.previous) if cfg.previous else None
     items: dict[str, Penalty] = {}
     sd = cfg.self_distill
     if sd.teacher is not None and sd.weight > 0:
         items["distill"] = SelfDistill.from_checkpoint(sd, device, amp)
+    if cfg.ewc.weight > 0:
+        fisher = require(previous, "ewc", "ewc.weight")["fisher"]
+        items["ewc"] = EWC(cfg.ewc.weight, fisher, previous["anchor"], model, device)
     return Penalties(items) if items else None
