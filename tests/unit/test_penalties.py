@@ -10,11 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from detpact.config.continual import ContinualConfig, SelfDistillConfig
+from detpact.config.continual import ContinualConfig, SelfDistillConfig, SIConfig
 from detpact.engine.penalties import build_penalties, load_previous
 from detpact.engine.penalties.distill import SelfDistill
 from detpact.engine.penalties.ewc import EWC, estimate_fisher
 from detpact.engine.penalties.handoff import save_continual_state
+from detpact.engine.penalties.si import SI
 from detpact.errors import DetpactError
 
 CPU = torch.device("cpu")
@@ -116,8 +117,13 @@ def _sum_loss(outputs, targets) -> dict[str, torch.Tensor]:
     return {"loss": outputs.sum()}
 
 
+class Linear(nn.Linear):
+    def forward(self, x: torch.Tensor, targets=None) -> torch.Tensor:  # a detector's signature
+        return super().forward(x)
+
+
 def _linear(weight: list[float], bias: float) -> nn.Linear:
-    layer = nn.Linear(2, 1)
+    layer = Linear(2, 1)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([weight]))
         layer.bias.fill_(bias)
@@ -182,3 +188,62 @@ def test_ewc_without_a_previous_state_is_refused(tmp_path):
     with pytest.raises(DetpactError, match="not a continual state file"):
         build_penalties(ContinualConfig(previous=str(not_state), ewc={"weight": 1.0}), Probe(), _sum_loss, CPU,
                         "none")
+
+
+# --- SI ----------------------------------------------------------------------------------
+
+def _move(model: nn.Linear, grad_w: list[float], grad_b: float, weight: list[float], bias: float) -> None:
+    """One 'optimizer step': the gradient it applied, then the weights it left."""
+    model.weight.grad, model.bias.grad = torch.tensor([grad_w]), torch.tensor([grad_b])
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([weight]))
+        model.bias.fill_(bias)
+
+
+def test_si_path_integral_and_importance_match_hand_values():
+    model = _linear([1.0, 2.0], 0.5)
+    si = SI(SIConfig(epsilon=0.5), model, CPU, track=True)
+    assert si.losses(model, IMAGES, [], None) == {}  # c = 0: tracking only
+    _move(model, [1.0, -1.0], 2.0, [0.5, 2.5], 0.0)  # moves -0.5, +0.5; -0.5
+    si.after_step(model)
+    assert si.omega["weight"].tolist() == [[0.5, 0.5]] and si.omega["bias"].tolist() == [1.0]  # -g x move
+    resumed = SI(SIConfig(epsilon=0.5), _linear([9.0, 9.0], 9.0), CPU, track=True)
+    resumed.load_state_dict(si.state_dict())
+    _move(model, [0.0, 1.0], -1.0, [0.5, 3.5], 0.5)  # moves 0, +1; +0.5
+    for tracker in (si, resumed):
+        tracker.after_step(model)
+        assert tracker.omega["weight"].tolist() == [[0.5, -0.5]] and tracker.omega["bias"].tolist() == [1.5]
+        # Omega = max(omega, 0) / (total move^2 + epsilon): moves [-0.5, 1.5] and 0
+        importance = tracker.run_importance()
+        assert importance["weight"].flatten().tolist() == pytest.approx([0.5 / 0.75, 0.0])
+        assert importance["bias"].tolist() == pytest.approx([1.5 / 0.5])
+
+
+def test_si_penalty_matches_hand_value():
+    model = _linear([1.0, 2.0], 0.5)
+    importance = {"weight": torch.tensor([[1.0, 1.0]]), "bias": torch.tensor([2.0])}
+    anchor = {"weight": torch.zeros(1, 2), "bias": torch.zeros(1)}
+    si = SI(SIConfig(c=3.0), model, CPU, track=False, importance=importance, anchor=anchor)
+    # c x sum Omega (theta - theta*)^2 = 3 x (1 + 4 + 2 x 0.25)
+    assert si.losses(model, IMAGES, [], None)["loss_si"].item() == pytest.approx(16.5)
+
+
+def test_si_importance_is_saved_added_to_the_previous_one(tmp_path):
+    model = _linear([1.0, 2.0], 0.5)
+    penalties = build_penalties(ContinualConfig(save_state=True, si={"epsilon": 0.5}), model, _sum_loss, CPU, "none")
+    _move(model, [1.0, -1.0], 2.0, [0.5, 2.5], 0.0)
+    penalties.after_step(model)
+    first = tmp_path / "a.pt"
+    batches = [(torch.full((1, 2), 255, dtype=torch.uint8), [{}])]
+    save_continual_state(first, ContinualConfig(save_state=True), penalties, model, _sum_loss, batches, CPU, "none",
+                         False)
+    # omega [0.5, 0.5], 1 over moves [-0.5, 0.5], -0.5: 0.5 / 0.75 and 1 / 0.75
+    saved = load_previous(str(first))["si"]["importance"]
+    assert saved["weight"].flatten().tolist() == pytest.approx([2 / 3, 2 / 3]) and saved["bias"].item() == \
+        pytest.approx(4 / 3)
+    second_cfg = ContinualConfig(previous=str(first), save_state=True, si={"c": 1.0, "epsilon": 0.5})
+    again = build_penalties(second_cfg, model, _sum_loss, CPU, "none")
+    assert again.losses(model, IMAGES, [], None)["loss_si"].item() == 0.0  # at the anchor
+    second = tmp_path / "b.pt"
+    save_continual_state(second, second_cfg, again, model, _sum_loss, batches, CPU, "none", False)
+    assert load_previous(str(second))["si"]["importance"]["bias"].item() == pytest.approx(4 / 3)  # + 0: no steps

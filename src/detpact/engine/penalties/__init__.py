@@ -74,8 +74,13 @@ class Penalties:
             raise DetpactError(f"Cannot resume: the checkpoint holds no state of the continual penalties {missing} "
                                "(train.continual changed since the run started). Resume with the settings it "
                                "started with.")
-        for name, penalty in self.items.items():
-            penalty.load_state_dict(state[name])
+        try:
+            for name, penalty in self.items.items():
+                penalty.load_state_dict(state[name])
+        except (KeyError, RuntimeError) as exc:
+            raise DetpactError(f"Cannot resume: the checkpoint's state of the continual penalties does not fit "
+                               f"this run ({str(exc).strip().splitlines()[0]}). Resume with the model and "
+                               "train.continual settings the run started with.") from None
 
     def get(self, name: str) -> Penalty | None:
         return self.items.get(name)
@@ -121,6 +126,7 @@ def build_penalties(cfg: ContinualConfig, model: nn.Module, criterion: Any, devi
     on `device`, with its starting weights."""
     from detpact.engine.penalties.distill import SelfDistill
     from detpact.engine.penalties.ewc import EWC
+    from detpact.engine.penalties.si import SI
 
     previous = load_previous(cfg.previous) if cfg.previous else None
     items: dict[str, Penalty] = {}
@@ -130,4 +136,8 @@ def build_penalties(cfg: ContinualConfig, model: nn.Module, criterion: Any, devi
     if cfg.ewc.weight > 0:
         fisher = require(previous, "ewc", "ewc.weight")["fisher"]
         items["ewc"] = EWC(cfg.ewc.weight, fisher, previous["anchor"], model, device)
+    if cfg.si.c > 0 or cfg.save_state:  # the path integral is tracked for the next task
+        importance = require(previous, "si", "si.c")["importance"] if cfg.si.c > 0 else None
+        items["si"] = SI(cfg.si, model, device, track=cfg.save_state, importance=importance,
+                         anchor=previous["anchor"] if importance is not None else None)
     return Penalties(items) if items else None

@@ -36,10 +36,16 @@ def save_continual_state(path: Path, cfg: ContinualConfig, penalties: Penalties 
     if previous.get("ewc"):  # online EWC: the older tasks' Fisher decays by gamma
         fisher = {n: cfg.ewc.gamma * previous["ewc"]["fisher"][n] + f if n in previous["ewc"]["fisher"] else f
                   for n, f in fisher.items()}
+    si = penalties.get("si") if penalties is not None else None
+    importance = si.run_importance() if si is not None and si.track else None
+    if importance is not None and previous.get("si"):  # the tasks' importances add up
+        importance = {n: previous["si"]["importance"][n] + w if n in previous["si"]["importance"] else w
+                      for n, w in importance.items()}
     state: dict[str, Any] = {
         "format_version": FORMAT_VERSION, "kind": STATE_KIND,
         "anchor": {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()},
-        "ewc": {"fisher": fisher}, "si": None, "derpp": None,
+        "ewc": {"fisher": fisher},
+        "si": {"importance": importance} if importance is not None else None, "derpp": None,
     }
     save_checkpoint(path, state)
     log.info("continual state for the next task written to %s (%s)", path,
