@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from detpact.config.continual import ContinualConfig, SelfDistillConfig, SIConfig
+from detpact.config.continual import ContinualConfig, DerppConfig, SelfDistillConfig, SIConfig
 from detpact.engine.penalties import build_penalties, load_previous
+from detpact.engine.penalties.derpp import DerppReplay
 from detpact.engine.penalties.distill import SelfDistill
 from detpact.engine.penalties.ewc import EWC, estimate_fisher
 from detpact.engine.penalties.handoff import save_continual_state
@@ -247,3 +248,82 @@ def test_si_importance_is_saved_added_to_the_previous_one(tmp_path):
     second = tmp_path / "b.pt"
     save_continual_state(second, second_cfg, again, model, _sum_loss, batches, CPU, "none", False)
     assert load_previous(str(second))["si"]["importance"]["bias"].item() == pytest.approx(4 / 3)  # + 0: no steps
+
+
+# --- DER++ -------------------------------------------------------------------------------
+
+class Gain(nn.Module):
+    """cls_logits = w x pixels, one 'location' per pixel value and one class."""
+
+    def __init__(self, w: float):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(w))
+
+    def forward(self, images: torch.Tensor, targets=None) -> SimpleNamespace:
+        return SimpleNamespace(cls_logits=self.w * images.flatten(1)[:, :, None])
+
+
+def _count_loss(outputs, targets) -> dict[str, torch.Tensor]:
+    """Mean logit plus the number of boxes: a label term whose value is easy to follow."""
+    return {"loss": outputs.cls_logits.mean() + sum(len(t["labels"]) for t in targets)}
+
+
+def _target(boxes: int) -> dict[str, torch.Tensor]:
+    return {"boxes": torch.ones(boxes, 4), "labels": torch.zeros(boxes, dtype=torch.int64)}
+
+
+def _pixels(*values: int) -> torch.Tensor:
+    """One 1x1 px image per value, as the step hands them over (uint8 / 255)."""
+    return torch.tensor(values, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 1, 1).float() / 255
+
+
+def _derpp(model: nn.Module, **cfg) -> DerppReplay:
+    return DerppReplay(DerppConfig(**{"alpha": 1.0, "beta": 0.5, "buffer_size": 2, "replay_batch": 2, **cfg}),
+                       _count_loss, CPU, "none", seed=0)
+
+
+def test_derpp_terms_match_hand_values():
+    model = Gain(2.0)
+    replay = _derpp(model)
+    first = _pixels(255, 51)  # 1.0 and 0.2: logits 2 and 0.4 when stored
+    assert replay.losses(model, first, [_target(1), _target(2)], model(first)) == {}  # nothing to replay yet
+    assert replay.count == 2 and torch.equal(replay.images[:, 0, 0, 0], torch.tensor([255, 51], dtype=torch.uint8))
+    with torch.no_grad():
+        model.w.fill_(3.0)  # logits now 3 and 0.6
+    batch = _pixels(102)
+    terms = replay.losses(model, batch, [_target(0)], model(batch))
+    assert terms["loss_derpp_logits"].item() == pytest.approx(1.0 * (1.0 ** 2 + 0.2 ** 2) / 2)  # alpha x MSE
+    assert terms["loss_derpp_labels"].item() == pytest.approx(0.5 * ((3.0 + 0.6) / 2 + 3))  # beta x loss(1 + 2 boxes)
+    assert replay.count == 2 and replay.seen == 3
+    terms["loss_derpp_logits"].backward()
+    # d/dw mean((w x_i - s_i)^2) over the 3 channels of both = (2 x 1 x 1 + 2 x 0.2 x 0.2) / 2
+    assert model.w.grad.item() == pytest.approx((2 * 1.0 + 2 * 0.2 * 0.2) / 2)
+
+
+def test_derpp_reservoir_keeps_a_uniform_sample():
+    model = Gain(1.0)
+    replay = _derpp(model, alpha=0.0, beta=0.0, buffer_size=20)
+    for value in range(200):  # offered one by one; each kept with probability 20 / seen
+        batch = _pixels(value)
+        replay.losses(model, batch, [_target(1)], model(batch))
+    kept = sorted(replay.images[:, 0, 0, 0].tolist())
+    assert replay.count == 20 and replay.seen == 200 and len(set(kept)) == 20
+    early = sum(v < 100 for v in kept)
+    assert 5 <= early <= 15, kept  # about half from each half of the stream (not just the newest)
+
+
+def test_derpp_state_round_trip_replays_the_same_samples():
+    model = Gain(1.0)
+    replay = _derpp(model, buffer_size=3, replay_batch=2)
+    for values in ((10, 20), (30, 40), (50, 60)):
+        batch = _pixels(*values)
+        replay.losses(model, batch, [_target(1), _target(2)], model(batch))
+    resumed = _derpp(model, buffer_size=3, replay_batch=2)
+    resumed.load_state_dict(replay.state_dict())
+    batch = _pixels(70, 80)
+    for _ in range(3):
+        ours = replay.losses(model, batch, [_target(1), _target(3)], model(batch))
+        theirs = resumed.losses(model, batch, [_target(1), _target(3)], model(batch))
+        assert {k: v.item() for k, v in ours.items()} == {k: v.item() for k, v in theirs.items()}
+    assert torch.equal(replay.images, resumed.images) and replay.seen == resumed.seen == 12
+    assert [len(b) for b in replay.boxes] == [len(b) for b in resumed.boxes]

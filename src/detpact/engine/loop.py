@@ -329,7 +329,7 @@ def _build_step_parts(cfg: Config, device: torch.device, num_classes: int, last_
         multi_scale=MultiScale(cfg.run.seed, cfg.data.image_size, cfg.data.multi_scale) if cfg.data.multi_scale else None,
         weights=weights, dist=ctx, balance=balance,
         penalties=build_penalties(tcfg.continual, model, criterion, device, cfg.run.amp, cfg.run.seed + ctx.rank,
-                                  multi_scale=bool(cfg.data.multi_scale)),
+                                  multi_scale=bool(cfg.data.multi_scale), world_size=ctx.world_size),
     )
 
 

@@ -121,9 +121,10 @@ def check_shapes(params: dict[str, Tensor], tensors: dict[str, Tensor], what: st
 
 
 def build_penalties(cfg: ContinualConfig, model: nn.Module, criterion: Any, device: torch.device, amp: str,
-                    seed: int = 0, multi_scale: bool = False) -> Penalties | None:
+                    seed: int = 0, multi_scale: bool = False, world_size: int = 1) -> Penalties | None:
     """The penalties `cfg` turns on (None when none is); `model` is the student, built and
-    on `device`, with its starting weights."""
+    on `device`, with its starting weights; `criterion` gives DER++'s label term, `seed`
+    its random stream."""
     from detpact.engine.penalties.distill import SelfDistill
     from detpact.engine.penalties.ewc import EWC
     from detpact.engine.penalties.si import SI
@@ -133,6 +134,8 @@ def build_penalties(cfg: ContinualConfig, model: nn.Module, criterion: Any, devi
     sd = cfg.self_distill
     if sd.teacher is not None and sd.weight > 0:
         items["distill"] = SelfDistill.from_checkpoint(sd, device, amp)
+    if cfg.derpp.buffer_size > 0 or cfg.derpp.alpha > 0 or cfg.derpp.beta > 0:
+        items["derpp"] = _derpp(cfg, previous, criterion, device, amp, seed, multi_scale, world_size)
     if cfg.ewc.weight > 0:
         fisher = require(previous, "ewc", "ewc.weight")["fisher"]
         items["ewc"] = EWC(cfg.ewc.weight, fisher, previous["anchor"], model, device)
@@ -141,3 +144,24 @@ def build_penalties(cfg: ContinualConfig, model: nn.Module, criterion: Any, devi
         items["si"] = SI(cfg.si, model, device, track=cfg.save_state, importance=importance,
                          anchor=previous["anchor"] if importance is not None else None)
     return Penalties(items) if items else None
+
+
+def _derpp(cfg: ContinualConfig, previous: dict[str, Any] | None, criterion: Any, device: torch.device, amp: str,
+           seed: int, multi_scale: bool, world_size: int) -> Penalty:
+    from detpact.engine.penalties.derpp import DerppReplay
+
+    if cfg.derpp.buffer_size == 0:
+        raise DetpactError("train.continual.derpp.alpha/beta replay a buffer: set train.continual.derpp.buffer_size "
+                           "above 0 (e.g. 200).")
+    if multi_scale:
+        raise DetpactError("train.continual.derpp keeps images of one size: turn data.multi_scale off with it.")
+    if world_size > 1:
+        # Each process would keep its own buffer, and only rank 0's is checkpointed: a resume
+        # could not be exact.
+        raise DetpactError("train.continual.derpp runs in one process only (its buffer is not shared between "
+                           "torchrun processes): train without torchrun, or turn derpp off.")
+    buffer = previous.get("derpp") if previous is not None else None  # the reservoir goes on from the tasks before
+    if buffer is None and (cfg.derpp.alpha > 0 or cfg.derpp.beta > 0):
+        log.warning("train.continual.derpp: no previous task's buffer (train.continual.previous%s): this run "
+                    "replays only its own samples", " holds none" if previous is not None else " is not set")
+    return DerppReplay(cfg.derpp, criterion, device, amp, seed, buffer)

@@ -41,11 +41,13 @@ def save_continual_state(path: Path, cfg: ContinualConfig, penalties: Penalties 
     if importance is not None and previous.get("si"):  # the tasks' importances add up
         importance = {n: previous["si"]["importance"][n] + w if n in previous["si"]["importance"] else w
                       for n, w in importance.items()}
+    derpp = penalties.get("derpp") if penalties is not None else None
     state: dict[str, Any] = {
         "format_version": FORMAT_VERSION, "kind": STATE_KIND,
         "anchor": {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()},
         "ewc": {"fisher": fisher},
-        "si": {"importance": importance} if importance is not None else None, "derpp": None,
+        "si": {"importance": importance} if importance is not None else None,
+        "derpp": derpp.buffer_state() if derpp is not None else None,
     }
     save_checkpoint(path, state)
     log.info("continual state for the next task written to %s (%s)", path,
