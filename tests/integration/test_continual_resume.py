@@ -75,8 +75,9 @@ def test_killed_continual_run_resumes_to_the_same_bits(tmp_path, cache_dir, task
     run, reference = tmp_path / "runs" / "killed", tmp_path / "runs" / "straight"
     assert_same_run(run, reference)
     lines = [json.loads(line) for line in (run / "reports" / "train_metrics.jsonl").read_text().splitlines()]
-    # Task B starts from task A's final weights (its anchor): EWC and SI are 0 until the first step moves them.
+    # Task B starts from task A's best.pt, the anchor: EWC and SI are 0 until the first step moves it.
     assert len(lines) == 4 and all(key in line for line in lines for key in PENALTIES)
+    assert lines[0]["loss_ewc"] == lines[0]["loss_si"] == 0.0
     assert all(line[key] > 0 for line in lines[1:] for key in PENALTIES)
     ours, theirs = (torch.load(r / "checkpoints" / "last.pt", weights_only=True)["continual"] for r in (run, reference))
     assert set(ours) == {"distill", "derpp", "ewc", "si"}
