@@ -52,14 +52,14 @@ def test_killed_continual_run_resumes_to_the_same_bits(tmp_path, cache_dir, task
     assert "checkpoints/continual.pt" in json.loads((run_a / "manifest.json").read_text())["files"]
     best = run_a / "checkpoints" / "best.pt"
     config = write_tiny_config(tmp_path / "tiny.yaml")
-    # Batches of 4 two to a step: 3 steps an epoch, 4 in all; a checkpoint every 2 steps.
-    sets = ["--set", "train.batch_size=4", "--set", "train.accumulate=2", "--set", "train.max_steps=4",
+    # Batches of 4 two to a step: 3 steps, one epoch; a checkpoint every 2 steps.
+    sets = ["--set", "train.batch_size=4", "--set", "train.accumulate=2", "--set", "train.max_steps=3",
             "--set", "train.checkpoint.every_steps=2",
             "--set", f"model.init_from={best}",
             "--set", f"train.continual={{previous: {run_a / 'checkpoints' / 'continual.pt'}, save_state: true, "
                      f"self_distill: {{teacher: {best}, weight: 1.0, kl: sym}}, "
                      "derpp: {alpha: 0.5, beta: 0.5, buffer_size: 12, replay_batch: 4}, "
-                     "ewc: {weight: 100.0, gamma: 0.9}, si: {c: 1.0}}"]
+                     "ewc: {weight: 100.0, gamma: 0.9, fisher_batches: 2}, si: {c: 1.0}}"]
 
     def train(run_id: str, *extra: str, fault: str | None = None):
         return run_cli(["train", str(config), "--run-id", run_id, *sets, *extra],
@@ -67,16 +67,16 @@ def test_killed_continual_run_resumes_to_the_same_bits(tmp_path, cache_dir, task
 
     straight = train("straight")
     assert straight.returncode == 0, straight.stderr
-    killed = train("killed", fault="kill@step=4:micro=1")
+    killed = train("killed", fault="kill@step=3:micro=1")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     resumed = train("killed", "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed at step 3" in resumed.stderr
+    assert "resumed at step 2" in resumed.stderr
     run, reference = tmp_path / "runs" / "killed", tmp_path / "runs" / "straight"
     assert_same_run(run, reference)
     lines = [json.loads(line) for line in (run / "reports" / "train_metrics.jsonl").read_text().splitlines()]
     # Task B starts from task A's best.pt, the anchor: EWC and SI are 0 until the first step moves it.
-    assert len(lines) == 4 and all(key in line for line in lines for key in PENALTIES)
+    assert len(lines) == 3 and all(key in line for line in lines for key in PENALTIES)
     assert lines[0]["loss_ewc"] == lines[0]["loss_si"] == 0.0
     assert all(line[key] > 0 for line in lines[1:] for key in PENALTIES)
     ours, theirs = (torch.load(r / "checkpoints" / "last.pt", weights_only=True)["continual"] for r in (run, reference))
@@ -84,4 +84,4 @@ def test_killed_continual_run_resumes_to_the_same_bits(tmp_path, cache_dir, task
     assert _same(ours, theirs) == []
     handed_on = [torch.load(r / "checkpoints" / "continual.pt", weights_only=True) for r in (run, reference)]
     assert _same(*handed_on) == []
-    assert handed_on[0]["derpp"]["seen"] == 24 + 32  # task A's epoch of 24 images, then task B's 4 steps of 8
+    assert handed_on[0]["derpp"]["seen"] == 24 + 24  # task A's epoch of 24 images, then task B's 3 steps of 8
