@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from detpact.config.continual import ContinualConfig
 from detpact.config.section import Section
 
 
@@ -254,6 +255,8 @@ class TrainConfig(Section):
     """when `quant` cannot be applied here (`int4wo` off CUDA, or no Linear layer), refuse to
     train (`true`) instead of training unquantised with a warning recorded in
     `train_report.json` (`false`)"""
+    continual: ContinualConfig = ContinualConfig()
+    """regularisers against forgetting a previous task (docs/adaptation.md); all off by default"""
 
     @model_validator(mode="after")
     def _one_way_to_accumulate(self) -> TrainConfig:
