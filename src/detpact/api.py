@@ -220,7 +220,7 @@ def export(run_dir: str | Path, *, checkpoint: str = "best", opset: int | None =
     run = open_run(run_dir, environ)
     ckpt_path = checkpoint_path(run, checkpoint)
     # Exported and compared in float32 on the CPU, where onnxruntime runs too.
-    loaded = load_detector(ckpt_path, torch.device("cpu"))
+    loaded = load_detector(ckpt_path, torch.device("cpu"), merge_lora=False)  # LoRA: merged by export_run
     export_cfg = loaded.config.export
     from detpact.commands.export import check_export_settings, export_run
 
