@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
-from copy import deepcopy
 from collections.abc import Mapping
+from copy import deepcopy
 from typing import Any
 
 import torch
