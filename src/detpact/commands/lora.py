@@ -4,7 +4,7 @@ The adapters of the raw and the EMA weights are folded into the base weights
 (models/lora.py: merge_state_dict), the embedded config gets `train.lora.r: 0`, and the
 optimizer state (of the adapters) is left out: the result loads like the checkpoint of a
 run trained without adapters (inference/predictor.py: load_detector), for evaluation,
-prediction or as the starting weights of another run (`model.weights`).
+prediction or as the starting weights of another run (`model.init_from`).
 """
 
 from __future__ import annotations
