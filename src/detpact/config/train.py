@@ -194,7 +194,7 @@ class LoRAConfig(Section):
     train too"""
     train_bias: Literal["none", "all"] = "none"
     """with `freeze_base`: `all` also trains every bias of the model (convolutions, linears,
-    norms), `none` keeps them fixed"""
+    norms, attention projections), `none` keeps them fixed"""
 
 
 class TrainConfig(Section):
