@@ -193,3 +193,10 @@ def test_merge_lora_in_place_returns_the_count():
     report = apply_lora(model, LoRAConfig(r=2, target="head"))
     assert merge_lora(model) == report["adapted_layers"] == 6
     assert merge_lora(model) == 0
+
+
+def test_lora_over_a_quantised_base_is_refused_until_qlora_exists():
+    from detpact.config.train import TrainConfig
+
+    with pytest.raises(ValueError, match="not supported yet"):
+        TrainConfig.model_validate({"lora": {"r": 4}, "quant": "int8wo"})
