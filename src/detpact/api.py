@@ -220,7 +220,7 @@ def export(run_dir: str | Path, *, checkpoint: str = "best", opset: int | None =
     run = open_run(run_dir, environ)
     ckpt_path = checkpoint_path(run, checkpoint)
     # Exported and compared in float32 on the CPU, where onnxruntime runs too.
-    loaded = load_detector(ckpt_path, torch.device("cpu"))
+    loaded = load_detector(ckpt_path, torch.device("cpu"), merge_lora=False)  # LoRA: merged by export_run
     export_cfg = loaded.config.export
     from detpact.commands.export import check_export_settings, export_run
 
@@ -259,7 +259,7 @@ def _reevaluate_best(run: RunDir, verified: set[str], environ: Mapping[str, str]
     name = "best.pt re-evaluated"
     if "checkpoints/best.pt" not in verified:
         return [Check(name, "fail", "not run: checkpoints/best.pt is missing or failed its checksum")]
-    loaded = load_detector(run.best_ckpt)
+    loaded = load_detector(run.best_ckpt, merge_lora=False)  # as validation ran: LoRA adapters unmerged
     try:
         data = build_datasets(loaded.config.data, cache_dir(environ))
     except DetpactError as exc:

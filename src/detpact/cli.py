@@ -19,6 +19,7 @@ from rich.table import Table
 
 from detpact import __version__, api
 from detpact.commands import doctor as doctor_command
+from detpact.commands import lora as lora_command
 from detpact.commands import predictions as predictions_command
 from detpact.commands import registry as registry_command
 from detpact.commands import report as report_command
@@ -163,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     smoke_command.add_parser(commands)
     registry_command.add_parser(commands)
     report_command.add_parser(commands)
+    lora_command.add_parser(commands)
 
     runs = commands.add_parser("runs", help="inspect run folders")
     runs_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="RUNS_COMMAND")
@@ -232,6 +234,8 @@ def run_command(args: argparse.Namespace) -> int:
         return registry_command.run(args)
     elif args.command == "report":
         return report_command.run(args)
+    elif args.command == "lora":
+        return lora_command.run(args)
     elif args.command == "runs":
         checks = api.verify(args.run_dir, reevaluate=not args.no_eval)
         failed = [check for check in checks if check.status == "fail"]

@@ -95,7 +95,7 @@ def test_ranges_and_extras_come_from_the_requirement_lines():
     export = doctor.profile_requirements("export", reqs)
     assert [(r.name, r.listed) for r in export] == [("onnx", False), ("onnxscript", False), ("onnxruntime", True)]
     everything = {r.name for r in doctor.profile_requirements("all", reqs)}
-    assert {"torch", "onnxruntime", "foo-bar", "tensorboard", "mlflow", "peft", "torchao"} <= everything
+    assert {"torch", "onnxruntime", "foo-bar", "tensorboard", "mlflow", "torchao"} <= everything
     assert "pytest" not in everything  # the test extra is for developers, not a profile
     assert doctor.in_range("2.13.0+cpu", ">=2.10,<2.14") and not doctor.in_range("2.14.0", ">=2.10,<2.14")
 

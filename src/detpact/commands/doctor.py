@@ -35,7 +35,7 @@ Status = Literal["pass", "warn", "fail"]
 PROFILES = ("core", "export", "tracking", "adapt", "all")
 # The packages of each optional profile; "core" is the base dependencies, "all" everything.
 PROFILE_PACKAGES = {"export": ("onnx", "onnxscript", "onnxruntime"), "tracking": ("tensorboard", "mlflow"),
-                    "adapt": ("peft", "torchao")}
+                    "adapt": ("torchao",)}
 # Distribution name -> import name, where they differ by more than "-" vs "_".
 IMPORT_NAMES = {"pyyaml": "yaml", "pillow": "PIL", "opencv-python-headless": "cv2", "opencv-python": "cv2"}
 TORCH_PIN = "torch==2.13.0"  # the Makefile's pin: the CPU wheel

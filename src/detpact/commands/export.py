@@ -25,6 +25,7 @@ from detpact.export.onnx import DeployModel, export_onnx, onnx_metadata
 from detpact.export.parity import check_parity, describe_failure
 from detpact.inference.onnx_backend import OnnxBackend
 from detpact.inference.predictor import LoadedModel
+from detpact.models.lora import merged_copy
 from detpact.run.atomic import atomic_open, atomic_write_json
 from detpact.run.contract import RunDir
 
@@ -43,11 +44,13 @@ def export_run(run: RunDir, loaded: LoadedModel, data: DatasetSplits, checkpoint
     opset = cfg.export.opset if opset is None else opset
     nms = cfg.export.nms if nms is None else nms
     check_export_settings(cfg.export, opset, cfg.export.half if half is None else half)
+    # With LoRA adapters the merged model is exported and gated against the adapted one as trained.
     deploy = DeployModel(loaded.model)
+    exported = DeployModel(merged_copy(loaded.model))
     started = time.perf_counter()
     log.info("exporting %s to %s (%s exporter, opset %d%s)", checkpoint, run.onnx_model, cfg.export.exporter, opset,
              ", postprocessing in the graph" if nms else "")
-    export_onnx(deploy, run.onnx_model, cfg.data.image_size, opset, cfg.export.exporter)
+    export_onnx(exported, run.onnx_model, cfg.data.image_size, opset, cfg.export.exporter)
     try:
         onnx.checker.check_model(str(run.onnx_model))
     except onnx.checker.ValidationError as exc:

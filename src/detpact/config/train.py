@@ -175,6 +175,29 @@ class DDPConfig(Section):
     not arrive: longer than rank 0's slowest validation or checkpoint write"""
 
 
+class LoRAConfig(Section):
+    """Low-rank adapters (models/lora.py): `W x + (alpha / r) B A x` on chosen layers, A [r, in]
+    and B [out, r] trained, B starting at zero so that training starts from the base model."""
+
+    r: int = Field(0, ge=0)
+    """adapter rank; `0` = no adapters (off), above 0 adapts the `target` layers"""
+    alpha: float | None = Field(None, gt=0.0)
+    """the adapters' output is scaled by `alpha / r`; `null` = `r` (a scale of 1)"""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """dropout on the adapters' input in training (the base path never sees it)"""
+    target: Literal["head", "all_linear", "all_conv1x1", "all_linear_conv1x1"] = "head"
+    """the layers adapted: `head` = every Linear and 1x1 Conv2d of the model's head; `all_linear`
+    = every Linear; `all_conv1x1` = every ungrouped 1x1 Conv2d; `all_linear_conv1x1` = both.
+    Linear layers inside `nn.MultiheadAttention` are left out (it reads their weights without
+    calling them)"""
+    freeze_base: bool = True
+    """train only the adapters (and the biases per `train_bias`); `false`: the base weights
+    train too"""
+    train_bias: Literal["none", "all"] = "none"
+    """with `freeze_base`: `all` also trains every bias of the model (convolutions, linears,
+    norms, attention projections), `none` keeps them fixed"""
+
+
 class TrainConfig(Section):
     epochs: int = Field(100, ge=1)
     """training length in epochs (with the nominal batch of 64 and a batch of 16, an
@@ -257,6 +280,17 @@ class TrainConfig(Section):
     `train_report.json` (`false`)"""
     continual: ContinualConfig = ContinualConfig()
     """regularisers against forgetting a previous task (docs/adaptation.md); all off by default"""
+    lora: LoRAConfig = LoRAConfig()
+    """low-rank adapters for fine-tuning (see [adaptation.md](adaptation.md)); export,
+    `detpact eval` and `detpact lora merge` fold them into the base weights"""
+
+    @model_validator(mode="after")
+    def _lora_over_a_float_base(self) -> TrainConfig:
+        # apply_quant takes only plain nn.Linear layers: adapted ones would silently stay in float.
+        if self.lora.r and self.quant != "none":
+            raise ValueError("train.lora with train.quant (LoRA over a quantised base, QLoRA) is not supported yet: "
+                             "set train.quant: none or train.lora.r: 0")
+        return self
 
     @model_validator(mode="after")
     def _one_way_to_accumulate(self) -> TrainConfig:

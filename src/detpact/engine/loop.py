@@ -56,6 +56,7 @@ from detpact.engine.step import StepParts, train_step
 from detpact.engine.stop import stop_on_signals
 from detpact.errors import DetpactError, TrainingAborted, TrainingStopped
 from detpact.models.detector import build_model, count_parameters
+from detpact.models.lora import apply_lora
 from detpact.models.losses import build_criterion
 from detpact.models.losses.normalise import local_normaliser
 from detpact.models.quant import apply_quant
@@ -311,6 +312,8 @@ def _build_step_parts(cfg: Config, device: torch.device, num_classes: int, last_
     # Starting weights and freezing come before the optimizer and the EMA take the model's
     # parameters. A resume's weights come from its checkpoint, with their record.
     weights = apply_initial_weights(model, cfg.model) if resume is None else carried_initial_weights(resume)
+    if cfg.train.lora.r:  # adapters on the loaded weights, before freezing, the optimizer and the EMA
+        weights["lora"] = apply_lora(model, cfg.train.lora)
     weights["freeze"] = apply_freeze(model, cfg.model)
     model = model.to(device)
     if cfg.run.channels_last:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,13 @@ from detpact.errors import DetpactError
 from detpact.evaluation.coco import ImageDetections
 from detpact.inference.tta import augment, augmented_size, merge_detections, tta_views, unaugment_boxes
 from detpact.models.detector import Detector, build_model
+from detpact.models.lora import apply_lora
+from detpact.models.lora import merge_lora as merge_lora_layers
 from detpact.models.postprocess import Detections
 from detpact.models.quant import dequantise_for_inference
 from detpact.run.checkpoint import inference_state_dict, load_checkpoint
+
+log = logging.getLogger(__name__)
 
 # Distinct colours for drawn boxes, cycled by class id.
 PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -43,19 +48,27 @@ class LoadedModel:
     device: torch.device
 
 
-def load_detector(checkpoint: Path, device: torch.device | None = None) -> LoadedModel:
+def load_detector(checkpoint: Path, device: torch.device | None = None, merge_lora: bool = True) -> LoadedModel:
     """Build the detector a checkpoint describes and load its inference (EMA) weights.
 
     The model runs as in training's validation: on the config's device (or `device`),
     in channels_last when the run used it, so evaluating reproduces the logged numbers.
+    A run trained with LoRA adapters (train.lora) comes back with them merged into the base
+    weights, or as trained with `merge_lora=False` (export compares the ONNX model with that).
     """
     bundle = load_checkpoint(checkpoint)
     cfg = validate_config(bundle["config"], source=f"{checkpoint} (embedded config)")
     device = device or resolve_device(cfg.run.device)
     class_names = list(bundle["class_names"])
     model = build_model(cfg.model, len(class_names))
+    lora = cfg.train.lora
+    if lora.r:
+        apply_lora(model, lora)
     model.load_state_dict(inference_state_dict(bundle))
     dequantise_for_inference(model, (bundle.get("weights") or {}).get("quant"))  # a train.quant run's weights
+    if lora.r and merge_lora:
+        merged = merge_lora_layers(model)
+        log.info("merged the LoRA adapters of %d layers into the base weights", merged)
     model = model.to(device)
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
