@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from detpact.config.continual import ContinualConfig
 from detpact.config.section import Section
 
 
@@ -267,6 +268,8 @@ class TrainConfig(Section):
     lora: LoRAConfig = LoRAConfig()
     """low-rank adapters for fine-tuning (see [adaptation.md](adaptation.md)); export,
     `detpact eval` and `detpact lora merge` fold them into the base weights"""
+    continual: ContinualConfig = ContinualConfig()
+    """regularisers against forgetting a previous task (docs/adaptation.md); all off by default"""
 
     @model_validator(mode="after")
     def _one_way_to_accumulate(self) -> TrainConfig:

@@ -44,6 +44,8 @@ from detpact.engine.faults import NO_FAULTS, Faults
 from detpact.engine.guards import NonFiniteGuard
 from detpact.engine.multiscale import MultiScale
 from detpact.engine.optim import build_optimizer, describe_groups, lr_at
+from detpact.engine.penalties import build_penalties
+from detpact.engine.penalties.handoff import save_continual_state
 from detpact.engine.plan import TrainPlan, plan_training
 from detpact.engine.progress import train_progress
 from detpact.engine.recalibrate import EpochSampler, recalibrate_batchnorm, recalibration_indices
@@ -256,6 +258,11 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
         finally:
             recorder.close()
     finish("early_stop" if early.stopped else "time_budget" if plan.time_budget else "steps_done")
+    if tcfg.continual.save_state and ctx.is_main:  # what the next task's penalties hold to (engine/penalties)
+        save_continual_state(run.continual_state, tcfg.continual, parts.penalties,
+                             parts.ema.module if parts.ema is not None and tcfg.ema.eval else parts.model,
+                             build_criterion(cfg.model.head), eval_loader(data.train, cfg.data, tcfg.batch_size),
+                             device, cfg.run.amp, cfg.run.channels_last)
     recorder.phase("trained", progress.global_step, progress.epoch, end_reason=result.end_reason)
     return result
 
@@ -324,6 +331,8 @@ def _build_step_parts(cfg: Config, device: torch.device, num_classes: int, last_
         grad_clip=tcfg.grad_clip, accumulate=micro_batches,
         multi_scale=MultiScale(cfg.run.seed, cfg.data.image_size, cfg.data.multi_scale) if cfg.data.multi_scale else None,
         weights=weights, dist=ctx, balance=balance,
+        penalties=build_penalties(tcfg.continual, model, criterion, device, cfg.run.amp, cfg.run.seed + ctx.rank,
+                                  multi_scale=bool(cfg.data.multi_scale), world_size=ctx.world_size),
     )
 
 

@@ -69,6 +69,7 @@ def make_bundle(cfg: Config, data: DatasetSplits, run: RunDir, parts: StepParts,
         "scaler": parts.scaler.state_dict() if parts.scaler else None,
         "ema": parts.ema.state_dict() if parts.ema else None,
         "task_aligner": parts.balance.aligner.state_dict() if parts.balance and parts.balance.aligner else None,
+        "continual": parts.penalties.state_dict() if parts.penalties is not None else None,
         "progress": asdict(progress),
         "rng": rng_state(),
         "sampler": sampler.state_at(progress.epoch, progress.step_in_epoch * plan.images_per_step),
@@ -103,6 +104,8 @@ def restore_bundle(bundle: dict[str, Any], parts: StepParts, run: RunDir, ctx: D
         raise DetpactError(f"Cannot resume from {run.last_ckpt}: its training state does not fit the model and "
                            f"optimizer of the current config ({str(exc).strip().splitlines()[0]}). Resume with "
                            "the model and optimizer settings the run was started with.") from None
+    if parts.penalties is not None:
+        parts.penalties.load_state_dict(bundle.get("continual"))
     parts.guard.load_state_dict(bundle["nonfinite"])
     progress = Progress(**bundle["progress"])
     best = Best(**bundle["best_metric"])

@@ -20,6 +20,7 @@ from detpact.engine.faults import NO_FAULTS, Faults
 from detpact.engine.guards import SKIP_KINDS, NonFiniteGuard
 from detpact.engine.multiscale import MultiScale, rescale_batch
 from detpact.engine.optim import set_lr
+from detpact.engine.penalties import Penalties
 from detpact.engine.runtime import autocast
 from detpact.models.losses import Criterion
 
@@ -47,6 +48,7 @@ class StepParts:
     weights: dict[str, Any] = field(default_factory=dict)
     dist: Distributed = SINGLE
     balance: LossBalance | None = None  # loss balancing; None = the criterion's own loss
+    penalties: Penalties | None = None  # continual-learning terms added to the loss (engine/penalties)
 
     def __post_init__(self) -> None:
         aligner = self.balance.aligner if self.balance is not None else None
@@ -108,6 +110,8 @@ def train_step(parts: StepParts, batches: Iterator, lr: float, step: int, faults
             parts.scaler.update()
         elif finite:
             parts.optimizer.step()
+        if finite and parts.penalties is not None:
+            parts.penalties.after_step(parts.model)  # SI's path integral: this step's gradient and move
     if not finite:
         parts.optimizer.zero_grad(set_to_none=True)
         return None
@@ -163,6 +167,10 @@ def _accumulate_gradients(parts: StepParts, images: torch.Tensor, targets: list[
     else:  # the criterion's "loss" is still what is logged, for runs to stay comparable
         losses, terms = parts.criterion.with_terms(outputs, targets)
         total, logged = parts.balance.total(terms, step)
+    if parts.penalties is not None:  # logged as their own components; "loss" stays the criterion's
+        penalties = parts.penalties.losses(parts.model, pixels, targets, outputs)
+        total = total + sum(penalties.values())
+        logged = {**logged, **{k: float(v.detach()) for k, v in penalties.items()}}
     if poison == "nan":
         total = total * float("nan")
     value = total.detach().item()

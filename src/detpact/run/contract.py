@@ -65,6 +65,8 @@ class RunDir:
         self.last_ckpt = self.checkpoints / "last.pt"
         self.prev_ckpt = self.checkpoints / "last.prev.pt"  # the checkpoint before last.pt, its fallback
         self.best_ckpt = self.checkpoints / "best.pt"
+        # What the run leaves for the next task's continual penalties (train.continual.save_state).
+        self.continual_state = self.checkpoints / "continual.pt"
         self.train_metrics = self.reports / "train_metrics.jsonl"
         self.train_metrics_csv = self.reports / "train_metrics.csv"
         self.val_metrics = self.reports / "val_metrics.jsonl"
@@ -121,7 +123,7 @@ class RunDir:
             self.last_ckpt, self.prev_ckpt, self.best_ckpt, self.train_metrics, self.train_metrics_csv, self.val_metrics,
             self.config_resolved,
             self.run_meta, self.train_report_json, self.train_report_md, self.onnx_parity,
-            self.onnx_model, self.onnx_meta,
+            self.onnx_model, self.onnx_meta, self.continual_state,
         ]
         paths += [*(self.plot(name) for name in PLOT_NAMES), self.report_html]
         return [p for p in paths if p.is_file()] + self.epoch_snapshots() + self.eval_reports()
