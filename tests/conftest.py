@@ -137,3 +137,22 @@ def assert_same_run(run: Path, reference: Path) -> None:
     assert [name for name in ours if ours[name] != theirs[name]] == []
     for name in ("train_metrics.jsonl", "val_metrics.jsonl"):
         assert metric_lines(run, name) == metric_lines(reference, name), name
+
+
+# The heaviest test files, in worker seconds (make test PYTEST_ARGS=--durations=60).
+# `make test` hands whole files to two pytest-xdist workers in collection order, so the
+# last file to start sets when the suite ends: the long ones start first (test_zoo_pairs,
+# alphabetically last, used to run alone at the end).
+HEAVY_FIRST = ("unit/test_zoo_pairs.py", "integration/test_resume.py", "integration/test_cli.py",
+               "integration/test_eval_export.py", "integration/test_ddp.py", "integration/test_rtdetr_run.py",
+               "integration/test_dataset_folders.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    tests_dir = Path(__file__).parent
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+
+    def heaviness(item: pytest.Item) -> int:
+        return rank.get(item.path.relative_to(tests_dir).as_posix(), len(HEAVY_FIRST))
+
+    items.sort(key=heaviness)  # stable: the other files, and the tests in a file, keep their order

@@ -259,7 +259,7 @@ def _reevaluate_best(run: RunDir, verified: set[str], environ: Mapping[str, str]
     name = "best.pt re-evaluated"
     if "checkpoints/best.pt" not in verified:
         return [Check(name, "fail", "not run: checkpoints/best.pt is missing or failed its checksum")]
-    loaded = load_detector(run.best_ckpt)
+    loaded = load_detector(run.best_ckpt, merge_lora=False)  # as validation ran: LoRA adapters unmerged
     try:
         data = build_datasets(loaded.config.data, cache_dir(environ))
     except DetpactError as exc:

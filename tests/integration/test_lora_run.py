@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import assert_same_run, make_env, run_cli, write_tiny_config
+from detpact import api
 from detpact.cli import main
 from detpact.commands.evaluate import evaluate_as_trained
 from detpact.commands.lora import merge_bundle, merge_run
@@ -19,11 +20,11 @@ from detpact.errors import DetpactError
 from detpact.inference.predictor import load_detector
 from detpact.run.contract import RunDir
 
-# One epoch of 6 steps of 4 images, checkpoints every 2 steps (and adapter dropout, whose draws
+# 4 steps of 4 images, checkpoints every 2 steps (and adapter dropout, whose draws
 # a resume must repeat); float32, so that the validation of the adapted model during
 # training and the evaluation of the merged one compare closely.
 SETS = ["--set", "train.lora.r=4", "--set", "train.lora.target=all_conv1x1", "--set", "train.lora.dropout=0.1",
-        "--set", "train.epochs=1", "--set", "train.batch_size=4", "--set", "train.checkpoint.every_steps=2",
+        "--set", "train.max_steps=4", "--set", "train.batch_size=4", "--set", "train.checkpoint.every_steps=2",
         "--set", "run.amp=none"]
 
 pytestmark = pytest.mark.slow
@@ -53,12 +54,12 @@ def test_a_lora_run_trains_only_its_adapters_and_reports_them(runs):
 
 def test_killed_lora_run_resumes_to_the_same_bits(runs):
     root, env, config = runs
-    crashed = run_cli(["train", str(config), "--run-id", "killed", *SETS], {**env, "DETPACT_FAULT": "kill@step=5"},
+    crashed = run_cli(["train", str(config), "--run-id", "killed", *SETS], {**env, "DETPACT_FAULT": "kill@step=3"},
                       root)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     resumed = run_cli(["train", str(config), "--run-id", "killed", "--resume", *SETS], env, root)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed at step 4 " in resumed.stderr
+    assert "resumed at step 2 " in resumed.stderr
     assert_same_run(root / "runs" / "killed", root / "runs" / "straight")
 
 
@@ -81,6 +82,9 @@ def test_lora_merge_writes_a_plain_checkpoint_that_evaluates_as_best(runs, capsy
     assert ours == best
     recorded = from_best.bundle["best_metric"]["map50_95"]  # validated with the adapters, unmerged
     assert abs(ours["map50_95"] - recorded) < 1e-4, (ours["map50_95"], recorded)
+    # `runs verify` re-evaluates best.pt with its adapters unmerged, as validation ran: exactly.
+    reevaluated = [c for c in api.verify(run, environ=env) if c.name == "best.pt re-evaluated"]
+    assert [c.status for c in reevaluated] == ["pass"], reevaluated
 
     with pytest.raises(DetpactError, match="ending in .pt"):
         merge_run(run, root / "merged.txt", environ=env)

@@ -195,7 +195,7 @@ class LoRAConfig(Section):
     train too"""
     train_bias: Literal["none", "all"] = "none"
     """with `freeze_base`: `all` also trains every bias of the model (convolutions, linears,
-    norms), `none` keeps them fixed"""
+    norms, attention projections), `none` keeps them fixed"""
 
 
 class TrainConfig(Section):
@@ -265,11 +265,32 @@ class TrainConfig(Section):
     metrics line (`stage`) and a resume inside any stage is exact"""
     ddp: DDPConfig = DDPConfig()
     """several training processes (torchrun)"""
+    quant: Literal["none", "int8wo", "int4wo"] = "none"
+    """a quantised, frozen base (models/quant.py; needs `pip install 'detpact[adapt]'`): the
+    Linear layers' weights (outside attention's out-projection) are quantised by torchao and
+    frozen, the rest trains in float. `int8wo`: int8 weight-only, runs on CPU and CUDA;
+    `int4wo`: int4 weight-only, CUDA only. The dense detectors have no Linear layer (all
+    convolutions); the rtdetr head and ConvNeXt backbones do. Checkpoints keep the float base
+    (plain tensors), re-quantised on resume; eval, predict and export use the quantised
+    weights' float values. What was applied is recorded under `weights.quant` in
+    `train_report.json` (see [adaptation.md](adaptation.md))"""
+    quant_required: bool = False
+    """when `quant` cannot be applied here (`int4wo` off CUDA, or no Linear layer), refuse to
+    train (`true`) instead of training unquantised with a warning recorded in
+    `train_report.json` (`false`)"""
     lora: LoRAConfig = LoRAConfig()
     """low-rank adapters for fine-tuning (see [adaptation.md](adaptation.md)); export,
     `detpact eval` and `detpact lora merge` fold them into the base weights"""
     continual: ContinualConfig = ContinualConfig()
     """regularisers against forgetting a previous task (docs/adaptation.md); all off by default"""
+
+    @model_validator(mode="after")
+    def _lora_over_a_float_base(self) -> TrainConfig:
+        # apply_quant takes only plain nn.Linear layers: adapted ones would silently stay in float.
+        if self.lora.r and self.quant != "none":
+            raise ValueError("train.lora with train.quant (LoRA over a quantised base, QLoRA) is not supported yet: "
+                             "set train.quant: none or train.lora.r: 0")
+        return self
 
     @model_validator(mode="after")
     def _one_way_to_accumulate(self) -> TrainConfig:

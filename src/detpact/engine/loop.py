@@ -59,6 +59,7 @@ from detpact.models.detector import build_model, count_parameters
 from detpact.models.lora import apply_lora
 from detpact.models.losses import build_criterion
 from detpact.models.losses.normalise import local_normaliser
+from detpact.models.quant import apply_quant
 from detpact.run.checkpoint import stage_checkpoint
 from detpact.run.contract import RunDir
 from detpact.run.weights import apply_freeze, apply_initial_weights, carried_initial_weights
@@ -316,6 +317,11 @@ def _build_step_parts(cfg: Config, device: torch.device, num_classes: int, last_
     model = model.to(device)
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    # train.quant: the Linear weights quantised and frozen on the device, before the optimizer and EMA see the
+    # model; under torchrun every rank quantises rank 0's weights (the broadcast in fit comes too late for them)
+    if cfg.train.quant != "none":
+        broadcast_state(ctx, model)
+    weights["quant"] = apply_quant(model, cfg.train.quant, cfg.train.quant_required, device)
     tcfg = cfg.train
     criterion = build_criterion(cfg.model.head, normaliser=global_normaliser(ctx, device) if ctx.enabled
                                 else local_normaliser)

@@ -27,6 +27,7 @@ from detpact.models.detector import Detector, build_model
 from detpact.models.lora import apply_lora
 from detpact.models.lora import merge_lora as merge_lora_layers
 from detpact.models.postprocess import Detections
+from detpact.models.quant import dequantise_for_inference
 from detpact.run.checkpoint import inference_state_dict, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ def load_detector(checkpoint: Path, device: torch.device | None = None, merge_lo
     if lora.r:
         apply_lora(model, lora)
     model.load_state_dict(inference_state_dict(bundle))
+    dequantise_for_inference(model, (bundle.get("weights") or {}).get("quant"))  # a train.quant run's weights
     if lora.r and merge_lora:
         merged = merge_lora_layers(model)
         log.info("merged the LoRA adapters of %d layers into the base weights", merged)

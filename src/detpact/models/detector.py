@@ -11,6 +11,7 @@ from detpact.models.heads.rtdetr import RTDETRHead
 from detpact.models.necks import build_neck
 from detpact.models.outputs import DetectorOutput, DetrOutput
 from detpact.models.projector import NoProjector, Projector
+from detpact.models.quant import QuantisedLinear
 
 
 class Detector(nn.Module):
@@ -56,4 +57,6 @@ def build_model(cfg: ModelConfig, num_classes: int) -> Detector:
 
 
 def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Every weight of the model, the frozen quantised ones of train.quant included (they are no parameters)."""
+    quantised = sum(m.base.numel() for m in model.modules() if isinstance(m, QuantisedLinear))
+    return sum(p.numel() for p in model.parameters()) + quantised

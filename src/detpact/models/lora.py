@@ -128,7 +128,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> dict[str, Any]:
     if cfg.freeze_base:
         for pname, param in model.named_parameters():
             leaf = pname.rpartition(".")[2]
-            param.requires_grad_(leaf in ADAPTER_KEYS or (cfg.train_bias == "all" and leaf == "bias"))
+            param.requires_grad_(leaf in ADAPTER_KEYS or (cfg.train_bias == "all" and leaf.endswith("bias")))
     adapter_params = sum(p.numel() for n, p in model.named_parameters() if n.rpartition(".")[2] in ADAPTER_KEYS)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("LoRA r=%d (scale %g) on %d layers (%s): %d adapter parameters; %d of %d parameters train",
