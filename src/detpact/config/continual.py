@@ -74,7 +74,8 @@ class ContinualConfig(Section):
     save_state: bool = False
     """at the end of the run, write `checkpoints/continual.pt` for the next task: the
     Fisher (`ewc.fisher_batches`), the SI importance (tracked while training), the DER++
-    buffer (when `derpp.buffer_size` > 0), and the final inference weights as their anchor"""
+    buffer (when `derpp.buffer_size` > 0), and the weights of its `best.pt` (as evaluated) as
+    their anchor: start the next task from that `best.pt`"""
     self_distill: SelfDistillConfig = SelfDistillConfig()
     """distillation from a teacher checkpoint (engine/penalties/distill.py)"""
     derpp: DerppConfig = DerppConfig()

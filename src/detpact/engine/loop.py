@@ -263,7 +263,8 @@ def fit(cfg: Config, run: RunDir, data: DatasetSplits, device: torch.device, res
         save_continual_state(run.continual_state, tcfg.continual, parts.penalties,
                              parts.ema.module if parts.ema is not None and tcfg.ema.eval else parts.model,
                              build_criterion(cfg.model.head), eval_loader(data.train, cfg.data, tcfg.batch_size),
-                             device, cfg.run.amp, cfg.run.channels_last)
+                             device, cfg.run.amp, cfg.run.channels_last,
+                             weights=run.best_ckpt if run.best_ckpt.is_file() else None)
     recorder.phase("trained", progress.global_step, progress.epoch, end_reason=result.end_reason)
     return result
 

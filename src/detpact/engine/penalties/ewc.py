@@ -2,11 +2,11 @@
 
 loss_ewc = lambda / 2 x sum_k F_k (theta_k - theta*_k)^2
 
-F is the previous task's Fisher information and theta* its final weights, both read from
+F is the previous task's Fisher information and theta* its best.pt weights, both read from
 its continual.pt. A run with `save_state` estimates its own Fisher at its end (the batch
 empirical Fisher: the squared gradient of the detection loss, averaged over
 `fisher_batches` unaugmented training batches) and saves gamma x F_previous + F_own with
-its own final weights as the new anchor.
+its own best.pt weights as the new anchor.
 """
 
 from __future__ import annotations

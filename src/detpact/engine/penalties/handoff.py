@@ -1,7 +1,8 @@
 """What a finished task hands to the next: `checkpoints/continual.pt` (train.continual.save_state).
 
 {"format_version", "kind": "detpact.continual",
- "anchor": {parameter name: tensor}  the run's final inference weights (EMA when evaluated),
+ "anchor": {parameter name: tensor}  the weights of the run's best.pt that evaluation and export
+                                    use (the EMA's when evaluated): the task's model,
  "ewc":    {"fisher": {name: tensor}}  gamma x the previous Fisher + this run's,
  "si":     {"importance": {name: tensor}} or None  the previous importance + this run's,
  "derpp":  the reservoir buffer (derpp.py) or None}
@@ -9,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,18 +22,22 @@ from torch import nn
 from detpact.config.continual import ContinualConfig
 from detpact.engine.penalties import STATE_KIND, Penalties, load_previous
 from detpact.engine.penalties.ewc import estimate_fisher
-from detpact.run.checkpoint import FORMAT_VERSION, save_checkpoint
+from detpact.run.checkpoint import FORMAT_VERSION, inference_state_dict, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
 
 def save_continual_state(path: Path, cfg: ContinualConfig, penalties: Penalties | None, model: nn.Module,
                          criterion: Any, batches: Iterable, device: torch.device, amp: str,
-                         channels_last: bool) -> None:
-    """Estimate the Fisher of `model` (the final inference model) on `batches` (the task's
+                         channels_last: bool, weights: Path | None = None) -> None:
+    """Estimate the Fisher of `model` (the run's inference model, with the inference
+    weights of checkpoint `weights` when given: its best.pt) on `batches` (the task's
     training images, unaugmented) with `criterion` (one without collectives), fold in the
     previous task's state (`cfg.previous`) and write it all atomically to `path`."""
     previous = load_previous(cfg.previous) if cfg.previous else {}
+    if weights is not None:
+        model = copy.deepcopy(model)
+        model.load_state_dict(inference_state_dict(load_checkpoint(weights)))
     fisher = estimate_fisher(model, criterion, batches, cfg.ewc.fisher_batches, device, amp, channels_last)
     if previous.get("ewc"):  # online EWC: the older tasks' Fisher decays by gamma
         fisher = {n: cfg.ewc.gamma * previous["ewc"]["fisher"][n] + f if n in previous["ewc"]["fisher"] else f

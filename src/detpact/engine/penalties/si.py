@@ -7,7 +7,7 @@ At the end of the run (`save_state`) its importance is
     Omega_k = max(omega_k, 0) / ((theta_k(end) - theta_k(start))^2 + epsilon)
 added to the previous tasks' (continual.pt). The next task pays
     loss_si = c x sum_k Omega_k (theta_k - theta*_k)^2
-with theta* the final weights of the task before (the anchor in continual.pt).
+with theta* the weights of the previous task's best.pt (the anchor in continual.pt).
 A negative omega (a parameter the steps moved uphill overall) counts as no importance.
 """
 
