@@ -227,3 +227,80 @@ def test_bad_settings_and_nonempty_targets_are_user_errors(tmp_path):
     with pytest.raises(DetpactError, match="not empty"):
         generate_synthetic(tmp_path / "full", **SPEC)
     assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------- domains
+
+
+def scene_digest(domain: str | None) -> str:
+    h = hashlib.sha256()
+    for i in range(3):
+        kwargs = {} if domain is None else {"domain": domain}
+        scene = render_scene(np.random.default_rng([7, 0, i]), image_size=64, max_objects=6, **kwargs)
+        for array in (scene.image, scene.classes, scene.boxes):
+            h.update(array.tobytes())
+    return h.hexdigest()
+
+
+def test_the_plain_domain_is_the_dataset_as_it_was_before_domains(tmp_path):
+    # Digest of these three scenes from the generator before `domain` existed (same
+    # pixels, classes and boxes), and the cache folder key of the default config then:
+    # sha256 of the synthetic settings' JSON without a domain key.
+    before = "d03fc173750720dcc7474c7c776a597d0422aecff12bbafe6452d8a0b19ad81b"
+    assert scene_digest(None) == scene_digest("plain") == before
+    from detpact.config.data import DataConfig
+    from detpact.data.build import _synthetic_key
+    assert _synthetic_key(DataConfig(format="synthetic")) == "8f264ac5e608"
+    assert _synthetic_key(DataConfig(format="synthetic", synthetic={"domain": "night"})) != "8f264ac5e608"
+    generate_synthetic(tmp_path / "plain", **SPEC)
+    spec = json.loads((tmp_path / "plain" / "synthetic.json").read_text())
+    assert set(spec) == {"generator_version", "num_train", "num_val", "image_size", "seed", "max_objects"}
+
+
+def test_night_is_the_same_scene_dimmer_bluer_and_noisier():
+    for i in range(6):
+        rng_args = [3, 0, i]
+        plain = render_scene(np.random.default_rng(rng_args), image_size=96, max_objects=6)
+        night = render_scene(np.random.default_rng(rng_args), image_size=96, max_objects=6, domain="night")
+        np.testing.assert_array_equal(night.boxes, plain.boxes)  # same objects, same labels
+        np.testing.assert_array_equal(night.classes, plain.classes)
+        p, n = plain.image.astype(np.float64), night.image.astype(np.float64)
+        assert n.mean() < 0.65 * p.mean()
+        assert n[..., 2].mean() / n[..., 0].mean() > 1.1 * p[..., 2].mean() / p[..., 0].mean()
+        # Pixel-to-pixel differences (mostly noise, on a smooth background) grow although
+        # the contrast drops to about a third: sigma 10-18 instead of 2-9.
+        rough_p, rough_n = np.abs(np.diff(p, axis=1)).mean(), np.abs(np.diff(n, axis=1)).mean()
+        assert rough_n > 1.5 * rough_p
+
+
+def test_clutter_adds_unlabelled_structure_and_keeps_the_labels_exact():
+    def background_edges(domain: str) -> float:
+        edges = []
+        for i in range(8):
+            scene = render_scene(np.random.default_rng([4, 0, i]), image_size=96, max_objects=4, domain=domain)
+            if domain == "cluttered":  # distractors are under the objects, never over them
+                for k, box in enumerate(scene.boxes):
+                    ys, xs = np.nonzero(scene.owner == k)
+                    assert box[0] - 1 < xs.min() and xs.max() + 1 < box[2] + 1
+                    assert iou((xs.min(), ys.min(), xs.max() + 1.0, ys.max() + 1.0), box) > 0.6
+            image = scene.image.astype(np.float64)
+            step = np.abs(np.diff(image, axis=1)).max(axis=2)  # [S, S-1] largest channel jump
+            background = (scene.owner[:, 1:] == -1) & (scene.owner[:, :-1] == -1)
+            edges.append((step[background] > 60).mean())  # share of strong edges
+        return float(np.mean(edges))
+
+    plain, cluttered = background_edges("plain"), background_edges("cluttered")
+    assert cluttered > 4 * plain and cluttered > 0.02
+
+
+def test_domain_is_part_of_the_spec_and_checked(tmp_path):
+    root = tmp_path / "shapes"
+    ensure_synthetic(root, **SPEC)
+    plain = tree_digest(root)
+    ensure_synthetic(root, **SPEC, domain="night")  # a different dataset: regenerated
+    night = tree_digest(root)
+    assert json.loads((root / "synthetic.json").read_text())["domain"] == "night"
+    assert night["labels/train/000001.txt"] == plain["labels/train/000001.txt"]
+    assert night["images/train/000001.jpg"] != plain["images/train/000001.jpg"]
+    with pytest.raises(DetpactError, match="data.synthetic.domain"):
+        generate_synthetic(tmp_path / "x", **SPEC, domain="foggy")

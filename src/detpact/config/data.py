@@ -15,6 +15,9 @@ class SyntheticConfig(Section):
     image_size: int = Field(256, ge=32)
     max_objects: int = Field(8, ge=1)
     seed: int = 0
+    # Imaging condition (data/domains.py): plain (the original scenes), cluttered
+    # (unlabelled distractor shapes on the background) or night (dim, blue-cast, noisy).
+    domain: Literal["plain", "cluttered", "night"] = "plain"
 
 
 class SplitSource(Section):

@@ -283,6 +283,8 @@ class TrainConfig(Section):
     lora: LoRAConfig = LoRAConfig()
     """low-rank adapters for fine-tuning (see [adaptation.md](adaptation.md)); export,
     `detpact eval` and `detpact lora merge` fold them into the base weights"""
+    continual: ContinualConfig = ContinualConfig()
+    """regularisers against forgetting a previous task (docs/adaptation.md); all off by default"""
 
     @model_validator(mode="after")
     def _lora_over_a_float_base(self) -> TrainConfig:

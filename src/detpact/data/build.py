@@ -126,7 +126,7 @@ def read_sources(cfg: DataConfig, cache_dir: Path) -> Sources:
         spec = cfg.synthetic
         root = Path(cfg.path) if cfg.path else cache_dir / f"synthetic-{_synthetic_key(cfg)}"
         ensure_synthetic(root, num_train=spec.num_train, num_val=spec.num_val, image_size=spec.image_size,
-                         seed=spec.seed, max_objects=spec.max_objects)
+                         seed=spec.seed, max_objects=spec.max_objects, domain=spec.domain)
         return read_yolo_sources(root, {"train": SplitSource(images="images/train"),
                                               "val": SplitSource(images="images/val")}, None, "synthetic")
     path = Path(cfg.path).resolve()
@@ -256,5 +256,7 @@ def _same_classes(read: dict[str, Annotations], configured: list[str] | None, wh
 
 
 def _synthetic_key(cfg: DataConfig) -> str:
-    spec = json.dumps(cfg.synthetic.model_dump(), sort_keys=True)
+    # The plain domain keeps the cache folder it had before domains existed.
+    spec = json.dumps(cfg.synthetic.model_dump(exclude={"domain"} if cfg.synthetic.domain == "plain" else None),
+                      sort_keys=True)
     return hashlib.sha256(spec.encode()).hexdigest()[:12]

@@ -14,6 +14,8 @@ from statistics import NormalDist
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
+from detpact.data.domains import NOISE_SIGMA, add_clutter, check_domain, night_shift
+
 CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 
 SIZE_RANGE = (0.08, 0.40)  # longest box side as a fraction of image_size
@@ -46,14 +48,18 @@ class Scene:
 
 
 
-def render_scene(rng: np.random.Generator, *, image_size: int, max_objects: int) -> Scene:
+def render_scene(rng: np.random.Generator, *, image_size: int, max_objects: int, domain: str = "plain") -> Scene:
     """Draw a textured background and 1..max_objects shapes; return pixels and truth.
 
     Later shapes are drawn over earlier ones, but a placement that would hide more
     than 40% of an earlier shape (or shrink its visible extent) is re-sampled.
+    `domain` shifts the imaging condition (data/domains.py); `plain` is the original.
     """
+    check_domain(domain)
     size = image_size
     image = _background(rng, size)  # [S, S, 3] float32
+    if domain == "cluttered":
+        add_clutter(rng, image)
     owner = np.full((size, size), -1, dtype=np.int16)
     classes: list[int] = []
     boxes: list[tuple[float, float, float, float]] = []
@@ -84,8 +90,11 @@ def render_scene(rng: np.random.Generator, *, image_size: int, max_objects: int)
         areas.append(area)
         visible.append(area)
 
+    pixels = np.clip(image, 0, 255, out=image).astype(np.uint8)
+    if domain == "night":
+        pixels = night_shift(rng, pixels)
     return Scene(
-        image=_add_noise(rng, np.clip(image, 0, 255, out=image).astype(np.uint8)),
+        image=_add_noise(rng, pixels, NOISE_SIGMA[domain]),
         classes=np.asarray(classes, dtype=np.int64),
         boxes=np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
         owner=owner,
@@ -93,13 +102,14 @@ def render_scene(rng: np.random.Generator, *, image_size: int, max_objects: int)
     )
 
 
-def _add_noise(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
-    """Sensor-like gaussian noise, independent per pixel and channel, over everything.
+def _add_noise(rng: np.random.Generator, image: np.ndarray, sigma_range: tuple[float, float]) -> np.ndarray:
+    """Sensor-like gaussian noise (sigma drawn from `sigma_range`), independent per pixel
+    and channel, over everything.
 
     Random bytes go through a 256-entry table of gaussian quantiles and a saturating
     add, both done by PIL on the [S, S*3] byte plane: ~4x cheaper than float normals.
     """
-    sigma = rng.uniform(2.0, 9.0)
+    sigma = rng.uniform(*sigma_range)
     table = np.clip(np.rint(sigma * _NORMAL_QUANTILES) + 128, 0, 255).astype(np.uint8)
     # Whole 64-bit draws viewed as bytes: Generator.bytes() is ~4x slower.
     words = rng.integers(0, 2**64 - 1, size=-(-image.size // 8), dtype=np.uint64, endpoint=True)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from detpact.data.domains import DOMAINS
 from detpact.data.shapes import CLASS_NAMES, Scene, render_scene
 from detpact.errors import DetpactError
 
@@ -47,7 +48,8 @@ MIN_IMAGE_SIZE = 32
 
 
 def ensure_synthetic(
-    root: Path, *, num_train: int, num_val: int, image_size: int, seed: int, max_objects: int
+    root: Path, *, num_train: int, num_val: int, image_size: int, seed: int, max_objects: int,
+    domain: str = "plain",
 ) -> Path:
     """Make sure `root` holds the synthetic dataset for this spec; return `root`.
 
@@ -57,7 +59,7 @@ def ensure_synthetic(
     happens in a temporary sibling folder that is renamed into place when complete.
     """
     root = Path(root)
-    spec = _spec(num_train, num_val, image_size, seed, max_objects)
+    spec = _spec(num_train, num_val, image_size, seed, max_objects, domain)
     existing = _read_existing_spec(root)
     if existing == spec:
         logger.info("reusing synthetic dataset at %s", root)
@@ -76,6 +78,7 @@ def ensure_synthetic(
             image_size=image_size,
             seed=seed,
             max_objects=max_objects,
+            domain=domain,
         )
         _move_into_place(tmp, root, spec, replace_ours=existing is not None)
     finally:
@@ -84,8 +87,8 @@ def ensure_synthetic(
     seconds = time.perf_counter() - start
     total = num_train + num_val
     logger.info(
-        "generated synthetic dataset at %s: %d train + %d val images of %dpx, seed %d, in %.1f s (%.0f images/s)",
-        root, num_train, num_val, image_size, seed, seconds, total / max(seconds, 1e-9),
+        "generated synthetic dataset at %s: %d train + %d val %s images of %dpx, seed %d, in %.1f s (%.0f images/s)",
+        root, num_train, num_val, domain, image_size, seed, seconds, total / max(seconds, 1e-9),
     )
     return root
 
@@ -155,7 +158,8 @@ def _move_into_place(tmp: Path, root: Path, spec: dict, *, replace_ours: bool) -
 
 
 def generate_synthetic(
-    root: Path, *, num_train: int, num_val: int, image_size: int, seed: int, max_objects: int
+    root: Path, *, num_train: int, num_val: int, image_size: int, seed: int, max_objects: int,
+    domain: str = "plain",
 ) -> None:
     """Write the dataset into `root` (created; must be absent or empty).
 
@@ -163,7 +167,7 @@ def generate_synthetic(
     `synthetic.json` is written last, so its presence marks a complete dataset.
     """
     root = Path(root)
-    spec = _spec(num_train, num_val, image_size, seed, max_objects)
+    spec = _spec(num_train, num_val, image_size, seed, max_objects, domain)
     if root.exists() and any(root.iterdir()):
         raise DetpactError(
             f"generate_synthetic writes into an empty folder only, and {root} is not empty. "
@@ -178,7 +182,7 @@ def generate_synthetic(
         label_dir.mkdir(parents=True, exist_ok=True)
         for index in range(counts[split]):
             rng = np.random.default_rng([seed, split_id, index])
-            scene = render_scene(rng, image_size=image_size, max_objects=max_objects)
+            scene = render_scene(rng, image_size=image_size, max_objects=max_objects, domain=domain)
             name = f"{index:06d}"
             Image.fromarray(scene.image).save(image_dir / f"{name}.jpg", "JPEG", quality=JPEG_QUALITY)
             (label_dir / f"{name}.txt").write_text(yolo_label_text(scene, image_size))
@@ -195,7 +199,7 @@ def yolo_label_text(scene: Scene, image_size: int) -> str:
     return "".join(rows)
 
 
-def _spec(num_train: int, num_val: int, image_size: int, seed: int, max_objects: int) -> dict:
+def _spec(num_train: int, num_val: int, image_size: int, seed: int, max_objects: int, domain: str) -> dict:
     checks = {
         "num_train": (num_train, 0),
         "num_val": (num_val, 0),
@@ -213,7 +217,12 @@ def _spec(num_train: int, num_val: int, image_size: int, seed: int, max_objects:
             f"Synthetic dataset seed={seed!r} is invalid: it must be an integer >= 0. "
             "Fix data.synthetic.seed in your config."
         )
-    return {
+    if domain not in DOMAINS:
+        raise DetpactError(
+            f"Synthetic dataset domain={domain!r} is unknown: it must be one of {', '.join(DOMAINS)}. "
+            "Fix data.synthetic.domain in your config."
+        )
+    spec = {
         "generator_version": GENERATOR_VERSION,
         "num_train": num_train,
         "num_val": num_val,
@@ -221,3 +230,6 @@ def _spec(num_train: int, num_val: int, image_size: int, seed: int, max_objects:
         "seed": seed,
         "max_objects": max_objects,
     }
+    if domain != "plain":  # a plain dataset's spec, and so its synthetic.json, is as before domains
+        spec["domain"] = domain
+    return spec
