@@ -159,12 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="override a config value, e.g. --set model.backbone.name=resnet18")
     info.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    predictions_command.add_parser(commands)
-    doctor_command.add_parser(commands)
-    smoke_command.add_parser(commands)
-    registry_command.add_parser(commands)
-    report_command.add_parser(commands)
-    lora_command.add_parser(commands)
+    for module in COMMAND_MODULES.values():
+        module.add_parser(commands)
 
     runs = commands.add_parser("runs", help="inspect run folders")
     runs_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="RUNS_COMMAND")
@@ -176,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     runs_table.add_parsers(runs_commands)  # runs list, runs show
     runs_compare.add_parser(runs_commands)  # runs compare
     return parser
+
+
+# The verbs whose module parses and runs them itself (add_parser / run).
+COMMAND_MODULES = {"predictions": predictions_command, "doctor": doctor_command, "smoke": smoke_command,
+                   "registry": registry_command, "report": report_command, "lora": lora_command}
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -220,22 +221,12 @@ def run_command(args: argparse.Namespace) -> int:
         report = api.model_info(args.config, overrides=args.overrides, num_classes=args.num_classes,
                                 image_size=args.image_size)
         print(json.dumps(report, indent=2) if args.json else format_model_info(report))
-    elif args.command == "predictions":
-        return predictions_command.run(args)
-    elif args.command == "doctor":
-        return doctor_command.run(args)
-    elif args.command == "smoke":
-        return smoke_command.run(args)
+    elif args.command in COMMAND_MODULES:
+        return COMMAND_MODULES[args.command].run(args)
     elif args.command == "runs" and args.runs_command in ("list", "show"):
         return runs_table.run(args)
     elif args.command == "runs" and args.runs_command == "compare":
         return runs_compare.run(args)
-    elif args.command == "registry":
-        return registry_command.run(args)
-    elif args.command == "report":
-        return report_command.run(args)
-    elif args.command == "lora":
-        return lora_command.run(args)
     elif args.command == "runs":
         checks = api.verify(args.run_dir, reevaluate=not args.no_eval)
         failed = [check for check in checks if check.status == "fail"]
