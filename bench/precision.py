@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
+from alternating import timed, training_batches
 
 from detpact.commands.runs import cache_dir
 from detpact.config import load_config
 from detpact.data.build import build_datasets
-from detpact.data.dataset import DetectionDataset, collate
 from detpact.engine.evaluate import prepare_images
 from detpact.engine.runtime import autocast
 from detpact.models.detector import build_model
@@ -55,27 +54,16 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(REPO / "configs" / "quickstart.yaml")
     data = build_datasets(cfg.data, cache_dir(None))
-    dataset = DetectionDataset(data.train, cfg.data.image_size, train=True)
-    bs = cfg.train.batch_size
-    batches = [collate([dataset[(0, i)] for i in range(j * bs, (j + 1) * bs)]) for j in range(args.steps)]
+    batches = training_batches(cfg, data, args.steps)
     variants = {"fp32": make_variant(cfg, len(data.class_names), "none", False),
                 "bf16+channels_last": make_variant(cfg, len(data.class_names), "bf16", True)}
-    for step in variants.values():  # warm-up
-        for images, targets in batches[:2]:
-            step(images, targets)
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.blocks):
-        for name, step in variants.items():
-            started = time.perf_counter()
-            for images, targets in batches:
-                step(images, targets)
-            times[name].append((time.perf_counter() - started) / args.steps)
+    times = timed(variants, batches, args.blocks)
     ratios = [a / b for a, b in zip(times["fp32"], times["bf16+channels_last"])]
     for name, values in times.items():
         print(f"{name}: median {statistics.median(values) * 1000:.1f} ms/step")
     print(f"speed-up of bf16+channels_last over fp32: median {statistics.median(ratios):.2f}x "
           f"(min {min(ratios):.2f}, max {max(ratios):.2f}, {args.blocks} blocks of {args.steps} steps, "
-          f"{cfg.data.image_size} px, batch {bs}, {torch.get_num_threads()} threads)")
+          f"{cfg.data.image_size} px, batch {cfg.train.batch_size}, {torch.get_num_threads()} threads)")
 
 
 if __name__ == "__main__":

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from alternating import timed, training_batches
 from torch import nn
 
 from detpact.commands.runs import cache_dir
 from detpact.config import load_config
 from detpact.data.build import build_datasets
-from detpact.data.dataset import DetectionDataset, collate
 from detpact.engine.evaluate import prepare_images
 from detpact.engine.runtime import autocast
 from detpact.models.detector import build_model
@@ -72,21 +71,6 @@ def weight_bytes(model: nn.Module) -> tuple[int, int]:
     return used, bases
 
 
-def timed(variants: dict[str, Callable], batches: list, blocks: int) -> dict[str, list[float]]:
-    """Seconds per call of each variant, per block, the variants alternating."""
-    for run in variants.values():  # warm-up
-        for images, targets in batches[:2]:
-            run(images, targets)
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(blocks):
-        for name, run in variants.items():
-            started = time.perf_counter()
-            for images, targets in batches:
-                run(images, targets)
-            times[name].append((time.perf_counter() - started) / len(batches))
-    return times
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, default=5, help="timed blocks per variant")
@@ -94,9 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(REPO / "configs" / "rtdetr_quickstart.yaml")
     data = build_datasets(cfg.data, cache_dir(None))
-    dataset = DetectionDataset(data.train, cfg.data.image_size, train=True)
-    bs = cfg.train.batch_size
-    batches = [collate([dataset[(0, i)] for i in range(j * bs, (j + 1) * bs)]) for j in range(args.steps)]
+    batches = training_batches(cfg, data, args.steps)
     built = {name: make_variant(cfg, len(data.class_names), quant) for name, quant in
              (("float", "none"), ("int8wo", "int8wo"))}
     (float_used, _), (quant_used, bases) = (weight_bytes(model) for model, _, _ in built.values())
@@ -113,7 +95,7 @@ def main() -> None:
         print(f"{phase}: float {statistics.median(times['float']) * 1000:.0f} ms, int8wo "
               f"{statistics.median(times['int8wo']) * 1000:.0f} ms; int8wo time / float time: median "
               f"{statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f})")
-    print(f"({args.blocks} blocks of {args.steps} per variant, {cfg.data.image_size} px, batch {bs}, "
+    print(f"({args.blocks} blocks of {args.steps} per variant, {cfg.data.image_size} px, batch {cfg.train.batch_size}, "
           f"{cfg.run.amp} autocast + channels_last, {torch.get_num_threads()} threads)")
 
 
