@@ -7,7 +7,11 @@ self-distillation from task A's best.pt, EWC and SI (task A's checkpoints/contin
 and DER++ (task A's replay buffer). Every run goes through the `detpact` CLI from a YAML
 file written under --out, and every command is printed, so any row can be rerun by hand.
 
-    .venv/bin/python bench/continual.py [--out DIR] [--size 96] [--steps-a 300] [--steps-b 150]
+    .venv/bin/python bench/continual.py [--out DIR] [--size 96] [--steps-a 300] [--steps-b 150] [--freeze-bn]
+
+`--freeze-bn` runs every task-B method with `model.freeze_bn: true` (BatchNorm running
+statistics held at task A's), as runs `task_b_<method>_frozenbn`. A task A already trained
+in --out with the same config is reused instead of trained again.
 
 The table: task A's mAP on domain A's val split before task B (task A's best.pt) and
 after it (each task-B run's best.pt, `detpact eval RUN --data CONFIG_OF_A`), forgetting
@@ -77,6 +81,12 @@ def method_settings(args: argparse.Namespace, run_a: Path) -> dict[str, dict]:
         "derpp": {"continual": {"previous": state, "derpp": {"alpha": args.derpp_alpha, "beta": args.derpp_beta,
                                                              "buffer_size": args.buffer}}},
     }
+
+
+def trained_before(out: Path, cfg_a: dict) -> bool:
+    """Whether --out already holds a finished task A trained from this very config."""
+    config, state = out / "configs" / "task_a.yaml", out / "runs" / "task_a" / "checkpoints" / "continual.pt"
+    return state.is_file() and config.is_file() and yaml.safe_load(config.read_text()) == cfg_a
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -152,6 +162,8 @@ def main() -> None:
     parser.add_argument("--derpp-alpha", type=float, default=0.5)
     parser.add_argument("--derpp-beta", type=float, default=0.5)
     parser.add_argument("--buffer", type=int, default=200, help="DER++ buffer size (filled during task A)")
+    parser.add_argument("--freeze-bn", action="store_true",
+                        help="task B runs hold the BatchNorm statistics of task A (model.freeze_bn)")
     args = parser.parse_args()
     out = (args.out or Path(tempfile.mkdtemp(prefix="detpact-continual-"))).resolve()
     configs, logs = out / "configs", out / "logs"
@@ -162,10 +174,15 @@ def main() -> None:
     # Task A: save_state hands on its Fisher, SI importance and DER++ buffer (continual.pt).
     cfg_a = base_config(args, out, args.domain_a, 0, args.steps_a)
     cfg_a["train"]["continual"] = {"save_state": True, "derpp": {"buffer_size": args.buffer}}
-    config_a = write_config(configs / "task_a.yaml", cfg_a)
+    config_a, reuse_a = configs / "task_a.yaml", trained_before(out, cfg_a)
+    write_config(config_a, cfg_a)
     config_b_data = write_config(configs / "domain_b_data.yaml", base_config(args, out, args.domain_b, 1, args.steps_b))
     run_a = out / "runs" / "task_a"
-    seconds_a = run([*DETPACT, "train", str(config_a), "--run-id", "task_a"], logs / "task_a.log", commands)
+    if reuse_a:
+        print(f"task A: reusing {run_a} (trained before with the same config)", flush=True)
+        seconds_a = 0.0
+    else:
+        seconds_a = run([*DETPACT, "train", str(config_a), "--run-id", "task_a"], logs / "task_a.log", commands)
     before = evaluate(run_a, None, out / "eval" / "task_a_on_a.json", logs, commands)
     zero_shot = evaluate(run_a, config_b_data, out / "eval" / "task_a_on_b.json", logs, commands)
 
@@ -178,9 +195,11 @@ def main() -> None:
             sys.exit(f"unknown method {method!r}; choose from {', '.join(settings)}")
         cfg = base_config(args, out, args.domain_b, 1, args.steps_b)
         cfg["model"]["init_from"] = str(run_a / "checkpoints" / "best.pt")
+        cfg["model"]["freeze_bn"] = args.freeze_bn
         cfg["train"] = merge(cfg["train"], settings[method])
-        config = write_config(configs / f"task_b_{method}.yaml", cfg)
-        run_b = out / "runs" / f"task_b_{method}"
+        name = f"task_b_{method}" + ("_frozenbn" if args.freeze_bn else "")
+        config = write_config(configs / f"{name}.yaml", cfg)
+        run_b = out / "runs" / name
         seconds = run([*DETPACT, "train", str(config), "--run-id", run_b.name], logs / f"{run_b.name}.log", commands)
         after = evaluate(run_b, config_a, out / "eval" / f"{run_b.name}_on_a.json", logs, commands)
         own = evaluate(run_b, None, out / "eval" / f"{run_b.name}_on_b.json", logs, commands)
@@ -189,9 +208,10 @@ def main() -> None:
                      "losses": last_losses(run_b)})
 
     print_table(rows, args)
-    (out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                   "rows": rows, "commands": commands}, indent=2))
-    print(f"\nconfigs: {configs}   runs: {out / 'runs'}   results: {out / 'results.json'}")
+    results = out / ("results_frozenbn.json" if args.freeze_bn else "results.json")
+    results.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                   "rows": rows, "commands": commands}, indent=2))
+    print(f"\nconfigs: {configs}   runs: {out / 'runs'}   results: {results}")
     print("to rerun by hand (from the repository root):")
     for shown in commands:
         print(f"  {shown}")
@@ -199,7 +219,8 @@ def main() -> None:
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     first = rows[0]
-    print(f"\ntask A: {args.domain_a}, task B: {args.domain_b}; {args.size} px, {args.steps_a} + {args.steps_b} "
+    frozen = ", BatchNorm statistics frozen in task B" if args.freeze_bn else ""
+    print(f"\ntask A: {args.domain_a}, task B: {args.domain_b}{frozen}; {args.size} px, {args.steps_a} + {args.steps_b} "
           f"steps of batch {args.batch}, seed {args.seed}, {os.cpu_count()} CPU cores")
     header = ("| method | A mAP50-95 before | A mAP50-95 after | forgetting | A mAP50 before | A mAP50 after "
               "| forgetting50 | B mAP50-95 | B mAP50 | train s | last losses (det / penalties) |")

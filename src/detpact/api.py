@@ -19,6 +19,7 @@ from detpact.commands.data import preflight as preflight  # the verbs the API of
 from detpact.commands.data import show_samples as show_samples
 from detpact.commands.evaluate import evaluate as evaluate
 from detpact.commands.evaluate import evaluate_as_trained
+from detpact.commands.evaluate import evaluate_checkpoint as evaluate_checkpoint
 from detpact.commands.evaluate import evaluate_onnx as evaluate_onnx
 from detpact.commands.evaluate import evaluate_predictions as evaluate_predictions
 from detpact.commands.model_info import describe_model

@@ -60,9 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "eval", help="COCO mAP and the operating point of a run's checkpoint, an ONNX file or a predictions file")
-    evaluate.add_argument("target", nargs="?", metavar="RUN_OR_ONNX",
-                          help="run folder (e.g. runs/exp01) or exported model (.onnx); with --predictions, an "
-                               "optional run whose validation split is the ground truth")
+    evaluate.add_argument("target", nargs="?", metavar="RUN_OR_MODEL",
+                          help="run folder (e.g. runs/exp01), exported model (.onnx) or checkpoint file (.pt, e.g. "
+                               "from `detpact lora merge`); with --predictions, an optional run whose validation "
+                               "split is the ground truth")
     evaluate.add_argument("--predictions", metavar="FILE",
                           help="evaluate this predictions file (detpact's schema or COCO results JSON) against --gt, "
                                "--data or a run's validation split")
@@ -92,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--half", action="store_true", default=None, help="float16 model; needs CUDA")
 
     predict = commands.add_parser("predict", help="detect objects in images with a run's checkpoint or an ONNX file")
-    predict.add_argument("source", metavar="RUN_OR_ONNX", help="run folder (e.g. runs/exp01) or exported .onnx file")
+    predict.add_argument("source", metavar="RUN_OR_MODEL",
+                         help="run folder (e.g. runs/exp01), exported .onnx file or checkpoint file (.pt)")
     predict.add_argument("images", nargs="+", help="image files, folders or glob patterns (quote them: 'photos/*.jpg')")
     predict.add_argument("--out", required=True, help="predictions JSON file to write")
     predict.add_argument("--save-images", metavar="DIR", help="also save the images with boxes drawn into DIR")
@@ -259,9 +261,12 @@ def evaluate_command(args: argparse.Namespace) -> dict:
     if args.gt:
         raise DetpactError("--gt only applies with --predictions FILE.")
     if not args.target:
-        raise DetpactError("eval needs a run folder (e.g. runs/exp01), an exported .onnx file, or --predictions FILE.")
+        raise DetpactError("eval needs a run folder (e.g. runs/exp01), an exported .onnx file, a checkpoint .pt "
+                           "file, or --predictions FILE.")
     if args.target.endswith(".onnx"):
         return api.evaluate_onnx(args.target, data=args.data, max_images=args.max_images, **common)
+    if args.target.endswith(".pt"):
+        return api.evaluate_checkpoint(args.target, data=args.data, max_images=args.max_images, **common)
     return api.evaluate(args.target, checkpoint=args.checkpoint, verify_config=args.verify_config, data=args.data,
                         max_images=args.max_images, **common)
 

@@ -82,6 +82,11 @@ def test_lora_merge_writes_a_plain_checkpoint_that_evaluates_as_best(runs, capsy
     assert ours == best
     recorded = from_best.bundle["best_metric"]["map50_95"]  # validated with the adapters, unmerged
     assert abs(ours["map50_95"] - recorded) < 1e-4, (ours["map50_95"], recorded)
+    # `detpact eval merged.pt` / `detpact predict merged.pt`: a checkpoint file outside any run
+    checked = api.evaluate_checkpoint(out, environ=env)  # on the dataset of its embedded config
+    assert checked["map50_95"] == pytest.approx(ours["map50_95"], abs=1e-6) and checked["num_images"] == len(data.val)
+    records = api.predict(out, [str(data.val[0].image_path)], out=root / "merged_predictions.json", environ=env)
+    assert len(records) == 1 and records[0]["detections"]
     # `runs verify` re-evaluates best.pt with its adapters unmerged, as validation ran: exactly.
     reevaluated = [c for c in api.verify(run, environ=env) if c.name == "best.pt re-evaluated"]
     assert [c.status for c in reevaluated] == ["pass"], reevaluated

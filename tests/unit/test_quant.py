@@ -157,10 +157,19 @@ def test_an_int8wo_run_trains_records_and_evaluates(quantised_run):
         assert evaluated[key] == pytest.approx(report["final_val"][key], abs=1e-6), key
 
 
-def test_int4wo_on_cpu_with_quant_required_refuses_to_train(quantised_run):
+def test_qlora_on_cpu_is_refused_when_required_and_otherwise_trains_the_adapters_over_the_float_base(quantised_run):
     env, run, _ = quantised_run
     root, config = run.parent.parent, run.parent.parent / "tiny.yaml"
-    refused = run_cli(["train", str(config), "--run-id", "int4", *RTDETR_SETS, "--set", "train.quant=int4wo",
+    qlora = [*RTDETR_SETS, "--set", "train.qlora=true", "--set", "train.lora={r: 4, target: all_linear}"]
+    refused = run_cli(["train", str(config), "--run-id", "qlora_required", *qlora,
                        "--set", "train.quant_required=true"], env, root)
-    assert refused.returncode == 2 and "needs a CUDA device" in refused.stderr and "Traceback" not in refused.stderr
-    assert not (root / "runs" / "int4" / "checkpoints" / "last.pt").exists()
+    assert refused.returncode == 2 and "int4wo needs a CUDA device" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr and not (root / "runs" / "qlora_required" / "checkpoints" / "last.pt").exists()
+    skipped = run_cli(["train", str(config), "--run-id", "qlora", *qlora, "--set", "train.max_steps=1"], env, root)
+    assert skipped.returncode == 0, skipped.stderr
+    assert "training without quantisation" in skipped.stderr
+    weights = json.loads((root / "runs" / "qlora" / "reports" / "train_report.json").read_text())["weights"]
+    assert weights["quant"]["requested"] == "int4wo" and weights["quant"]["applied"] == "none"
+    assert "CUDA" in weights["quant"]["reason"]
+    assert weights["lora"]["adapted_layers"] > 0
+    assert weights["lora"]["trainable_params"] == weights["lora"]["adapter_params"]

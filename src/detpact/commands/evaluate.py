@@ -136,6 +136,30 @@ def evaluate(run_dir: str | Path, *, checkpoint: str = "best", environ: Mapping[
     return metrics
 
 
+def evaluate_checkpoint(checkpoint: str | Path, *, data: str | Path | None = None, out: str | Path | None = None,
+                        max_images: int | None = None, score_threshold: float | None = None,
+                        iou_threshold: float | None = None, environ: Mapping[str, str] | None = None
+                        ) -> dict[str, Any]:
+    """COCO metrics and the operating point of a checkpoint file outside a run (a `detpact
+    lora merge` output, a copied best.pt) on the validation split of `data`, or of the
+    dataset its embedded config names; the report goes to `out` only."""
+    checkpoint = Path(checkpoint)
+    loaded = load_detector(checkpoint)
+    cfg = loaded.config
+    eval_cfg = eval_settings(cfg.eval, score_threshold, iou_threshold)
+    splits = run_data(loaded, environ) if data is None else other_data(
+        loaded.class_names, dataset_config(Path(data), cfg.data.image_size), cache_dir(environ), Path(data))
+    samples = first_images(splits.val, max_images)
+    started = time.perf_counter()
+    detections = predict_as_trained(None, loaded, samples)
+    metrics = score(samples, detections, splits.class_names, cfg.model.postprocess.max_det, eval_cfg)
+    report = {"source": {"checkpoint": str(checkpoint)}, **_eval_facts(splits, samples, data, started),
+              "config_hash": loaded.bundle["config_hash"], "step": loaded.bundle["progress"]["global_step"],
+              "metrics": metrics}
+    _write_eval_report(report, None, "checkpoint", out)
+    return metrics
+
+
 def evaluate_onnx(onnx_path: str | Path, *, data: str | Path | None = None, out: str | Path | None = None,
                   max_images: int | None = None, score_threshold: float | None = None,
                   iou_threshold: float | None = None, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -215,11 +239,13 @@ def evaluate_as_trained(run: RunDir, loaded: LoadedModel, samples: list[Sample],
     return score(samples, detections, class_names, loaded.config.model.postprocess.max_det, eval_cfg)
 
 
-def predict_as_trained(run: RunDir, loaded: LoadedModel, samples: list[Sample]) -> list[ImageDetections]:
+def predict_as_trained(run: RunDir | None, loaded: LoadedModel, samples: list[Sample]) -> list[ImageDetections]:
     """`loaded`'s detections on `samples` (image_id = index), as training's validation
-    made them (what engine.evaluate.evaluate does, keeping the detections)."""
+    made them (what engine.evaluate.evaluate does, keeping the detections; with the run's
+    thread count when `run`)."""
     cfg = loaded.config
-    threads = ((read_json(run.run_meta) or {}).get("determinism") or {}).get("num_threads")
+    meta = (read_json(run.run_meta) or {}) if run is not None else {}
+    threads = (meta.get("determinism") or {}).get("num_threads")
     setup_determinism(cfg.run.seed, cfg.run.deterministic, threads)
     backend = TorchBackend(loaded.model.eval(), cfg.model.postprocess, loaded.device, cfg.run.amp,
                            cfg.run.channels_last)

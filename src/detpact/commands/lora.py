@@ -1,10 +1,11 @@
 """`detpact lora merge RUN --out PATH`: a LoRA run's checkpoint as a plain checkpoint.
 
-The adapters of the raw and the EMA weights are folded into the base weights
-(models/lora.py: merge_state_dict), the embedded config gets `train.lora.r: 0`, and the
-optimizer state (of the adapters) is left out: the result loads like the checkpoint of a
-run trained without adapters (inference/predictor.py: load_detector), for evaluation,
-prediction or as the starting weights of another run (`model.init_from`).
+The adapters of the raw and the EMA weights are folded into the base weights (as
+inference does: inference/predictor.py `float_model`; over a quantised base, into the
+float values of its quantised weights), the embedded config gets `train.lora.r: 0` (and
+`train.quant: none`), and the optimizer state (of the adapters) is left out: the result
+loads like the checkpoint of a run trained without adapters (load_detector), for
+evaluation, prediction or as the starting weights of another run (`model.init_from`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from detpact.commands.runs import CHECKPOINT_CHOICES, checkpoint_path, open_run
 from detpact.config import validate_config
 from detpact.config.load import config_hash
 from detpact.errors import DetpactError
-from detpact.models.lora import lora_scale, merge_state_dict
+from detpact.inference.predictor import float_model
+from detpact.models.lora import lora_scale
 from detpact.run.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -69,10 +71,17 @@ def merge_bundle(bundle: dict[str, Any], source: str) -> dict[str, Any]:
     scale = lora_scale(lora)
     config = copy.deepcopy(bundle["config"])
     config["train"]["lora"]["r"] = 0
-    merged = {**bundle, "model": merge_state_dict(bundle["model"], scale), "optimizer": None,
-              "config": config, "config_hash": config_hash(config)}
+    config["train"].update(quant="none", qlora=False)  # the quantised weights' float values are now the weights
+
+    def plain(state: dict[str, Any]) -> dict[str, Any]:
+        return float_model(cfg, len(bundle["class_names"]), state, bundle).state_dict()
+
+    weights = bundle.get("weights") or {}
+    merged = {**bundle, "model": plain(bundle["model"]), "optimizer": None, "config": config,
+              "config_hash": config_hash(config), "weights": {**weights, "quant": None}}
     if bundle.get("ema"):
-        merged["ema"] = {**bundle["ema"], "module": merge_state_dict(bundle["ema"]["module"], scale)}
+        merged["ema"] = {**bundle["ema"], "module": plain(bundle["ema"]["module"])}
     layers = sum(key.endswith(".lora_a") for key in bundle["model"])
-    merged["lora_merged"] = {"from": source, "layers": layers, "scale": scale, "config_hash": bundle["config_hash"]}
+    merged["lora_merged"] = {"from": source, "layers": layers, "scale": scale, "config_hash": bundle["config_hash"],
+                             "quant": weights.get("quant")}
     return merged

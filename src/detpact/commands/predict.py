@@ -15,6 +15,7 @@ from detpact.errors import DetpactError
 from detpact.inference.onnx_backend import OnnxBackend
 from detpact.inference.predictions import write_predictions
 from detpact.inference.predictor import (
+    LoadedModel,
     TTABackend,
     TTASettings,
     collect_images,
@@ -89,6 +90,10 @@ def _prediction_source(source: str | Path, checkpoint: str, backend: str | None,
         runner = OnnxBackend(Path(source))
         return _Source("onnxruntime", runner, runner.image_size, 32, {
             "onnx": str(source), "class_names": runner.class_names, "config_hash": runner.meta.get("config_hash")})
+    if str(source).endswith(".pt"):  # a checkpoint file outside a run (e.g. from `detpact lora merge`)
+        if backend == "onnxruntime":
+            raise DetpactError(f"{source} is a checkpoint: it runs with --backend torch; export a run for onnxruntime.")
+        return _torch_source(load_detector(Path(source)), {"checkpoint": str(source)})
     run = open_run(source, environ)
     if backend == "onnxruntime":
         if not run.onnx_model.is_file():
@@ -98,9 +103,12 @@ def _prediction_source(source: str | Path, checkpoint: str, backend: str | None,
         return _Source("onnxruntime", runner, runner.image_size, load_config(run.config_resolved).eval.batch_size, {
             "run": str(run.root), "onnx": str(run.onnx_model), "class_names": runner.class_names,
             "config_hash": runner.meta.get("config_hash")})
-    loaded = load_detector(checkpoint_path(run, checkpoint))
+    return _torch_source(load_detector(checkpoint_path(run, checkpoint)), {"run": str(run.root),
+                                                                             "checkpoint": checkpoint})
+
+
+def _torch_source(loaded: LoadedModel, where: dict[str, Any]) -> _Source:
     cfg = loaded.config
     runner = TorchBackend(loaded.model, cfg.model.postprocess, loaded.device, cfg.run.amp, cfg.run.channels_last)
     return _Source("torch", runner, cfg.data.image_size, cfg.eval.batch_size, {
-        "run": str(run.root), "checkpoint": checkpoint, "class_names": loaded.class_names,
-        "config_hash": loaded.bundle["config_hash"]})
+        **where, "class_names": loaded.class_names, "config_hash": loaded.bundle["config_hash"]})

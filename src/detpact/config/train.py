@@ -278,20 +278,30 @@ class TrainConfig(Section):
     """when `quant` cannot be applied here (`int4wo` off CUDA, or no Linear layer), refuse to
     train (`true`) instead of training unquantised with a warning recorded in
     `train_report.json` (`false`)"""
-    continual: ContinualConfig = ContinualConfig()
-    """regularisers against forgetting a previous task (docs/adaptation.md); all off by default"""
     lora: LoRAConfig = LoRAConfig()
     """low-rank adapters for fine-tuning (see [adaptation.md](adaptation.md)); export,
-    `detpact eval` and `detpact lora merge` fold them into the base weights"""
+    `detpact eval` and `detpact lora merge` fold them into the base weights. With `quant`,
+    the adapters sit over the quantised base (its Linear layers)"""
+    qlora: bool = False
+    """QLoRA: LoRA adapters (`lora`, `r` > 0, `freeze_base`) over an `int4wo` base; sets
+    `quant: int4wo`. Off CUDA the base cannot be int4 and follows `quant_required` (refused,
+    or the adapters train over the float base with the warning recorded)"""
     continual: ContinualConfig = ContinualConfig()
     """regularisers against forgetting a previous task (docs/adaptation.md); all off by default"""
 
     @model_validator(mode="after")
-    def _lora_over_a_float_base(self) -> TrainConfig:
-        # apply_quant takes only plain nn.Linear layers: adapted ones would silently stay in float.
-        if self.lora.r and self.quant != "none":
-            raise ValueError("train.lora with train.quant (LoRA over a quantised base, QLoRA) is not supported yet: "
-                             "set train.quant: none or train.lora.r: 0")
+    def _qlora_is_lora_over_int4(self) -> TrainConfig:
+        if not self.qlora:
+            return self
+        if not self.lora.r:
+            raise ValueError("train.qlora needs adapters: set train.lora.r above 0 (e.g. 8)")
+        if not self.lora.freeze_base:
+            raise ValueError("train.qlora trains only the adapters over a frozen int4 base: train.lora.freeze_base "
+                             "must stay true")
+        if self.quant == "int8wo":
+            raise ValueError("train.qlora means an int4wo base; for LoRA over an int8 base set train.quant: int8wo "
+                             "and train.qlora: false")
+        self.quant = "int4wo"
         return self
 
     @model_validator(mode="after")

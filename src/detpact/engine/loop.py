@@ -312,17 +312,17 @@ def _build_step_parts(cfg: Config, device: torch.device, num_classes: int, last_
     # Starting weights and freezing come before the optimizer and the EMA take the model's
     # parameters. A resume's weights come from its checkpoint, with their record.
     weights = apply_initial_weights(model, cfg.model) if resume is None else carried_initial_weights(resume)
-    if cfg.train.lora.r:  # adapters on the loaded weights, before freezing, the optimizer and the EMA
-        weights["lora"] = apply_lora(model, cfg.train.lora)
-    weights["freeze"] = apply_freeze(model, cfg.model)
     model = model.to(device)
-    if cfg.run.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    # train.quant: the Linear weights quantised and frozen on the device, before the optimizer and EMA see the
-    # model; under torchrun every rank quantises rank 0's weights (the broadcast in fit comes too late for them)
+    # train.quant: the Linear weights quantised and frozen on the device; under torchrun every rank quantises
+    # rank 0's weights (the broadcast in fit comes too late for them)
     if cfg.train.quant != "none":
         broadcast_state(ctx, model)
     weights["quant"] = apply_quant(model, cfg.train.quant, cfg.train.quant_required, device)
+    if cfg.train.lora.r:  # adapters on the loaded (and quantised: QLoRA) weights, before freezing
+        weights["lora"] = apply_lora(model, cfg.train.lora)
+    weights["freeze"] = apply_freeze(model, cfg.model)
+    if cfg.run.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     tcfg = cfg.train
     criterion = build_criterion(cfg.model.head, normaliser=global_normaliser(ctx, device) if ctx.enabled
                                 else local_normaliser)

@@ -60,19 +60,29 @@ def load_detector(checkpoint: Path, device: torch.device | None = None, merge_lo
     cfg = validate_config(bundle["config"], source=f"{checkpoint} (embedded config)")
     device = device or resolve_device(cfg.run.device)
     class_names = list(bundle["class_names"])
-    model = build_model(cfg.model, len(class_names))
-    lora = cfg.train.lora
-    if lora.r:
-        apply_lora(model, lora)
-    model.load_state_dict(inference_state_dict(bundle))
-    dequantise_for_inference(model, (bundle.get("weights") or {}).get("quant"))  # a train.quant run's weights
-    if lora.r and merge_lora:
-        merged = merge_lora_layers(model)
-        log.info("merged the LoRA adapters of %d layers into the base weights", merged)
+    model = float_model(cfg, len(class_names), inference_state_dict(bundle), bundle, merge_lora)
     model = model.to(device)
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return LoadedModel(model.eval(), cfg, class_names, bundle, device)
+
+
+def float_model(cfg: Config, num_classes: int, state: dict[str, Tensor], bundle: dict[str, Any],
+                merge_lora: bool = True) -> Detector:
+    """The float detector of a checkpoint's weights `state` (its raw or EMA state dict), on
+    the CPU, computing as the run trained: a train.quant run's quantised Linear weights
+    become their float values, and LoRA adapters are merged into them (`merge_lora`) or
+    kept beside them."""
+    model = build_model(cfg.model, num_classes)
+    lora = cfg.train.lora
+    if lora.r:
+        apply_lora(model, lora)
+    model.load_state_dict(state)
+    dequantise_for_inference(model, (bundle.get("weights") or {}).get("quant"))  # a train.quant run's weights
+    if lora.r and merge_lora:
+        merged = merge_lora_layers(model)
+        log.info("merged the LoRA adapters of %d layers into the base weights", merged)
+    return model
 
 
 def collect_images(inputs: list[str | Path]) -> list[Path]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
 from copy import deepcopy
 from typing import Any
 
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 
 from detpact.config.train import LoRAConfig
 from detpact.errors import DetpactError
+from detpact.models.quant import QuantisedLinear
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +36,23 @@ class LoRALayer(nn.Module):
     (or [out, r, 1, 1]); A runs with the base conv's stride and padding, B as a plain 1x1.
     """
 
-    def __init__(self, base: nn.Linear | nn.Conv2d, r: int, scale: float, dropout: float):
+    def __init__(self, base: nn.Linear | nn.Conv2d | QuantisedLinear, r: int, scale: float, dropout: float):
         super().__init__()
         self.conv = isinstance(base, nn.Conv2d)
         if self.conv:
             self.stride, self.padding, self.dilation = base.stride, base.padding, base.dilation
-        self.weight, self.bias = base.weight, base.bias
+        # Over a quantised base (QLoRA) the layer computes with the base's frozen quantised
+        # weight and saves its float base as `weight`; it is kept out of the submodules so that
+        # the state dict's keys stay those of a plain adapted layer.
+        self.__dict__["quantised"] = base if isinstance(base, QuantisedLinear) else None
+        self.weight = None if self.quantised is not None else base.weight
+        self.bias = base.bias
         self.scale = scale
-        out_features, in_features = base.weight.shape[:2]
+        base_weight = self.quantised.base if self.quantised is not None else base.weight
+        out_features, in_features = base_weight.shape[:2]
         tail = (1, 1) if self.conv else ()
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        device = self.quantised.qweight.device if self.quantised is not None else base_weight.device
+        factory = {"device": device, "dtype": base_weight.dtype}
         self.lora_a = nn.Parameter(torch.empty(r, in_features, *tail, **factory))
         self.lora_b = nn.Parameter(torch.zeros(out_features, r, *tail, **factory))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear initialises its weight
@@ -56,27 +63,47 @@ class LoRALayer(nn.Module):
             base = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
             low = F.conv2d(self.dropout(x), self.lora_a, None, self.stride, self.padding, self.dilation)
             return base + self.scale * F.conv2d(low, self.lora_b)
-        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(F.linear(self.dropout(x), self.lora_a),
-                                                                           self.lora_b)
+        base = self.quantised(x) if self.quantised is not None else F.linear(x, self.weight, self.bias)
+        return base + self.scale * F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b)
+
+    def base_weight(self) -> Tensor:
+        """The weight the base path computes with: the float values of a quantised base's
+        weight, else the base layer's own weight."""
+        return self.quantised.dequantised() if self.quantised is not None else self.weight
 
     def merged(self) -> nn.Linear | nn.Conv2d:
-        """The plain layer with the adapter folded into its weight."""
-        out_features, in_features = self.weight.shape[:2]
+        """The plain float layer with the adapter folded into its weight (over a quantised
+        base: into the float values of its quantised weight)."""
+        weight = self.base_weight()
+        out_features, in_features = weight.shape[:2]
         bias = self.bias is not None
-        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        factory = {"device": self.lora_a.device, "dtype": weight.dtype}
         layer = (nn.Conv2d(in_features, out_features, 1, self.stride, self.padding, self.dilation, bias=bias, **factory)
                  if self.conv else nn.Linear(in_features, out_features, bias=bias, **factory))
         with torch.no_grad():
-            layer.weight.copy_(merge_weight(self.weight, self.lora_a, self.lora_b, self.scale))
+            layer.weight.copy_(merge_weight(weight.to(self.lora_a.device), self.lora_a, self.lora_b, self.scale))
             if bias:
                 layer.bias.copy_(self.bias)
-        layer.weight.requires_grad_(self.weight.requires_grad)
+        layer.weight.requires_grad_(self.weight is not None and self.weight.requires_grad)
         return layer
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        if self.quantised is not None:
+            self.quantised.save_base(destination, prefix)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        if self.quantised is not None:
+            state_dict = self.quantised.load_base(state_dict, prefix, missing_keys, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
         kind = "conv1x1" if self.conv else "linear"
-        return f"{kind}, in={self.weight.shape[1]}, out={self.weight.shape[0]}, r={self.lora_a.shape[0]}, " \
-               f"scale={self.scale:g}"
+        out_features, in_features = self.lora_b.shape[0], self.lora_a.shape[1]
+        quant = f", base={self.quantised.mode}" if self.quantised is not None else ""
+        return f"{kind}, in={in_features}, out={out_features}, r={self.lora_a.shape[0]}, scale={self.scale:g}{quant}"
 
 
 def merge_weight(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
@@ -99,7 +126,7 @@ def target_layers(model: nn.Module, target: str) -> list[str]:
     for name, module in model.named_modules():
         if target == "head" and not name.startswith("head."):
             continue
-        if isinstance(module, nn.Linear) and linear and name not in attention:
+        if isinstance(module, (nn.Linear, QuantisedLinear)) and linear and name not in attention:
             names.append(name)
         elif isinstance(module, nn.Conv2d) and conv and module.kernel_size == (1, 1) and module.groups == 1 \
                 and module.padding_mode == "zeros":
@@ -156,15 +183,3 @@ def merged_copy(model: nn.Module) -> nn.Module:
     copy = deepcopy(model)
     merge_lora(copy)
     return copy
-
-
-def merge_state_dict(state: Mapping[str, Tensor], scale: float) -> dict[str, Tensor]:
-    """A plain state dict from an adapted one: each `<layer>.weight` with its adapters
-    folded in, the `lora_a`/`lora_b` entries dropped."""
-    merged = {key: value for key, value in state.items() if key.rpartition(".")[2] not in ADAPTER_KEYS}
-    for key in state:
-        layer, _, leaf = key.rpartition(".")
-        if leaf == "lora_a":
-            merged[f"{layer}.weight"] = merge_weight(state[f"{layer}.weight"], state[key], state[f"{layer}.lora_b"],
-                                                     scale)
-    return merged

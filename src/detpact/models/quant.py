@@ -49,11 +49,15 @@ INSTALL_HINT = "pip install 'detpact[adapt]'"
 def quantisable_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Linear]]:
     """(parent name, parent, attribute, layer) of each Linear that quantisation takes, in
     module order (the same on the training model and on the float model of inference)."""
+    from detpact.models.lora import LoRALayer  # lora.py imports this module
+
     for parent_name, parent in model.named_modules():
         if isinstance(parent, nn.MultiheadAttention):
             continue
         for attr, child in parent.named_children():
-            if type(child) is nn.Linear or isinstance(child, QuantisedLinear):
+            # an adapted Linear (inference of a LoRA-over-quantised run) counts as the Linear it wraps
+            if type(child) is nn.Linear or isinstance(child, QuantisedLinear) or \
+                    (isinstance(child, LoRALayer) and not child.conv):
                 yield parent_name, parent, attr, child
 
 
@@ -89,13 +93,18 @@ class QuantisedLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, quant={self.mode}"
 
-    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        # on the model's device, as its other tensors (a copy, off the CPU)
-        destination[prefix + "weight"] = self.base.to(self.qweight.device)
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+    def dequantised(self) -> torch.Tensor:
+        """The float values of the quantised weight ([out, in], the base's dtype)."""
+        return self.qweight.dequantize().to(self.base.dtype)
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
-                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    def save_base(self, destination: dict, prefix: str) -> None:
+        """Put the float base in a state dict as `<prefix>weight` (on the model's device, as
+        its other tensors: a copy, off the CPU)."""
+        destination[prefix + "weight"] = self.base.to(self.qweight.device)
+
+    def load_base(self, state_dict: dict, prefix: str, missing_keys: list, error_msgs: list) -> dict:
+        """Take the float base from `<prefix>weight` and re-quantise it; returns the rest of
+        `state_dict`, for the owner's own loading."""
         key = prefix + "weight"
         if key not in state_dict:
             missing_keys.append(key)
@@ -105,7 +114,15 @@ class QuantisedLinear(nn.Module):
         else:
             self.base = state_dict[key].detach().to("cpu", self.base.dtype, copy=True)
             self.qweight = quantised_weight(self.base.to(self.qweight.device), self.mode)
-        rest = {k: v for k, v in state_dict.items() if k != key}
+        return {k: v for k, v in state_dict.items() if k != key}
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        self.save_base(destination, prefix)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        rest = self.load_base(state_dict, prefix, missing_keys, error_msgs)
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 
@@ -143,8 +160,8 @@ def apply_quant(model: nn.Module, mode: str, required: bool, device: torch.devic
                                     f"({device.type}): {type(exc).__name__}: {str(exc).splitlines()[0]}",
                             "Set train.quant: int8wo or none, or install the kernels torchao names")
     if not any(p.requires_grad for p in model.parameters()):
-        raise DetpactError(f"train.quant: {mode} with model.freeze leaves no parameter to train. Freeze fewer parts "
-                           "or set train.quant: none.")
+        raise DetpactError(f"train.quant: {mode} quantises every trained weight of this model, which leaves no "
+                           "parameter to train. Set train.quant: none.")
     record.update(applied=mode, layers=len(layers), quantised_params=sum(lin.weight.numel() for *_, lin in layers))
     log.info("train.quant %s: %d Linear layers (%.2fM weights) quantised and frozen; convolutions, norms and biases "
              "train in float", mode, record["layers"], record["quantised_params"] / 1e6)
