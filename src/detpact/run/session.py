@@ -49,6 +49,7 @@ def resume_bundle(run: RunDir, cfg: Config, drift: dict[str, Any], allow_drift: 
 
 def check_config_drift(run: RunDir, started_with: dict[str, Any], cfg: Config, drift: dict[str, Any],
                         allow_drift: bool) -> None:
+    started_with = upgraded(started_with)
     before, now = config_hash(started_with), config_hash(cfg)
     if before == now:
         return
@@ -61,6 +62,16 @@ def check_config_drift(run: RunDir, started_with: dict[str, Any], cfg: Config, d
                            "(recorded in run_meta.json).")
     log.warning("resuming with a changed config (--allow-drift): %s", "; ".join(diffs))
     drift["config"] = {"changes": diffs, "config_hash_before": before, "config_hash_now": now}
+
+
+def upgraded(started_with: dict[str, Any]) -> dict[str, Any]:
+    """A run's stored config resolved by this version's schema: a key added since it was
+    written takes its default, which is no change the user made. A config this schema no
+    longer reads (a removed key) stays as stored, and its differences show as drift."""
+    try:
+        return resolved_dict(validate_config(started_with))
+    except DetpactError:
+        return started_with
 
 
 def check_world_size(bundle: dict[str, Any] | None, world_size: int, allow_change: bool,
