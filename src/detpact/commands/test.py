@@ -140,11 +140,12 @@ def _predictions_source(predictions: Path, gt: str | Path | None, run_dir: str |
         ground_truth = load_json(Path(gt), "a COCO ground-truth file")
         gts, found, class_names = _coco_records(ground_truth, coco_results_for(predictions, ground_truth, bbox_format))
         names = {image["id"]: image.get("file_name", str(image["id"])) for image in ground_truth["images"]}
-        samples = [Sample(Path(names[g.image_id]), g.width, g.height, g.boxes.astype(np.float32), g.labels, g.ignore)
+        samples = [Sample(Path(names[g.image_id]), g.width, g.height, g.boxes.astype(np.float32), g.labels, g.iscrowd)
                    for g in gts]
         # The suite numbers images by their place in the split.
         detections = [ImageDetections(i, d.boxes, d.scores, d.labels) for i, d in enumerate(found)]
-        samples, detections = first_images(samples, limit), detections[:len(first_images(samples, limit))]
+        samples = first_images(samples, limit)
+        detections = detections[:len(samples)]
         return samples, class_names, detections, {**facts, "ground_truth": str(gt)}
     splits = _data_for_predictions(run_dir, data, environ)
     samples = first_images(splits.val, limit)
