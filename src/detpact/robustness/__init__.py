@@ -1,0 +1,1 @@
+"""Robustness scenarios: image corruptions, subset rules, the scenario settings file."""
