@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ def setup_determinism(seed: int, deterministic: bool, num_threads: int | None) -
     if deterministic:
         # cuBLAS needs a fixed workspace to be deterministic; harmless on CPU.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=False)
+        deterministic_algorithms()
         torch.backends.cudnn.benchmark = False
     return {
         "seed": seed,
@@ -83,3 +84,18 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def deterministic_algorithms() -> None:
+    """torch.use_deterministic_algorithms(True), without importing torch._inductor.
+
+    The public function also sets inductor's `deterministic` option, and importing inductor
+    (and dynamo with it) takes about a second, a third of a command's start-up; detpact
+    compiles nothing with inductor, so only the kernel flag matters. Where torch lacks the
+    private setter, or inductor is loaded anyway, the public function runs.
+    """
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None or "torch._inductor" in sys.modules:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+    else:
+        setter(True, warn_only=False)
