@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from detpact.config import AssignerConfig, MatcherConfig
@@ -226,6 +225,8 @@ class HungarianMatcher:
         cost = self.cfg.cost_class * cost_class + self.cfg.cost_bbox * cost_bbox + self.cfg.cost_giou * cost_giou
         cost = torch.nan_to_num(cost, nan=LARGE_COST, posinf=LARGE_COST, neginf=-LARGE_COST)
         cost = cost.view(batch, num_queries, -1).cpu()  # [B, Q, T]
+
+        from scipy.optimize import linear_sum_assignment  # here: scipy.optimize's import costs every command ~0.5 s
 
         indices = []
         for i, image_cost in enumerate(cost.split(sizes, dim=-1)):  # image_cost: [B, Q, N_i]
