@@ -1,5 +1,7 @@
 """The run contract end to end through the real CLI, in subprocesses:
-train -> crash -> resume -> eval -> export -> predict on a tiny synthetic config."""
+train -> crash -> resume -> eval -> export -> predict on a tiny synthetic config. The
+commands that train nothing (model info, predictions, eval --predictions) run the same
+CLI entry point in this process, which saves an interpreter start each."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 
 from conftest import SHARED_DATASETS, run_cli
 from detpact.evaluation.coco import HEADLINE_KEYS
+from detpact.launch import main
 from detpact.run.checkpoint import inference_state_dict
 
 CONTRACT = [
@@ -202,10 +205,18 @@ def test_a_failed_parity_gate_is_reported_alike_by_train_status_and_verify(tmp_p
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_model_info_reports_the_configured_detector(tmp_path, env):
-    info = run_cli(["model", "info", str(REPO / "configs" / "rtdetr_quickstart.yaml"), "--json"], env, tmp_path)
-    assert info.returncode == 0, info.stderr
-    report = json.loads(info.stdout)
+def in_process(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """`detpact ARGS` in this process: its exit status, stdout and stderr."""
+    capsys.readouterr()
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_model_info_reports_the_configured_detector(capsys):
+    code, out, err = in_process(["model", "info", str(REPO / "configs" / "rtdetr_quickstart.yaml"), "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
     assert (report["backbone"], report["neck"], report["head"], report["num_classes"]) == ("cspdarknet", "none",
                                                                                           "rtdetr", 5)
     assert report["params"] == sum(report["params_by_part"].values()) and report["gflops"] > 0.1
@@ -213,16 +224,16 @@ def test_model_info_reports_the_configured_detector(tmp_path, env):
     assert report["outputs"]["boxes"] == [1, 100, 4] and report["outputs"]["decoding"] == "top-k (NMS-free)"
     assert report["cpu_forward_ms"] > 0
 
-    text = run_cli(["model", "info", str(REPO / "configs" / "quickstart.yaml"), "--num-classes", "80",
-                    "--image-size", "320", "--set", "model.backbone.name=resnet18"], env, tmp_path)
-    assert text.returncode == 0, text.stderr
-    assert "resnet18 + pan neck + dense head, 80 classes" in text.stdout and "at 320x320" in text.stdout
-    assert "stride 32, 512 ch" in text.stdout and "decoded by NMS" in text.stdout
+    code, out, err = in_process(["model", "info", str(REPO / "configs" / "quickstart.yaml"), "--num-classes", "80",
+                                 "--image-size", "320", "--set", "model.backbone.name=resnet18"], capsys)
+    assert code == 0, err
+    assert "resnet18 + pan neck + dense head, 80 classes" in out and "at 320x320" in out
+    assert "stride 32, 512 ch" in out and "decoded by NMS" in out
 
     for bad, message in ((["--image-size", "100"], "multiple of 32"),
                          (["--set", "model.backbone.name=resnet99"], "choices: tiny_cnn, cspdarknet")):
-        refused = run_cli(["model", "info", str(REPO / "configs" / "quickstart.yaml"), *bad], env, tmp_path)
-        assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr
+        code, _, err = in_process(["model", "info", str(REPO / "configs" / "quickstart.yaml"), *bad], capsys)
+        assert code == 2 and message in err and "Traceback" not in err
 
 
 def test_detpact_seed_overrides_the_config_and_is_recorded_and_metrics_csv(tmp_path, env, tiny_config):
@@ -270,31 +281,31 @@ def test_ema_eval_off_validates_and_exports_the_raw_weights(tmp_path, env, tiny_
     assert verified.returncode == 0 and "verify: PASS" in verified.stdout, verified.stdout + verified.stderr
 
 
-def test_predictions_validate_and_convert_commands(tmp_path, env):
+def test_predictions_validate_and_convert_commands(tmp_path, capsys):
     fixture = SHARED_DATASETS / "coco_eval_fixtures" / "fce_small"
     detpact_file, coco_file = tmp_path / "preds.json", tmp_path / "results.json"
-    converted = run_cli(["predictions", "convert", str(fixture / "dt_dataset.json"), "--to", "detpact", "--gt",
-                         str(fixture / "gt_dataset.json"), "--out", str(detpact_file)], env, tmp_path)
-    assert converted.returncode == 0, converted.stderr
-    back = run_cli(["predictions", "convert", str(detpact_file), "--to", "coco", "--gt",
-                    str(fixture / "gt_dataset.json"), "--out", str(coco_file)], env, tmp_path)
-    assert back.returncode == 0, back.stderr
+    code, _, err = in_process(["predictions", "convert", str(fixture / "dt_dataset.json"), "--to", "detpact", "--gt",
+                               str(fixture / "gt_dataset.json"), "--out", str(detpact_file)], capsys)
+    assert code == 0, err
+    code, out, err = in_process(["predictions", "convert", str(detpact_file), "--to", "coco", "--gt",
+                                 str(fixture / "gt_dataset.json"), "--out", str(coco_file)], capsys)
+    assert code == 0, err
     original = json.loads((fixture / "dt_dataset.json").read_text())
-    assert len(json.loads(coco_file.read_text())) == len(original) and f"{len(original)} detections" in back.stdout
+    assert len(json.loads(coco_file.read_text())) == len(original) and f"{len(original)} detections" in out
 
     document = json.loads(detpact_file.read_text())
     document["predictions"][1]["detections"][0]["score"] = "high"
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps(document))
-    refused = run_cli(["predictions", "validate", str(broken)], env, tmp_path)
-    assert refused.returncode == 2 and "Traceback" not in refused.stderr
-    assert "predictions[1].detections[0].score" in refused.stderr and str(broken) in refused.stderr
+    code, _, err = in_process(["predictions", "validate", str(broken)], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "predictions[1].detections[0].score" in err and str(broken) in err
 
 
 @pytest.mark.parametrize(("gt", "dt"), [("val2014_100/instances_val2014_100.json",
                                          "val2014_100/instances_val2014_fakebbox100_results.json"),
                                         ("fce_small/gt_dataset.json", "fce_small/dt_dataset.json")])
-def test_eval_predictions_reproduces_pycocotools(tmp_path, env, gt, dt):
+def test_eval_predictions_reproduces_pycocotools(tmp_path, capsys, gt, dt):
     """`detpact eval --predictions` on COCO results JSON, and on the same detections as a
     detpact predictions file, gives pycocotools' 12 stats (its own full-precision run,
     recorded in the fixtures) within 1e-12."""
@@ -302,14 +313,14 @@ def test_eval_predictions_reproduces_pycocotools(tmp_path, env, gt, dt):
     reference = next(r for r in json.loads((fixtures / "pycocotools_reference_stats.json").read_text())["runs"]
                      if (r["gt"], r["dt"], r["iouType"]) == (gt, dt, "bbox") and "variant" not in r)
     ours = tmp_path / "preds.json"
-    converted = run_cli(["predictions", "convert", str(fixtures / dt), "--to", "detpact", "--gt", str(fixtures / gt),
-                         "--out", str(ours)], env, tmp_path)
-    assert converted.returncode == 0, converted.stderr
+    code, _, err = in_process(["predictions", "convert", str(fixtures / dt), "--to", "detpact", "--gt",
+                               str(fixtures / gt), "--out", str(ours)], capsys)
+    assert code == 0, err
     for predictions in (fixtures / dt, ours):
-        result = run_cli(["eval", "--predictions", str(predictions), "--gt", str(fixtures / gt), "--json",
-                          "--out", str(tmp_path / "eval.json")], env, tmp_path)
-        assert result.returncode == 0, result.stderr
-        metrics = json.loads(result.stdout)
+        code, out, err = in_process(["eval", "--predictions", str(predictions), "--gt", str(fixtures / gt), "--json",
+                                     "--out", str(tmp_path / "eval.json")], capsys)
+        assert code == 0, err
+        metrics = json.loads(out)
         stats = [-1.0 if metrics[k] is None else metrics[k] for k in HEADLINE_KEYS]
         assert stats == pytest.approx(list(reference["stats"].values()), abs=1e-12, rel=0), predictions
         assert json.loads((tmp_path / "eval.json").read_text())["metrics"] == metrics
@@ -358,7 +369,7 @@ def pycocotools_stats(gt_path: Path, results_path: Path) -> list[float]:
     return [float(s) for s in evaluator.stats]
 
 
-def test_eval_predictions_equals_pycocotools_on_generated_edge_cases(tmp_path, env):
+def test_eval_predictions_equals_pycocotools_on_generated_edge_cases(tmp_path, capsys):
     gt, results = edge_case_coco(np.random.default_rng(7))
     assert max(Counter((r["image_id"], r["category_id"]) for r in results).values()) > 100
     assert any(a["iscrowd"] for a in gt["annotations"]) and len({r["score"] for r in results}) < len(results) / 10
@@ -366,13 +377,13 @@ def test_eval_predictions_equals_pycocotools_on_generated_edge_cases(tmp_path, e
     gt_path.write_text(json.dumps(gt))
     results_path.write_text(json.dumps(results))
     reference = pycocotools_stats(gt_path, results_path)
-    converted = run_cli(["predictions", "convert", str(results_path), "--to", "detpact", "--gt", str(gt_path),
-                         "--out", str(ours)], env, tmp_path)
-    assert converted.returncode == 0, converted.stderr
+    code, _, err = in_process(["predictions", "convert", str(results_path), "--to", "detpact", "--gt", str(gt_path),
+                               "--out", str(ours)], capsys)
+    assert code == 0, err
     for predictions in (results_path, ours):
-        result = run_cli(["eval", "--predictions", str(predictions), "--gt", str(gt_path), "--json"], env, tmp_path)
-        assert result.returncode == 0, result.stderr
-        metrics = json.loads(result.stdout)
+        code, out, err = in_process(["eval", "--predictions", str(predictions), "--gt", str(gt_path), "--json"], capsys)
+        assert code == 0, err
+        metrics = json.loads(out)
         stats = [-1.0 if metrics[k] is None else metrics[k] for k in HEADLINE_KEYS]
         assert stats == pytest.approx(reference, abs=1e-12, rel=0), predictions
         assert metrics["per_class"]["class7"] is None and metrics["no_gt_class_dets"]["class7"] > 0
