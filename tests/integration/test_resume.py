@@ -65,6 +65,14 @@ def reference(runner) -> Path:
     return runner.run_dir("straight")
 
 
+@pytest.fixture(scope="module")
+def killed_at_5(runner) -> Path:
+    """A run killed (SIGKILL) in step 5, mid-epoch: copied by the cases that start from it."""
+    crashed = runner.train("killed_at_5", fault="kill@step=5")
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    return runner.run_dir("killed_at_5")
+
+
 def damage(path: Path, how: str) -> None:
     data = bytearray(path.read_bytes())
     if how == "truncated":
@@ -87,11 +95,14 @@ def damage(path: Path, how: str) -> None:
         ("bit-flipped last.pt", "kill@step=5", 3),
     ],
 )
-def test_killed_run_resumes_to_the_same_bits(runner, reference, case, fault, resumed_at):
+def test_killed_run_resumes_to_the_same_bits(runner, reference, killed_at_5, case, fault, resumed_at):
     run_id = case.replace(" ", "-").replace(".", "")
     run = runner.run_dir(run_id)
-    crashed = runner.train(run_id, fault=fault)
-    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    if fault == "kill@step=5":  # the same crash: a copy of the module's one
+        shutil.copytree(killed_at_5, run)
+    else:
+        crashed = runner.train(run_id, fault=fault)
+        assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     if case.startswith("while"):
         assert list((run / "checkpoints").glob(".last.pt.*.tmp")), "the kill left a partial temporary file"
     if case.endswith("last.pt"):
