@@ -25,6 +25,7 @@ from detpact.commands import registry as registry_command
 from detpact.commands import report as report_command
 from detpact.commands import runs_compare, runs_table
 from detpact.commands import smoke as smoke_command
+from detpact.commands import test as test_command
 from detpact.commands.model_info import format_model_info
 from detpact.console import setup_logging
 from detpact.data.convert import SOURCE_FORMATS, TARGET_FORMATS, convert, format_summary
@@ -180,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 # The verbs whose module parses and runs them itself (add_parser / run).
 COMMAND_MODULES = {"predictions": predictions_command, "doctor": doctor_command, "smoke": smoke_command,
                    "registry": registry_command, "report": report_command, "lora": lora_command}
+COMMAND_MODULES["test"] = test_command  # the scenario suite (docs/robustness.md)
 
 
 def run_command(args: argparse.Namespace) -> int:

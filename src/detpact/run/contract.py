@@ -75,6 +75,7 @@ class RunDir:
         self.train_report_json = self.reports / "train_report.json"
         self.train_report_md = self.reports / "train_report.md"
         self.onnx_parity = self.reports / "onnx_parity.json"
+        self.scenarios_report = self.reports / "scenarios.json"  # detpact test (the scenario suite)
         self.report_html = self.reports / "report.html"  # self-contained: plots inlined, no network
         self.onnx_model = self.exports / "model.onnx"
         self.onnx_meta = self.exports / "model.onnx.meta.json"
@@ -123,7 +124,7 @@ class RunDir:
             self.last_ckpt, self.prev_ckpt, self.best_ckpt, self.train_metrics, self.train_metrics_csv, self.val_metrics,
             self.config_resolved,
             self.run_meta, self.train_report_json, self.train_report_md, self.onnx_parity,
-            self.onnx_model, self.onnx_meta, self.continual_state,
+            self.onnx_model, self.onnx_meta, self.continual_state, self.scenarios_report,
         ]
         paths += [*(self.plot(name) for name in PLOT_NAMES), self.report_html]
         return [p for p in paths if p.is_file()] + self.epoch_snapshots() + self.eval_reports()

@@ -62,6 +62,8 @@ def render_report(run: RunDir, notes: Mapping[str, str]) -> str:
         ("metrics", "Metrics", _metrics(report, val_rows, run)),
         ("plots", "Plots", _plots(run, notes)),
         ("parity", "ONNX parity", _parity(read_json(run.onnx_parity))),
+        *([("scenarios", "Scenarios (detpact test)", _scenarios(read_json(run.scenarios_report)))]
+          if run.scenarios_report.is_file() else []),
         ("dataset", "Dataset", _dataset(meta.get("dataset") or report.get("dataset"))),
         ("meta", "Run meta", _key_values(meta, skip=("dataset",))),
         ("artifacts", "Artifacts (manifest.json)", _artifacts(read_json(run.manifest))),
@@ -162,6 +164,29 @@ def _parity(parity: Mapping | None) -> str:
     css = "pass" if verdict == "pass" else "fail"
     table = _key_values({k: v for k, v in rows.items() if k != "verdict"})
     return f'<p>Verdict: <span class="{css}">{escape(verdict.upper())}</span></p>\n{table}'
+
+
+def _scenarios(report: Mapping | None) -> str:
+    """reports/scenarios.json as a table: each scenario's mAP and its change from clean."""
+    if not isinstance(report, Mapping) or not isinstance(report.get("clean"), Mapping):
+        return '<p class="note">reports/scenarios.json is unreadable</p>'
+    rows = [report["clean"], *(r for r in report.get("scenarios") or [] if isinstance(r, Mapping))]
+    parts = [f"<p>{escape(str(report.get('settings')))} on {escape(str(report.get('num_images')))} validation "
+             f"images ({escape(str(report.get('time')))}); change = scenario &minus; clean.</p>",
+             _table(["scenario", "images", "map50_95", "map50", "change map50_95", "change map50"], [
+                 [r.get("name"), r.get("num_images"), r.get("map50_95"), r.get("map50"),
+                  *(None if r.get(k) is None else 0.0 - r[k] for k in ("drop_map50_95", "drop_map50"))]
+                 for r in rows])]
+    summary = report.get("summary")
+    if isinstance(summary, Mapping):
+        parts.append(f"<p>Robustness: mPC {_fmt(summary.get('mpc'))} (mean map50_95 over "
+                     f"{escape(str(summary.get('corruption_rows')))} corruption rows), rPC {_fmt(summary.get('rpc'))} "
+                     "(mPC / clean).</p>")
+    skipped = report.get("skipped") or []
+    if skipped:
+        parts.append(f'<p class="note">skipped: {escape(", ".join(str(r.get("name")) for r in skipped))} '
+                     f'({escape(str(skipped[0].get("reason")))})</p>')
+    return "\n".join(parts)
 
 
 def _dataset(data: Mapping | None) -> str:
