@@ -58,3 +58,15 @@ def test_predict_with_tent_writes_the_adaptation_into_the_predictions_file(mim_r
     meta = json.loads(out.read_text())["meta"]
     assert meta["ttt"]["settings"]["method"] == "tent" and meta["ttt"]["batches"] == 1
     assert "guards fired" in result.stderr  # the log line
+
+
+def test_the_scenario_suite_adapts_afresh_on_each_split(mim_run):
+    root, env, run, _ = mim_run
+    settings, out = root / "noise.yaml", root / "scenarios_ttt.json"
+    settings.write_text("scenarios:\n  - {corruption: gaussian_noise, severities: [5]}\n")
+    result = run_cli(["test", str(settings), "--run", str(run), "--ttt", "--out", str(out)], env, root)
+    assert result.returncode == 0, result.stderr
+    ttt = json.loads(out.read_text())["ttt"]
+    assert [split["batches"] for split in ttt["per_split"]] == [1, 1]  # clean, then gaussian_noise-5
+    assert ttt["batches"] == 2 and "test-time training (safe)" in result.stdout
+    assert not (run / "reports" / "scenarios.json").exists()  # the run keeps the model's own report

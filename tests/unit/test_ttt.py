@@ -31,6 +31,12 @@ def tiny_model(mim: bool = False, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    """One tiny detector for the module: every TTT backend adapts its own copy."""
+    return tiny_model()
+
+
 def images(seed: int, count: int = 2) -> torch.Tensor:
     return torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
@@ -50,8 +56,7 @@ def as_lists(dets) -> list:
     return [(d.boxes.tolist(), d.scores.tolist(), d.labels.tolist()) for d in dets]
 
 
-def test_tent_changes_only_the_norm_affine_parameters_of_a_copy():
-    model = tiny_model()
+def test_tent_changes_only_the_norm_affine_parameters_of_a_copy(model):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ttt = backend(model)
     ttt(images(1))
@@ -63,8 +68,7 @@ def test_tent_changes_only_the_norm_affine_parameters_of_a_copy():
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # the loaded model is untouched
 
 
-def test_sample_reset_repeats_exactly_and_stream_carries_on():
-    model = tiny_model()
+def test_sample_reset_repeats_exactly_and_stream_carries_on(model):
     batches = [images(1), images(2)]
     sample = backend(model, reset="sample")
     first = [as_lists(sample(b)) for b in batches]
@@ -77,15 +81,14 @@ def test_sample_reset_repeats_exactly_and_stream_carries_on():
     assert [as_lists(stream(b)) for b in batches] != streamed  # the adapted weights carry on
 
 
-def test_max_batches_adapts_only_the_first_batches():
-    ttt = backend(tiny_model(), reset="stream", max_batches=1)
+def test_max_batches_adapts_only_the_first_batches(model):
+    ttt = backend(model, reset="stream", max_batches=1)
     for seed in range(3):
         ttt(images(seed))
     assert (ttt.report.batches, ttt.report.adapted_batches, ttt.report.steps) == (3, 1, 1)
 
 
-def test_the_drift_guard_resets_to_the_loaded_weights():
-    model = tiny_model()
+def test_the_drift_guard_resets_to_the_loaded_weights(model):
     ttt = backend(model, guards=Guards(max_drift=1e-6))
     ttt(images(1))
     assert ttt.report.guards == {"drift_reset": 1, "rollback": 0, "entropy_stop": 0}
@@ -104,8 +107,7 @@ class ScriptedLoss(TTTBackend):
         return total - total.detach() + next(self.losses)
 
 
-def test_the_rollback_guard_undoes_a_step_that_raised_the_loss():
-    model = tiny_model()
+def test_the_rollback_guard_undoes_a_step_that_raised_the_loss(model):
     settings = preset_settings("custom", steps=3, batch_size=2, guards=Guards(rollback=True))
     ttt = ScriptedLoss(model, settings, POST, CPU, "none", False, losses=[1.0, 2.0, 0.5])
     start = {name: p.clone() for name, p in ttt.params.items()}
@@ -119,8 +121,7 @@ def test_the_rollback_guard_undoes_a_step_that_raised_the_loss():
     assert unguarded.report.guards["rollback"] == 0 and unguarded.report.steps == 3
 
 
-def test_the_entropy_guard_undoes_the_batch_and_stops_a_stream():
-    model = tiny_model()
+def test_the_entropy_guard_undoes_the_batch_and_stops_a_stream(model):
     plain = backend(model, max_batches=0)  # the unadapted predictions (test-batch statistics)
     expected = as_lists(plain(images(1)))
     ttt = backend(model, reset="stream", guards=Guards(entropy_floor=1.0))  # above ln 2: every batch collapses
@@ -130,30 +131,30 @@ def test_the_entropy_guard_undoes_the_batch_and_stops_a_stream():
     assert ttt.report.adapted_batches == 1  # stopped after the first
 
 
-def test_mim_safe_needs_a_decoder_and_adapts_only_backbone_norms():
+def test_mim_safe_needs_a_decoder_and_adapts_only_backbone_norms(model):
     with pytest.raises(DetpactError, match="mim_decoder"):
-        TTTBackend(tiny_model(), preset_settings("mim_safe"), POST, CPU, "none", False)
-    model = tiny_model(mim=True)
-    ttt = TTTBackend(model, preset_settings("mim_safe", lr=0.05, batch_size=2, guards=Guards()), POST, CPU,
+        TTTBackend(model, preset_settings("mim_safe"), POST, CPU, "none", False)
+    ttt = TTTBackend(tiny_model(mim=True), preset_settings("mim_safe", lr=0.05, batch_size=2, guards=Guards()), POST, CPU,
                      "none", False)
     assert ttt.params and all(name.startswith("backbone.") for name in ttt.params)
     ttt(images(1))
     assert any(not torch.equal(p, ttt.original[n]) for n, p in ttt.params.items())
 
 
-def test_the_mim_loss_in_training_masks_deterministically_and_keeps_running_statistics():
-    model = tiny_model(mim=True).train()
+def test_the_mim_loss_in_training_masks_deterministically_and_keeps_running_statistics(model):
+    mim = tiny_model(mim=True).train()
     pixels = torch.rand(2, 3, 32, 32)
-    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    stats = {k: v.clone() for k, v in mim.state_dict().items() if "running" in k or "num_batches" in k}
     objective = MIMObjective(0.5, seed=3)
-    first, again = objective.loss(model, pixels, 7, 1), objective.loss(model, pixels, 7, 1)
-    assert torch.equal(first, again) and not torch.equal(first, objective.loss(model, pixels, 8, 1))
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in stats.items())
+    first, again = objective.loss(mim, pixels, 7, 1), objective.loss(mim, pixels, 7, 1)
+    assert torch.equal(first, again) and not torch.equal(first, objective.loss(mim, pixels, 8, 1))
+    assert all(torch.equal(mim.state_dict()[k], v) for k, v in stats.items())  # the masked forward moved nothing
     first.backward()
-    assert model.mim_decoder.out.weight.grad is not None
-    with batch_statistics_only(model):  # restored even when the block raises
-        pass
-    assert "mim_decoder.out.weight" not in tiny_model().state_dict()  # off: the detector is as before
+    assert mim.mim_decoder.out.weight.grad is not None and mim.backbone.stem[0].weight.grad is not None
+    with pytest.raises(RuntimeError), batch_statistics_only(mim):  # restored even when the block raises
+        raise RuntimeError
+    assert all(torch.equal(mim.state_dict()[k], v) for k, v in stats.items())
+    assert not any(k.startswith("mim_decoder.") for k in model.state_dict())  # off: the detector is as before
 
 
 def parse(*argv: str) -> argparse.Namespace:

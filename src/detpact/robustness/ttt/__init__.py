@@ -7,7 +7,7 @@ backend.py:  `TTTBackend` (a Backend over a private copy of the model, with guar
              `wrap_backend(backend, loaded, settings)`.
 """
 
-from detpact.robustness.ttt.backend import TTTBackend, TTTReport, ttt_backend, wrap_backend
+from detpact.robustness.ttt.backend import TTTBackend, TTTReport, combine_reports, ttt_backend, wrap_backend
 from detpact.robustness.ttt.settings import (
     Guards,
     TTTSettings,
@@ -16,5 +16,5 @@ from detpact.robustness.ttt.settings import (
     ttt_settings,
 )
 
-__all__ = ["Guards", "TTTBackend", "TTTReport", "TTTSettings", "add_ttt_arguments", "preset_settings",
-           "ttt_backend", "ttt_settings", "wrap_backend"]
+__all__ = ["Guards", "TTTBackend", "TTTReport", "TTTSettings", "add_ttt_arguments", "combine_reports",
+           "preset_settings", "ttt_backend", "ttt_settings", "wrap_backend"]

@@ -196,6 +196,23 @@ class TTTBackend:
         return detections, float(entropy) if count else None
 
 
+def combine_reports(reports: list[TTTReport]) -> dict[str, Any]:
+    """What several TTT backends did (one per split of `detpact test`): the settings, the
+    totals and each backend's own counts, in order."""
+    totals = TTTReport(reports[0].settings if reports else {})
+    for report in reports:
+        totals.batches += report.batches
+        totals.adapted_batches += report.adapted_batches
+        totals.steps += report.steps
+        totals.adapt_seconds += report.adapt_seconds
+        for name, count in report.guards.items():
+            totals.guards[name] += count
+    combined = totals.as_dict()
+    combined.pop("stopped")
+    combined["per_split"] = [{k: v for k, v in r.as_dict().items() if k != "settings"} for r in reports]
+    return combined
+
+
 def ttt_backend(backend: Any, model: nn.Module, settings: TTTSettings) -> TTTBackend:
     """A TTT backend over `model` that predicts as the PyTorch `backend` does (its
     postprocessing, device, precision and memory format)."""
