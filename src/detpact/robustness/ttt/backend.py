@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class TTTReport:
     """What a TTT backend did: batches seen and adapted, optimizer steps taken, the time
-    spent adapting, and how often each guard fired."""
+    spent adapting (the optimizer steps and the guards' checks and re-predictions, not the
+    prediction every batch has), and how often each guard fired."""
 
     settings: dict[str, Any]
     batches: int = 0
@@ -124,7 +125,9 @@ class TTTBackend:
         self.report.adapted_batches += 1
         before_batch = snapshot(self.params)
         last = self._adapt(x, number)
-        detections, entropy = self._predict(x)
+        self.report.adapt_seconds += time.perf_counter() - started
+        detections, entropy = self._predict(x)  # the prediction every batch costs: not counted as adapting
+        started = time.perf_counter()
         guards = self.settings.guards
         if last is not None and guards.rollback:  # did the last step raise the loss? (Tent's is the entropy)
             loss = entropy if self.settings.method == "tent" else self._mim_value(x, number)
