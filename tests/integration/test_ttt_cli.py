@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import onnx
 import pytest
 
 from conftest import run_cli, train_tiny_run
@@ -70,3 +71,12 @@ def test_the_scenario_suite_adapts_afresh_on_each_split(mim_run):
     assert [split["batches"] for split in ttt["per_split"]] == [1, 1]  # clean, then gaussian_noise-5
     assert ttt["batches"] == 2 and "test-time training (safe)" in result.stdout
     assert not (run / "reports" / "scenarios.json").exists()  # the run keeps the model's own report
+
+
+def test_the_export_leaves_the_mim_decoder_out(mim_run):
+    root, env, run, _ = mim_run
+    result = run_cli(["export", str(run)], env, root)
+    assert result.returncode == 0, result.stderr
+    assert "parity pass" in result.stdout
+    names = [init.name for init in onnx.load(str(run / "exports" / "model.onnx")).graph.initializer]
+    assert names and not [name for name in names if "mim" in name]
