@@ -35,6 +35,7 @@ from detpact.evaluation.coco import format_table
 from detpact.evaluation.operating import format_operating_point
 from detpact.inference.predictions import BBOX_FORMATS
 from detpact.inference.predictor import TTASettings
+from detpact.robustness.ttt import add_ttt_arguments, ttt_settings
 from detpact.run.verify import Check
 
 log = logging.getLogger("detpact")
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="operating point: a match needs IoU >= T (default: eval.iou_threshold, 0.5)")
     evaluate.add_argument("--out", metavar="FILE", help="also write the evaluation report (JSON) to FILE")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
+    add_ttt_arguments(evaluate)  # --ttt, --ttt-preset, ... (robustness/ttt)
 
     export = commands.add_parser("export", help="export a run's checkpoint to ONNX and check parity")
     export.add_argument("run_dir", help="run folder, e.g. runs/exp01")
@@ -116,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="with --tta: weighted box fusion (default) or NMS over all views")
     predict.add_argument("--tta-iou", type=float, default=0.55, help="with --tta: IoU that merges boxes (default 0.55)")
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_ttt_arguments(predict)  # --ttt, --ttt-preset, ... (robustness/ttt)
 
     data = commands.add_parser("data", help="check and inspect datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
@@ -201,7 +204,7 @@ def run_command(args: argparse.Namespace) -> int:
         records = api.predict(args.source, args.images, out=args.out, save_images=args.save_images,
                               checkpoint=args.checkpoint, backend=args.backend, score_threshold=args.conf,
                               iou_threshold=args.iou, max_det=args.max_det, batch_size=args.batch,
-                              tta=tta_settings(args), progress=not args.no_progress)
+                              tta=tta_settings(args), progress=not args.no_progress, ttt=ttt_settings(args))
         found = sum(len(r["detections"]) for r in records)
         print(f"{found} detections in {len(records)} images -> {args.out}")
     elif args.command == "data" and args.data_command == "show":
@@ -256,6 +259,9 @@ def tta_settings(args: argparse.Namespace) -> TTASettings | None:
 def evaluate_command(args: argparse.Namespace) -> dict:
     """`detpact eval`: what to evaluate is the run, the .onnx file or the predictions file named."""
     common = {"out": args.out, "score_threshold": args.score_threshold, "iou_threshold": args.iou_threshold}
+    ttt = ttt_settings(args)
+    if ttt is not None and (args.predictions or (args.target or "").endswith(".onnx")):
+        raise DetpactError("--ttt adapts a run's PyTorch checkpoint: evaluate a run folder with it.")
     if args.predictions:
         run_dir = args.target
         return api.evaluate_predictions(args.predictions, gt=args.gt, run_dir=run_dir, data=args.data,
@@ -268,9 +274,9 @@ def evaluate_command(args: argparse.Namespace) -> dict:
     if args.target.endswith(".onnx"):
         return api.evaluate_onnx(args.target, data=args.data, max_images=args.max_images, **common)
     if args.target.endswith(".pt"):
-        return api.evaluate_checkpoint(args.target, data=args.data, max_images=args.max_images, **common)
+        return api.evaluate_checkpoint(args.target, data=args.data, max_images=args.max_images, ttt=ttt, **common)
     return api.evaluate(args.target, checkpoint=args.checkpoint, verify_config=args.verify_config, data=args.data,
-                        max_images=args.max_images, **common)
+                        max_images=args.max_images, ttt=ttt, **common)
 
 
 def print_metrics(metrics: dict, as_json: bool) -> None:

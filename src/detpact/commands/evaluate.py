@@ -31,6 +31,7 @@ from detpact.evaluation.operating import operating_point
 from detpact.inference.onnx_backend import OnnxBackend
 from detpact.inference.predictions import coco_results_for, load_json
 from detpact.inference.predictor import LoadedModel, load_detector
+from detpact.robustness.ttt import TTTBackend, TTTSettings, ttt_backend
 from detpact.run.atomic import atomic_write_json, read_json
 from detpact.run.contract import RunDir, utc_now, write_manifest
 from detpact.run.reporting import ValEvaluation, write_reports
@@ -101,7 +102,7 @@ def report_name(name: str) -> str:
 def evaluate(run_dir: str | Path, *, checkpoint: str = "best", environ: Mapping[str, str] | None = None,
              verify_config: str | Path | None = None, data: str | Path | None = None, out: str | Path | None = None,
              max_images: int | None = None, score_threshold: float | None = None,
-             iou_threshold: float | None = None) -> dict[str, Any]:
+             iou_threshold: float | None = None, ttt: TTTSettings | None = None) -> dict[str, Any]:
     """COCO metrics and the operating point of a run's checkpoint on its validation split;
     writes reports/eval_<checkpoint>.json.
 
@@ -109,6 +110,8 @@ def evaluate(run_dir: str | Path, *, checkpoint: str = "best", environ: Mapping[
     folder / dataset YAML, instead (same classes required); the run folder is then left
     untouched and the report goes to `out` only. max_images: the first N images of the
     split. score_threshold / iou_threshold: the operating point (default: the config's `eval:`).
+    ttt: adapt a copy of the model to the split while predicting (test-time training); the
+    report, with what the adaptation did under "ttt", is then eval_<checkpoint>_ttt.json.
     """
     run = open_run(run_dir, environ)
     loaded = load_detector(checkpoint_path(run, checkpoint))
@@ -119,16 +122,20 @@ def evaluate(run_dir: str | Path, *, checkpoint: str = "best", environ: Mapping[
     splits = run_data(loaded, environ) if data is None else other_data(
         loaded.class_names, dataset_config(Path(data), cfg.data.image_size), cache_dir(environ), Path(data))
     samples = first_images(splits.val, max_images)
+    adapted = _ttt_backend(loaded, ttt)
     started = time.perf_counter()
-    detections = predict_as_trained(run, loaded, samples)
+    detections = predict_as_trained(run, loaded, samples, adapted)
     metrics = score(samples, detections, splits.class_names, cfg.model.postprocess.max_det, eval_cfg, curves=True)
     pr_curves = metrics.pop("pr_curves")  # for the plot only: the report keeps the metrics as validation logs them
     step = loaded.bundle["progress"]["global_step"]
     report = {"source": {"checkpoint": checkpoint, "path": str(checkpoint_path(run, checkpoint))},
               **_eval_facts(splits, samples, data, started),
               "config_hash": loaded.bundle["config_hash"], "step": step, "metrics": metrics}
-    _write_eval_report(report, run if data is None else None, checkpoint, out)
-    if data is None and cfg.logging.reports:  # the run's own data: the report's evaluation plots follow
+    if adapted is not None:  # what the adaptation did, guard counts included
+        report["ttt"] = adapted.report.as_dict()
+        log.info("%s", adapted.report.summary())
+    _write_eval_report(report, run if data is None else None, checkpoint + ("_ttt" if adapted else ""), out)
+    if data is None and cfg.logging.reports and adapted is None:  # the run's own data: the evaluation plots follow
         write_reports(run, ValEvaluation(f"{checkpoint}.pt at step {step}, {len(samples)} validation images",
                                          samples, detections, pr_curves, splits.class_names, eval_cfg))
     if data is None:  # the run keeps the report: the registry records it (never raises)
@@ -138,11 +145,11 @@ def evaluate(run_dir: str | Path, *, checkpoint: str = "best", environ: Mapping[
 
 def evaluate_checkpoint(checkpoint: str | Path, *, data: str | Path | None = None, out: str | Path | None = None,
                         max_images: int | None = None, score_threshold: float | None = None,
-                        iou_threshold: float | None = None, environ: Mapping[str, str] | None = None
-                        ) -> dict[str, Any]:
+                        iou_threshold: float | None = None, environ: Mapping[str, str] | None = None,
+                        ttt: TTTSettings | None = None) -> dict[str, Any]:
     """COCO metrics and the operating point of a checkpoint file outside a run (a `detpact
     lora merge` output, a copied best.pt) on the validation split of `data`, or of the
-    dataset its embedded config names; the report goes to `out` only."""
+    dataset its embedded config names; the report goes to `out` only. `ttt` as in `evaluate`."""
     checkpoint = Path(checkpoint)
     loaded = load_detector(checkpoint)
     cfg = loaded.config
@@ -150,12 +157,16 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data: str | Path | None = Non
     splits = run_data(loaded, environ) if data is None else other_data(
         loaded.class_names, dataset_config(Path(data), cfg.data.image_size), cache_dir(environ), Path(data))
     samples = first_images(splits.val, max_images)
+    adapted = _ttt_backend(loaded, ttt)
     started = time.perf_counter()
-    detections = predict_as_trained(None, loaded, samples)
+    detections = predict_as_trained(None, loaded, samples, adapted)
     metrics = score(samples, detections, splits.class_names, cfg.model.postprocess.max_det, eval_cfg)
     report = {"source": {"checkpoint": str(checkpoint)}, **_eval_facts(splits, samples, data, started),
               "config_hash": loaded.bundle["config_hash"], "step": loaded.bundle["progress"]["global_step"],
               "metrics": metrics}
+    if adapted is not None:
+        report["ttt"] = adapted.report.as_dict()
+        log.info("%s", adapted.report.summary())
     _write_eval_report(report, None, "checkpoint", out)
     return metrics
 
@@ -239,17 +250,29 @@ def evaluate_as_trained(run: RunDir, loaded: LoadedModel, samples: list[Sample],
     return score(samples, detections, class_names, loaded.config.model.postprocess.max_det, eval_cfg)
 
 
-def predict_as_trained(run: RunDir | None, loaded: LoadedModel, samples: list[Sample]) -> list[ImageDetections]:
+def predict_as_trained(run: RunDir | None, loaded: LoadedModel, samples: list[Sample],
+                       adapted: TTTBackend | None = None) -> list[ImageDetections]:
     """`loaded`'s detections on `samples` (image_id = index), as training's validation
     made them (what engine.evaluate.evaluate does, keeping the detections; with the run's
-    thread count when `run`)."""
+    thread count when `run`); with `adapted`, that test-time training backend's, in
+    batches of its batch size."""
     cfg = loaded.config
     meta = (read_json(run.run_meta) or {}) if run is not None else {}
     threads = (meta.get("determinism") or {}).get("num_threads")
     setup_determinism(cfg.run.seed, cfg.run.deterministic, threads)
-    backend = TorchBackend(loaded.model.eval(), cfg.model.postprocess, loaded.device, cfg.run.amp,
-                           cfg.run.channels_last)
-    return predict_loader(backend, eval_loader(samples, cfg.data, cfg.eval.batch_size))
+    backend = adapted or TorchBackend(loaded.model.eval(), cfg.model.postprocess, loaded.device, cfg.run.amp,
+                                      cfg.run.channels_last)
+    batch_size = adapted.settings.batch_size if adapted else cfg.eval.batch_size
+    return predict_loader(backend, eval_loader(samples, cfg.data, batch_size))
+
+
+def _ttt_backend(loaded: LoadedModel, ttt: TTTSettings | None) -> TTTBackend | None:
+    """The test-time training backend of `loaded` (None without `ttt`)."""
+    if ttt is None:
+        return None
+    cfg = loaded.config
+    plain = TorchBackend(loaded.model.eval(), cfg.model.postprocess, loaded.device, cfg.run.amp, cfg.run.channels_last)
+    return ttt_backend(plain, loaded.model, ttt)
 
 
 def _eval_facts(splits: DatasetSplits, samples: list[Sample], data: str | Path | None, started: float

@@ -44,6 +44,7 @@ def export_run(run: RunDir, loaded: LoadedModel, data: DatasetSplits, checkpoint
     opset = cfg.export.opset if opset is None else opset
     nms = cfg.export.nms if nms is None else nms
     check_export_settings(cfg.export, opset, cfg.export.half if half is None else half)
+    loaded.model.mim_decoder = None  # model.mim_decoder serves test-time training only: not exported
     # With LoRA adapters the merged model is exported and gated against the adapted one as trained.
     deploy = DeployModel(loaded.model)
     exported = DeployModel(merged_copy(loaded.model))

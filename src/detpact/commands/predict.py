@@ -3,6 +3,7 @@ checkpoint (PyTorch) or an exported model (ONNX Runtime), optionally with TTA.""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +24,9 @@ from detpact.inference.predictor import (
     load_detector,
     predict_images,
 )
+from detpact.robustness.ttt import TTTSettings, wrap_backend
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime")
 
@@ -31,13 +35,14 @@ def predict(source: str | Path, images: Sequence[str | Path], *, out: str | Path
             save_images: str | Path | None = None, checkpoint: str = "best", backend: str | None = None,
             score_threshold: float = 0.25, iou_threshold: float | None = None, max_det: int | None = None,
             batch_size: int | None = None, tta: TTASettings | None = None, progress: bool = True,
-            environ: Mapping[str, str] | None = None) -> list[dict]:
+            environ: Mapping[str, str] | None = None, ttt: TTTSettings | None = None) -> list[dict]:
     """Detect objects in image files, folders or glob patterns; write a predictions file
     (docs/predictions.md) and, with `save_images`, the images with their boxes drawn.
 
     source: a run folder (its checkpoint, or with backend "onnxruntime" its exported
     model) or an exported .onnx file. iou_threshold / max_det default to the model's
-    postprocessing; `tta` merges predictions over flipped and rescaled views.
+    postprocessing; `tta` merges predictions over flipped and rescaled views; `ttt` adapts a
+    copy of the model to the images while predicting (test-time training, torch backend only).
     """
     if not 0.0 <= score_threshold <= 1.0:
         raise DetpactError(f"--conf must be between 0 and 1, got {score_threshold}.")
@@ -52,15 +57,18 @@ def predict(source: str | Path, images: Sequence[str | Path], *, out: str | Path
                                               **({"iou_threshold": iou_threshold} if iou_threshold else {}),
                                               **({"max_det": max_det} if max_det else {})})
     runner.set_postprocess(post)
-    run_batch = runner
+    run_batch = adapted = wrap_backend(runner, chosen.loaded, ttt)  # runner itself without ttt
     if tta is not None:
         fixed = chosen.image_size if chosen.name == "onnxruntime" else None  # an exported graph's input is fixed
-        run_batch = TTABackend(runner.detect, tta, post.max_det, post.score_threshold, fixed_size=fixed)
+        run_batch = TTABackend(adapted.detect, tta, post.max_det, post.score_threshold, fixed_size=fixed)
     records = predict_images(run_batch, paths, chosen.image_size, chosen.meta["class_names"],
-                             batch_size or chosen.batch_size, progress)
+                             batch_size or (ttt.batch_size if ttt else chosen.batch_size), progress)
     meta = {**chosen.meta, "backend": chosen.name, "score_threshold": score_threshold,
             "iou_threshold": post.iou_threshold, "max_det": post.max_det, "tta": asdict(tta) if tta else None,
             "box_format": "xyxy pixels"}
+    if ttt is not None:  # what the adaptation did, guard counts included
+        meta["ttt"] = adapted.report.as_dict()
+        log.info("%s", adapted.report.summary())
     write_predictions(Path(out), records, meta)
     if save_images is not None:
         draw_predictions(records, Path(save_images))
@@ -77,6 +85,7 @@ class _Source:
     image_size: int
     batch_size: int
     meta: dict[str, Any]
+    loaded: LoadedModel | None = None  # the PyTorch model (torch backend)
 
 
 def _prediction_source(source: str | Path, checkpoint: str, backend: str | None,
@@ -111,4 +120,4 @@ def _torch_source(loaded: LoadedModel, where: dict[str, Any]) -> _Source:
     cfg = loaded.config
     runner = TorchBackend(loaded.model, cfg.model.postprocess, loaded.device, cfg.run.amp, cfg.run.channels_last)
     return _Source("torch", runner, cfg.data.image_size, cfg.eval.batch_size, {
-        **where, "class_names": loaded.class_names, "config_hash": loaded.bundle["config_hash"]})
+        **where, "class_names": loaded.class_names, "config_hash": loaded.bundle["config_hash"]}, loaded)

@@ -34,6 +34,14 @@ from detpact.inference.predictions import BBOX_FORMATS, coco_results_for, load_j
 from detpact.inference.predictor import LoadedModel, load_detector
 from detpact.robustness.settings import load_settings
 from detpact.robustness.suite import Scorer, corrupted_predictor, run_suite
+from detpact.robustness.ttt import (
+    TTTBackend,
+    TTTSettings,
+    add_ttt_arguments,
+    combine_reports,
+    ttt_settings,
+    wrap_backend,
+)
 from detpact.run.atomic import atomic_write_json, read_json
 from detpact.run.contract import utc_now, write_manifest
 from detpact.run.reporting import write_reports
@@ -58,12 +66,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     test.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="best", help="with --run (default best)")
     test.add_argument("--max-images", type=int, metavar="N", help="only the first N images (overrides the settings)")
     test.add_argument("--out", metavar="FILE", help="also write the report (JSON) to FILE")
+    add_ttt_arguments(test)  # --ttt, --ttt-preset, ... (robustness/ttt): adapt on each scenario's images
 
 
 def run(args: argparse.Namespace) -> int:
     report = scenario_test(args.settings, run_dir=args.run, predictions=args.predictions, gt=args.gt, data=args.data,
                            bbox_format=args.bbox_format, checkpoint=args.checkpoint, max_images=args.max_images,
-                           out=args.out)
+                           out=args.out, ttt=ttt_settings(args))
     print_report(report)
     return 0
 
@@ -71,13 +80,21 @@ def run(args: argparse.Namespace) -> int:
 def scenario_test(settings: str | Path, *, run_dir: str | Path | None = None, predictions: str | Path | None = None,
                   gt: str | Path | None = None, data: str | Path | None = None, bbox_format: str = "xyxy",
                   checkpoint: str = "best", max_images: int | None = None, out: str | Path | None = None,
-                  environ: Mapping[str, str] | None = None, progress: bool = True) -> dict[str, Any]:
+                  environ: Mapping[str, str] | None = None, progress: bool = True,
+                  ttt: TTTSettings | None = None) -> dict[str, Any]:
     """The scenario suite's report (also written to the run's reports/scenarios.json with a
-    run's model, and to `out` when given)."""
+    run's model, and to `out` when given).
+
+    ttt: test-time training, a fresh adaptation for the clean split and for each corrupted
+    one; the report says what it did under "ttt" and goes to `out` only (the run's
+    scenarios.json records the model as trained).
+    """
     settings_path = Path(settings)
     scenarios = load_settings(settings_path)
     limit = max_images if max_images is not None else scenarios.max_images
     started = time.perf_counter()
+    if predictions is not None and ttt is not None:
+        raise DetpactError("--ttt adapts a run's model: it applies with --run, not with --predictions.")
     if predictions is None:
         if gt is not None or data is not None or run_dir is None:
             raise DetpactError("detpact test without --predictions scores a run's model on its validation split: "
@@ -89,14 +106,18 @@ def scenario_test(settings: str | Path, *, run_dir: str | Path | None = None, pr
         samples = first_images(splits.val, limit)
         threads = ((read_json(run.run_meta) or {}).get("determinism") or {}).get("num_threads")
         setup_determinism(cfg.run.seed, cfg.run.deterministic, threads)  # as training's validation ran
-        clean = predict_loader(scenario_backend(loaded), eval_loader(samples, cfg.data, cfg.eval.batch_size))
-        predict_corrupted = corrupted_predictor(lambda: scenario_backend(loaded), samples, cfg.data,
-                                                cfg.eval.batch_size, splits.root, scenarios.seed)
+        adapted: list[TTTBackend] = []  # the TTT backends, clean split first, to report what they did
+        batch_size = ttt.batch_size if ttt is not None else cfg.eval.batch_size
+        clean = predict_loader(scenario_backend(loaded, ttt, adapted), eval_loader(samples, cfg.data, batch_size))
+        predict_corrupted = corrupted_predictor(lambda: scenario_backend(loaded, ttt, adapted), samples, cfg.data,
+                                                batch_size, splits.root, scenarios.seed)
         scorer = Scorer(samples, splits.class_names, cfg.model.postprocess.max_det, cfg.eval)
         suite = run_suite(scenarios, samples, splits.class_names, scorer, clean, predict_corrupted, progress=progress)
         facts = {"source": {"checkpoint": checkpoint, "path": str(checkpoint_path(run, checkpoint))},
                  "dataset_root": str(splits.root), "dataset_fingerprint": splits.fingerprint,
                  "config_hash": loaded.bundle["config_hash"], "step": loaded.bundle["progress"]["global_step"]}
+        if ttt is not None:
+            facts["ttt"] = combine_reports([backend.report for backend in adapted])
     else:
         samples, class_names, clean, facts = _predictions_source(Path(predictions), gt, run_dir, data, bbox_format,
                                                                  limit, environ)
@@ -106,7 +127,7 @@ def scenario_test(settings: str | Path, *, run_dir: str | Path | None = None, pr
     report = {"settings": str(settings_path), "seed": scenarios.seed, **facts, "split": "val",
               "num_images": len(samples), **suite, "seconds": round(time.perf_counter() - started, 2),
               "time": utc_now()}
-    if run is not None:
+    if run is not None and ttt is None:
         atomic_write_json(run.scenarios_report, report)
         write_manifest(run)
         if loaded.config.logging.reports:  # report.html gets the scenarios table; its plots stay as they are
@@ -116,7 +137,7 @@ def scenario_test(settings: str | Path, *, run_dir: str | Path | None = None, pr
     return report
 
 
-def scenario_backend(loaded: LoadedModel) -> Backend:
+def scenario_backend(loaded: LoadedModel, ttt: TTTSettings | None = None, adapted: list | None = None) -> Backend:
     """The backend every scenario's images go through (called once for the clean split and
     once per corrupted split, so each gets a fresh one).
 
@@ -124,7 +145,12 @@ def scenario_backend(loaded: LoadedModel) -> Backend:
     scenario's own batches); nothing else in the suite builds a backend.
     """
     cfg = loaded.config
-    return TorchBackend(loaded.model.eval(), cfg.model.postprocess, loaded.device, cfg.run.amp, cfg.run.channels_last)
+    backend = TorchBackend(loaded.model.eval(), cfg.model.postprocess, loaded.device, cfg.run.amp,
+                           cfg.run.channels_last)
+    backend = wrap_backend(backend, loaded, ttt)  # with --ttt: a fresh adaptation of a copy of the model
+    if ttt is not None and adapted is not None:
+        adapted.append(backend)
+    return backend
 
 
 def _predictions_source(predictions: Path, gt: str | Path | None, run_dir: str | Path | None,
@@ -182,3 +208,8 @@ def print_report(report: dict[str, Any]) -> None:
         rpc = "-" if summary["rpc"] is None else f"{summary['rpc']:.3f}"
         out.print(f"robustness: mPC {summary['mpc']:.3f} (mean mAP50-95 over {summary['corruption_rows']} corruption "
                   f"rows), rPC {rpc} (mPC / clean {report['clean']['map50_95']:.3f})")
+    if report.get("ttt"):
+        ttt = report["ttt"]
+        fired = ", ".join(f"{name} {count}" for name, count in ttt["guards"].items())
+        out.print(f"test-time training ({escape(ttt['settings']['preset'])}): adapted {ttt['adapted_batches']} of "
+                  f"{ttt['batches']} batches in {ttt['adapt_seconds']:.1f} s; guards fired: {fired}")

@@ -255,6 +255,12 @@ class ModelConfig(Section):
     freeze: list[Literal["backbone", "neck", "projector", "head"]] = []
     # BatchNorm layers of the whole model keep their statistics (eval mode) in training.
     freeze_bn: bool = False
+    # A light decoder that reconstructs masked patches of the input from the backbone's P3
+    # features (models/mim.py), trained with the detector: what test-time training's
+    # mim_safe preset adapts with (docs/robustness.md). Not part of the exported model.
+    mim_decoder: bool = False
+    # The weight of its reconstruction loss, logged as loss_mim.
+    mim_weight: float = Field(1.0, ge=0.0)
 
     @model_validator(mode="after")
     def _rtdetr_defaults(self) -> ModelConfig:

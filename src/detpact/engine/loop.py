@@ -59,6 +59,7 @@ from detpact.models.detector import build_model, count_parameters
 from detpact.models.lora import apply_lora
 from detpact.models.losses import build_criterion
 from detpact.models.losses.normalise import local_normaliser
+from detpact.models.mim import MIMObjective
 from detpact.models.quant import apply_quant
 from detpact.run.checkpoint import stage_checkpoint
 from detpact.run.contract import RunDir
@@ -340,6 +341,7 @@ def _build_step_parts(cfg: Config, device: torch.device, num_classes: int, last_
         weights=weights, dist=ctx, balance=balance,
         penalties=build_penalties(tcfg.continual, model, criterion, device, cfg.run.amp, cfg.run.seed + ctx.rank,
                                   multi_scale=bool(cfg.data.multi_scale), world_size=ctx.world_size),
+        mim=MIMObjective(cfg.model.mim_weight, cfg.run.seed + ctx.rank) if cfg.model.mim_decoder else None,
     )
 
 

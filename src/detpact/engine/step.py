@@ -23,6 +23,7 @@ from detpact.engine.optim import set_lr
 from detpact.engine.penalties import Penalties
 from detpact.engine.runtime import autocast
 from detpact.models.losses import Criterion
+from detpact.models.mim import MIMObjective
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class StepParts:
     dist: Distributed = SINGLE
     balance: LossBalance | None = None  # loss balancing; None = the criterion's own loss
     penalties: Penalties | None = None  # continual-learning terms added to the loss (engine/penalties)
+    mim: MIMObjective | None = None  # model.mim_decoder's masked-image loss, logged as loss_mim
 
     def __post_init__(self) -> None:
         aligner = self.balance.aligner if self.balance is not None else None
@@ -78,7 +80,7 @@ def train_step(parts: StepParts, batches: Iterator, lr: float, step: int, faults
         if finite or parts.dist.enabled:
             try:
                 failure = _accumulate_gradients(parts, images, targets, sums, micro_batches, size, step,
-                                                faults.poison_at(step), backward=finite)
+                                                faults.poison_at(step), backward=finite, micro=micro)
             except torch.OutOfMemoryError:
                 if parts.dist.enabled:
                     raise  # the other ranks are inside this micro-batch's collectives: the run fails
@@ -148,7 +150,7 @@ def _agree_across_ranks(parts: StepParts, finite: bool, sums: dict[str, float]) 
 
 def _accumulate_gradients(parts: StepParts, images: torch.Tensor, targets: list[dict], sums: dict[str, float],
                           micro_batches: int, size: int | None, step: int, poison: str | None = None,
-                          backward: bool = True) -> str | None:
+                          backward: bool = True, micro: int = 1) -> str | None:
     """Forward and backward of one micro-batch (resized to `size` for multi-scale training),
     adding its share to `sums`. Returns None, or "nan" / "inf" when its loss is not finite
     (nothing is back-propagated then, nor when `backward` is False). `poison` (fault
@@ -171,6 +173,11 @@ def _accumulate_gradients(parts: StepParts, images: torch.Tensor, targets: list[
         penalties = parts.penalties.losses(parts.model, pixels, targets, outputs)
         total = total + sum(penalties.values())
         logged = {**logged, **{k: float(v.detach()) for k, v in penalties.items()}}
+    if parts.mim is not None:  # masked-image reconstruction, its own forward on masked pixels (models/mim.py)
+        with autocast(parts.device, parts.amp):
+            mim = parts.mim.loss(parts.model, pixels, step, micro)
+        total = total + mim
+        logged = {**logged, "loss_mim": float(mim.detach())}
     if poison == "nan":
         total = total * float("nan")
     value = total.detach().item()

@@ -8,6 +8,7 @@ from detpact.config import ModelConfig
 from detpact.models.backbones import build_backbone
 from detpact.models.heads.dense import DenseHead
 from detpact.models.heads.rtdetr import RTDETRHead
+from detpact.models.mim import MIMDecoder
 from detpact.models.necks import build_neck
 from detpact.models.outputs import DetectorOutput, DetrOutput
 from detpact.models.projector import NoProjector, Projector
@@ -22,14 +23,18 @@ class Detector(nn.Module):
     [N]); only the rtdetr head reads them, in training, to build its denoising queries.
     The loss (`losses.build_criterion`) and postprocessing (`postprocess.py`) are separate
     steps on the output; `nms_free` says which decoding the output needs.
+    `mim_decoder` (model.mim_decoder, else None) is no part of forward: its masked-image
+    loss (models/mim.py) trains with the detector, for test-time training.
     """
 
-    def __init__(self, backbone: nn.Module, neck: nn.Module, projector: nn.Module, head: nn.Module):
+    def __init__(self, backbone: nn.Module, neck: nn.Module, projector: nn.Module, head: nn.Module,
+                 mim_decoder: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.neck = neck
         self.projector = projector
         self.head = head
+        self.mim_decoder = mim_decoder
 
     @property
     def num_classes(self) -> int:
@@ -53,7 +58,8 @@ def build_model(cfg: ModelConfig, num_classes: int) -> Detector:
         head = RTDETRHead(projector.out_channels, num_classes, cfg.head.rtdetr)
     else:
         head = DenseHead(projector.out_channels, num_classes, cfg.head.reg_max, cfg.head.cls_conv == "depthwise")
-    return Detector(backbone, neck, projector, head)
+    mim_decoder = MIMDecoder(backbone.out_channels[0]) if cfg.mim_decoder else None
+    return Detector(backbone, neck, projector, head, mim_decoder)
 
 
 def count_parameters(model: nn.Module) -> int:
