@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def mim_run(tmp_path_factory, cache_dir):
     root = tmp_path_factory.mktemp("ttt")
     env, run, val_images = train_tiny_run(root, cache_dir, "--set", "model.mim_decoder=true", "--set",
-                                          "train.epochs=1")
+                                          "train.epochs=1", "--set", "export.exporter=torchscript")  # the quick one
     return root, env, run, val_images
 
 
