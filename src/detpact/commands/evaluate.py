@@ -119,9 +119,7 @@ def evaluate(run_dir: str | Path, *, checkpoint: str = "best", environ: Mapping[
         verify_config_hash(loaded, Path(verify_config))
     cfg = loaded.config
     eval_cfg = eval_settings(cfg.eval, score_threshold, iou_threshold)
-    splits = run_data(loaded, environ) if data is None else other_data(
-        loaded.class_names, dataset_config(Path(data), cfg.data.image_size), cache_dir(environ), Path(data))
-    samples = first_images(splits.val, max_images)
+    splits, samples = _split_of(loaded, data, max_images, environ)
     adapted = _ttt_backend(loaded, ttt)
     started = time.perf_counter()
     detections = predict_as_trained(run, loaded, samples, adapted)
@@ -154,9 +152,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data: str | Path | None = Non
     loaded = load_detector(checkpoint)
     cfg = loaded.config
     eval_cfg = eval_settings(cfg.eval, score_threshold, iou_threshold)
-    splits = run_data(loaded, environ) if data is None else other_data(
-        loaded.class_names, dataset_config(Path(data), cfg.data.image_size), cache_dir(environ), Path(data))
-    samples = first_images(splits.val, max_images)
+    splits, samples = _split_of(loaded, data, max_images, environ)
     adapted = _ttt_backend(loaded, ttt)
     started = time.perf_counter()
     detections = predict_as_trained(None, loaded, samples, adapted)
@@ -264,6 +260,15 @@ def predict_as_trained(run: RunDir | None, loaded: LoadedModel, samples: list[Sa
                                       cfg.run.channels_last)
     batch_size = adapted.settings.batch_size if adapted else cfg.eval.batch_size
     return predict_loader(backend, eval_loader(samples, cfg.data, batch_size))
+
+
+def _split_of(loaded: LoadedModel, data: str | Path | None, max_images: int | None,
+              environ: Mapping[str, str] | None) -> tuple[DatasetSplits, list[Sample]]:
+    """The dataset a model is evaluated on (its own config's, or `data`'s with the same
+    classes) and the images of its validation split that are scored."""
+    splits = run_data(loaded, environ) if data is None else other_data(
+        loaded.class_names, dataset_config(Path(data), loaded.config.data.image_size), cache_dir(environ), Path(data))
+    return splits, first_images(splits.val, max_images)
 
 
 def _ttt_backend(loaded: LoadedModel, ttt: TTTSettings | None) -> TTTBackend | None:
