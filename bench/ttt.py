@@ -8,10 +8,11 @@ rerun by hand. With --ttt the suite adapts a fresh copy of the model on the clea
 and on each corrupted split.
 
     .venv/bin/python bench/ttt.py --run runs/exp01 [--corruption gaussian_noise] [--severities 1,3,5]
-                                  [--presets safe,mim_safe] [--max-batches 1,4] [--out DIR]
+                                  [--presets safe,safe/test,mim_safe] [--max-batches 1,4] [--out DIR]
 
 Table 1: mAP50-95 per scenario (clean, then the corruption at each severity) without TTT
-and with each preset (mim_safe is left out for a run without model.mim_decoder, saying
+and with each preset (P/STATS adds --ttt-norm-stats STATS: safe/test is Tent with the test
+batch's BatchNorm statistics alone, as published; mim_safe is left out for a run without model.mim_decoder, saying
 so), the change from no TTT, and the guards that fired. Table 2: on the strongest
 severity alone, the suite's wall time and the seconds spent adapting with
 --ttt-max-batches N against every batch (preset safe).
@@ -61,7 +62,10 @@ def has_mim_decoder(run: Path) -> bool:
 
 
 def preset_flags(preset: str) -> list[str]:
-    return [] if preset == "none" else ["--ttt", "--ttt-preset", preset]
+    if preset == "none":
+        return []
+    name, _, stats = preset.partition("/")
+    return ["--ttt", "--ttt-preset", name, *(["--ttt-norm-stats", stats] if stats else [])]
 
 
 def scores(report: dict) -> dict[str, float]:
@@ -74,7 +78,8 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="a trained run folder (e.g. the quickstart's)")
     parser.add_argument("--corruption", default="gaussian_noise")
     parser.add_argument("--severities", default="1,3,5")
-    parser.add_argument("--presets", default="safe,mim_safe", help="TTT presets to compare with no TTT")
+    parser.add_argument("--presets", default="safe,safe/test,mim_safe",
+                        help="TTT presets to compare with no TTT (P/STATS: with --ttt-norm-stats STATS)")
     parser.add_argument("--max-batches", default="1,4", help="--ttt-max-batches values timed (preset safe)")
     parser.add_argument("--seed", type=int, default=0, help="the corruptions' seed")
     parser.add_argument("--out", type=Path, help="folder for the settings and reports (default: a new temp folder)")
@@ -82,11 +87,12 @@ def main() -> None:
     out = args.out or Path(tempfile.mkdtemp(prefix="ttt-bench-"))
     severities = [int(s) for s in args.severities.split(",")]
     requested = [p for p in args.presets.split(",") if p]
-    skipped = [p for p in requested if p == "mim_safe" and not has_mim_decoder(args.run)]
+    skipped = [p for p in requested if p.startswith("mim_safe") and not has_mim_decoder(args.run)]
     presets = ["none", *[p for p in requested if p not in skipped]]
     commands: list[str] = []
     settings = write_settings(out / "settings.yaml", args.corruption, severities, args.seed)
-    reports = {p: suite(args.run, settings, preset_flags(p), out / f"suite_{p}.json", commands) for p in presets}
+    reports = {p: suite(args.run, settings, preset_flags(p), out / f"suite_{p.replace('/', '_')}.json", commands)
+               for p in presets}
     strongest = write_settings(out / "strongest.yaml", args.corruption, [max(severities)], args.seed)
     timing = []
     if args.max_batches:

@@ -13,7 +13,7 @@ from detpact.errors import DetpactError
 from detpact.models.detector import build_model
 from detpact.models.mim import MIMObjective, batch_statistics_only
 from detpact.robustness.ttt import Guards, TTTBackend, add_ttt_arguments, preset_settings, ttt_settings
-from detpact.robustness.ttt.adapt import NORM_TYPES
+from detpact.robustness.ttt.adapt import NORM_TYPES, BlendedBatchNorm, configure_norms
 
 CPU = torch.device("cpu")
 POST = PostprocessConfig(score_threshold=0.0, max_det=20)
@@ -157,6 +157,44 @@ def test_the_mim_loss_in_training_masks_deterministically_and_keeps_running_stat
     assert not any(k.startswith("mim_decoder.") for k in model.state_dict())  # off: the detector is as before
 
 
+def test_blended_batchnorm_keeps_training_statistics_for_a_familiar_batch_and_takes_a_shifted_ones():
+    bn = torch.nn.BatchNorm2d(3).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        bn.running_var.copy_(torch.tensor([1.0, 4.0, 0.25]))
+        bn.weight.copy_(torch.tensor([1.5, 0.5, 2.0]))
+        bn.bias.copy_(torch.tensor([0.1, 0.2, -0.3]))
+    noise = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    noise = (noise - noise.mean((0, 2, 3), keepdim=True)) / noise.std((0, 2, 3), unbiased=False, keepdim=True)
+    familiar = noise * bn.running_var.sqrt().view(1, 3, 1, 1) + bn.running_mean.view(1, 3, 1, 1)  # exactly its statistics
+    shifted = familiar * 3 + 5
+    blended = BlendedBatchNorm(bn, shift_scale=0.03)
+    torch.testing.assert_close(blended(familiar), bn(familiar), atol=1e-5, rtol=1e-5)  # w = 1: the training statistics
+    assert float(blended.last_weight) == pytest.approx(1.0)
+    batch_stats = torch.nn.functional.batch_norm(shifted, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
+    torch.testing.assert_close(blended(shifted), batch_stats, atol=1e-4, rtol=1e-4)  # w ~ 0: the batch's
+    assert float(blended.last_weight) < 1e-6
+    between = (familiar * 1.05).requires_grad_()
+    out = blended(between)
+    assert 0.05 < float(blended.last_weight) < 0.95
+    with torch.no_grad():  # the fused path (prediction, or an input needing no gradient): the same values
+        torch.testing.assert_close(blended(between), out, atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    assert bn.weight.grad is not None and bn.bias.grad is not None  # the layer's own Parameters adapt
+    assert between.grad.abs().sum() > 0  # and the gradient flows through the batch statistics
+
+
+def test_norm_stats_test_uses_the_batch_statistics_alone(model):
+    for stats in ("blend", "test"):
+        ttt = backend(model, norm_stats=stats)
+        blended = [m for m in ttt.model.modules() if isinstance(m, BlendedBatchNorm)]
+        plain = [m for m in ttt.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert (blended and not plain) if stats == "blend" else (plain and not blended)
+        assert all(m.running_mean is None for m in plain)
+        assert set(ttt.params) == norm_affine_names(model)  # the same parameters adapt either way
+    assert configure_norms(tiny_model(), torch.nn.Identity()) == {}  # nothing in scope, nothing adapts
+
+
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_ttt_arguments(parser)
@@ -170,6 +208,7 @@ def test_ttt_flags():
     custom = ttt_settings(parse("--ttt", "--ttt-preset", "custom", "--ttt-guards", "rollback", "--ttt-steps", "3"))
     assert custom.guards == Guards(rollback=True) and custom.steps == 3
     assert ttt_settings(parse("--ttt", "--ttt-preset", "custom")).guards == Guards()
+    assert safe.norm_stats == "blend" and ttt_settings(parse("--ttt", "--ttt-norm-stats", "test")).norm_stats == "test"
     for argv, message in ((("--ttt-lr", "0.1"), "only applies with --ttt"),
                           (("--ttt", "--ttt-guards", "drift"), "custom"),
                           (("--ttt", "--ttt-preset", "custom", "--ttt-guards", "speed"), "speed"),

@@ -10,6 +10,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from detpact.models.mim import patch_mask, reconstruction_loss
@@ -17,17 +18,72 @@ from detpact.models.mim import patch_mask, reconstruction_loss
 NORM_TYPES = (_BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
-def configure_norms(model: nn.Module, scope: nn.Module) -> dict[str, nn.Parameter]:
+class BlendedBatchNorm(nn.Module):
+    """A BatchNorm layer that normalises with a blend of the test batch's statistics and the
+    training (running) ones, weighted by how far the batch has shifted.
+
+    Per channel c, d_c is the symmetric KL divergence between N(batch mean, batch var) and
+    N(running mean, running var), averaged over both directions; d is its mean over the
+    channels. The layer normalises with
+
+        w * running + (1 - w) * batch   (means and variances),   w = exp(-d / shift_scale)
+
+    so a batch that looks like the training data keeps the training statistics (whose
+    estimate does not depend on which 16 images share the batch), and a shifted one takes
+    its own. w is not differentiated: Tent's gradient flows through the batch statistics.
+    The affine weight and bias are the wrapped layer's own Parameters.
+    """
+
+    def __init__(self, layer: _BatchNorm, shift_scale: float):
+        super().__init__()
+        self.weight, self.bias, self.eps, self.shift_scale = layer.weight, layer.bias, layer.eps, shift_scale
+        self.register_buffer("source_mean", layer.running_mean.detach().float().clone())
+        self.register_buffer("source_var", layer.running_var.detach().float().clone())
+        self.last_weight = torch.tensor(float("nan"))  # w of the latest batch (tests, diagnostics)
+
+    def forward(self, x: Tensor) -> Tensor:
+        values = x.float()
+        # Channels last as a [pixels, channels] view (a copy for NCHW input): torch.var_mean over
+        # dims (0, 2, 3) takes ~20x longer on CPU than these two means.
+        flat = values.movedim(1, -1).reshape(-1, values.shape[1])
+        batch_mean = flat.mean(0)
+        batch_var = (flat - batch_mean).square().mean(0) + self.eps
+        source_mean, source_var = self.source_mean, self.source_var + self.eps
+        with torch.no_grad():
+            gap = (batch_mean - source_mean).square()
+            divergence = 0.25 * ((batch_var + gap) / source_var + (source_var + gap) / batch_var - 2)
+            w = torch.exp(-divergence.mean() / self.shift_scale)
+        self.last_weight = w  # a tensor: reading it (float()) would wait for the device at every layer
+        mean = w * source_mean + (1 - w) * batch_mean
+        if not (torch.is_grad_enabled() and x.requires_grad):  # no gradient through the statistics: fused kernel
+            var = w * self.source_var + (1 - w) * (batch_var - self.eps)
+            return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
+        scale = torch.rsqrt(w * source_var + (1 - w) * batch_var)
+        if self.weight is not None:
+            scale = scale * self.weight.float()
+        shift = -mean * scale if self.bias is None else self.bias.float() - mean * scale
+        shape = (1, -1, *([1] * (x.dim() - 2)))
+        return torch.addcmul(shift.view(shape), values, scale.view(shape)).to(x.dtype)
+
+
+def configure_norms(model: nn.Module, scope: nn.Module, shift_scale: float | None = None) -> dict[str, nn.Parameter]:
     """Make `model` ready for test-time training and return the parameters it adapts.
 
     Every parameter stops requiring gradients except the weight and bias of the norm
     layers inside `scope` (the whole model for Tent, the backbone for MIM). Every BatchNorm
-    layer of the model normalises with the statistics of the test batch, never updating
-    its running statistics; the rest of the model stays in eval mode (no dropout).
+    layer of the model normalises with the statistics of the test batch (`shift_scale`
+    None), or is replaced by a BlendedBatchNorm that blends them with its running ones; its
+    running statistics are never updated. The rest of the model stays in eval mode (no
+    dropout).
     """
     model.eval().requires_grad_(False)
-    for layer in model.modules():
-        if isinstance(layer, _BatchNorm):
+    for name, layer in list(model.named_modules()):
+        if not isinstance(layer, _BatchNorm):
+            continue
+        if shift_scale is not None and layer.running_mean is not None:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, BlendedBatchNorm(layer, shift_scale))
+        else:
             layer.train()
             layer.track_running_stats = False
             # Without running statistics F.batch_norm uses the batch's, in train and eval mode alike.
@@ -35,7 +91,7 @@ def configure_norms(model: nn.Module, scope: nn.Module) -> dict[str, nn.Paramete
     params = {}
     scope_ids = {id(m) for m in scope.modules()}
     for name, layer in model.named_modules():
-        if isinstance(layer, NORM_TYPES) and id(layer) in scope_ids:
+        if isinstance(layer, (*NORM_TYPES, BlendedBatchNorm)) and id(layer) in scope_ids:
             for kind in ("weight", "bias"):
                 param = getattr(layer, kind, None)
                 if isinstance(param, nn.Parameter):

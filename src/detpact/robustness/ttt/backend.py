@@ -10,7 +10,7 @@ For one batch x (float images [b, 3, S, S], b <= settings.batch_size):
             rollback guard: loss above the previous step's -> undo that step, stop
             step the optimizer on the norm affine parameters
             drift guard: ||theta - theta_0|| / ||theta_0|| above the cap -> theta <- theta_0, stop
-    outputs = model(x)                              # the prediction, test-batch statistics
+    outputs = model(x)                              # the prediction (BatchNorm: settings.norm_stats)
     rollback guard: the last step raised the loss -> undo it, predict again
     entropy guard: confident predictions' mean entropy below the floor -> undo the batch, stop adapting
 
@@ -41,7 +41,7 @@ from detpact.robustness.ttt.adapt import (
     restore,
     snapshot,
 )
-from detpact.robustness.ttt.settings import TTTSettings
+from detpact.robustness.ttt.settings import SHIFT_SCALE, TTTSettings
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class TTTBackend:
                 "`--set model.mim_decoder=true`), or use --ttt-preset safe (Tent).")
         self.model = copy.deepcopy(model)  # the caller's model (and the run's files) stay as they are
         scope = self.model.backbone if settings.method == "mim" else self.model
-        self.params = configure_norms(self.model, scope)
+        self.params = configure_norms(self.model, scope, SHIFT_SCALE if settings.norm_stats == "blend" else None)
         if not self.params:
             raise DetpactError("--ttt found no normalisation layer with an affine weight to adapt in this model "
                                "(e.g. model.backbone.norm: frozen_bn freezes the backbone's).")

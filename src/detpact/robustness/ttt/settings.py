@@ -17,6 +17,12 @@ from detpact.errors import DetpactError
 METHODS = ("tent", "mim")
 RESETS = ("sample", "stream")
 GUARD_NAMES = ("drift", "rollback", "entropy")
+NORM_STATS = ("blend", "test")
+# BlendedBatchNorm's scale (robustness/ttt/adapt.py): a layer whose test batch is at a mean
+# symmetric KL divergence d from its training statistics keeps exp(-d / 0.03) of them. On
+# the quickstart run clean batches sit at d ~ 0.001 in most layers (w ~ 0.97) and
+# Gaussian noise of severity 5 at 0.02-0.3 (w 0.5 down to 0); docs/robustness.md has the sweep.
+SHIFT_SCALE = 0.03
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,9 @@ class TTTSettings:
     lr, steps:  Adam's learning rate and the optimizer steps per batch.
     confidence: Tent's confident predictions are the candidates whose top class score is
                 at least this (their entropy is minimised; the rest are left alone).
+    norm_stats: the statistics BatchNorm layers normalise with: blend = the training ones
+                blended with the test batch's by how far the batch has shifted
+                (adapt.BlendedBatchNorm); test = the test batch's alone (Tent as published).
     """
 
     method: str = "tent"
@@ -66,6 +75,7 @@ class TTTSettings:
     lr: float = 1e-3
     steps: int = 1
     confidence: float = 0.5
+    norm_stats: str = "blend"
     guards: Guards = field(default_factory=lambda: SAFE_GUARDS)
     seed: int = 0  # MIM's masks: drawn from (seed, batch number)
 
@@ -86,6 +96,8 @@ def preset_settings(preset: str = "safe", **changes: Any) -> TTTSettings:
 def check_settings(settings: TTTSettings) -> None:
     if settings.method not in METHODS:
         raise DetpactError(f"Unknown --ttt-method {settings.method!r}: choose one of {', '.join(METHODS)}.")
+    if settings.norm_stats not in NORM_STATS:
+        raise DetpactError(f"Unknown --ttt-norm-stats {settings.norm_stats!r}: choose one of {', '.join(NORM_STATS)}.")
     if settings.reset not in RESETS:
         raise DetpactError(f"Unknown --ttt-reset {settings.reset!r}: choose one of {', '.join(RESETS)}.")
     if settings.batch_size < 1 or settings.steps < 1 or (settings.max_batches is not None and settings.max_batches < 0):
@@ -110,6 +122,9 @@ def add_ttt_arguments(parser: argparse.ArgumentParser) -> None:
                        help="adapt on the first N batches only, then predict without adapting (bounds the cost)")
     group.add_argument("--ttt-lr", type=float, metavar="LR", help="Adam learning rate (default 1e-3)")
     group.add_argument("--ttt-steps", type=int, metavar="N", help="optimizer steps per batch (default 1)")
+    group.add_argument("--ttt-norm-stats", choices=NORM_STATS,
+                       help="blend: BatchNorm blends the training statistics with the test batch's by how far the "
+                            "batch has shifted (default); test: the test batch's alone")
     group.add_argument("--ttt-method", choices=METHODS, help="with --ttt-preset custom: the objective (default tent)")
     group.add_argument("--ttt-guards", metavar="LIST",
                        help=f"with --ttt-preset custom: guards to turn on, comma-separated ({','.join(GUARD_NAMES)}) "
@@ -120,6 +135,7 @@ def ttt_settings(args: argparse.Namespace) -> TTTSettings | None:
     """The settings the --ttt* flags give, or None without --ttt."""
     flags = {"preset": args.ttt_preset, "reset": args.ttt_reset, "batch_size": args.ttt_batch_size,
              "max_batches": args.ttt_max_batches, "lr": args.ttt_lr, "steps": args.ttt_steps,
+             "norm_stats": args.ttt_norm_stats,
              "method": args.ttt_method, "guards": args.ttt_guards}
     given = {key: value for key, value in flags.items() if value is not None}
     if not args.ttt:
