@@ -61,6 +61,17 @@ def test_predict_with_tent_writes_the_adaptation_into_the_predictions_file(mim_r
     assert "guards fired" in result.stderr  # the log line
 
 
+def test_predict_with_tent_and_tta_adapts_on_each_view(mim_run):
+    root, env, run, val_images = mim_run
+    out = root / "preds_tta.json"
+    result = run_cli(["predict", str(run), str(val_images), "--out", str(out), "--ttt", "--tta",
+                      "--no-progress"], env, root)
+    assert result.returncode == 0, result.stderr
+    meta = json.loads(out.read_text())["meta"]
+    views = len(meta["tta"]["scales"]) * (2 if meta["tta"]["flip"] else 1)
+    assert views == 6 and meta["ttt"]["batches"] == views  # the 6 images make one batch, adapted per view
+
+
 def test_the_scenario_suite_adapts_afresh_on_each_split(mim_run):
     root, env, run, _ = mim_run
     settings, out = root / "noise.yaml", root / "scenarios_ttt.json"
