@@ -4,7 +4,9 @@ best.pt with A as the distillation teacher, EWC, SI and DER++ on, is killed (SIG
 inside its last step (after the first of its two micro-batches) and resumed from the
 checkpoint of the step before, and ends with the bits of an uninterrupted task B: weights,
 optimizer, metric lines (each penalty's own loss column), the penalties' state in last.pt
-and the continual.pt it hands on."""
+and the continual.pt it hands on. Task B also trains a model.mim_decoder (issue 16), whose
+masks are drawn from (seed, step, micro-batch): the resumed run masks as the uninterrupted
+one, so its loss_mim lines match too."""
 
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ def test_killed_continual_run_resumes_to_the_same_bits(tmp_path, cache_dir, task
     # Batches of 4 two to a step: 3 steps, one epoch; a checkpoint every 2 steps.
     sets = ["--set", "train.batch_size=4", "--set", "train.accumulate=2", "--set", "train.max_steps=3",
             "--set", "train.checkpoint.every_steps=2",
-            "--set", f"model.init_from={best}",
+            "--set", f"model.init_from={best}", "--set", "model.mim_decoder=true",
             "--set", f"train.continual={{previous: {run_a / 'checkpoints' / 'continual.pt'}, save_state: true, "
                      f"self_distill: {{teacher: {best}, weight: 1.0, kl: sym}}, "
                      "derpp: {alpha: 0.5, beta: 0.5, buffer_size: 12, replay_batch: 4}, "
@@ -76,7 +78,7 @@ def test_killed_continual_run_resumes_to_the_same_bits(tmp_path, cache_dir, task
     assert_same_run(run, reference)
     lines = [json.loads(line) for line in (run / "reports" / "train_metrics.jsonl").read_text().splitlines()]
     # Task B starts from task A's best.pt, the anchor: EWC and SI are 0 until the first step moves it.
-    assert len(lines) == 3 and all(key in line for line in lines for key in PENALTIES)
+    assert len(lines) == 3 and all(key in line for line in lines for key in (*PENALTIES, "loss_mim"))
     assert lines[0]["loss_ewc"] == lines[0]["loss_si"] == 0.0
     assert all(line[key] > 0 for line in lines[1:] for key in PENALTIES)
     ours, theirs = (torch.load(r / "checkpoints" / "last.pt", weights_only=True)["continual"] for r in (run, reference))
