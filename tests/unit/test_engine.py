@@ -198,12 +198,37 @@ def test_train_step_skips_non_finite_loss_and_keeps_data_order():
     assert len(list(source)) == 1
 
 
-def test_train_step_with_grad_scaler_skips_non_finite_loss():
-    """fp16 runs use a GradScaler: a NaN loss must be skipped, not crash the scaler."""
+def _nan_loss(losses, outputs):
+    return torch.tensor(float("nan"))
+
+
+def _nan_gradient(losses, outputs):
+    """A finite loss whose gradient is not: d sqrt(u)/du at u = 0 is infinite (times 0: NaN)."""
+    return losses["loss"] + (outputs.boxes.float().sum() * 0).sqrt()
+
+
+@pytest.mark.parametrize(("fault", "scale_after"), [(_nan_loss, 1.0), (_nan_gradient, 0.5)],
+                         ids=["nan loss", "finite loss, nan gradient"])
+def test_train_step_with_grad_scaler_skips_a_non_finite_step_and_changes_nothing(fault, scale_after):
+    """fp16 runs use a GradScaler: a non-finite step is skipped, not a crash, and leaves the
+    weights, the optimizer and the EMA as they were (RELIABILITY row 22). A NaN loss never
+    reaches the scaler; a non-finite gradient is, to the scaler, an fp16 overflow: it halves
+    its scale, as it must, or an overflowing run would skip every step from then on."""
     real = build_criterion(HeadConfig())
-    parts = make_parts(lambda outputs, targets: {**real(outputs, targets), "loss": torch.tensor(float("nan"))})
+
+    def criterion(outputs, targets):
+        losses = real(outputs, targets)
+        return {**losses, "loss": fault(losses, outputs)}
+
+    parts = make_parts(criterion)
     parts.scaler = torch.amp.GradScaler("cpu")
+    before = [p.detach().clone() for p in parts.model.parameters()]
+    scaler_before = parts.scaler.state_dict()
     assert train_step(parts, batches(2), lr=1e-3, step=1) is None
+    assert all(torch.equal(a, b) for a, b in zip(before, parts.model.parameters()))
+    assert parts.optimizer.state_dict()["state"] == {} and parts.ema.updates == 0
+    assert parts.scaler.state_dict() == {**scaler_before, "scale": scaler_before["scale"] * scale_after}
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in parts.model.parameters())
     parts.criterion = real
     assert train_step(parts, batches(2), lr=1e-3, step=1) is not None and parts.ema.updates == 1
 
