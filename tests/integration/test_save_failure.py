@@ -1,13 +1,16 @@
-"""RELIABILITY row 8: an exception partway through a checkpoint save in a real training
-run ends the run with that exception, and the checkpoint before it stays whole."""
+"""RELIABILITY rows 8 and 9: an exception partway through a checkpoint save in a real
+training run ends the run with that exception, and a full disk ends it as a resumable
+abort (exit 3) naming the step; either way the checkpoint before it stays whole."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
 import detpact.run.checkpoint as checkpoint_module
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, make_env, run_cli, write_tiny_config
 from detpact import api
 from detpact.config import validate_config
 from detpact.run.atomic import stale_temp_files
@@ -33,3 +36,24 @@ def test_an_exception_inside_a_save_ends_the_run_and_keeps_the_previous_checkpoi
     checkpoints = tmp_path / "runs" / "boom" / "checkpoints"
     assert load_checkpoint(checkpoints / "last.pt")["progress"]["global_step"] == 2  # the first save, whole
     assert not stale_temp_files(checkpoints)
+
+
+def test_a_full_disk_aborts_the_run_naming_the_step_and_a_resume_finishes_it(tmp_path, cache_dir):
+    env, config = make_env(tmp_path / "runs", cache_dir), write_tiny_config(tmp_path / "tiny.yaml")
+    sets = ["--set", "train.max_steps=6", "--set", "train.checkpoint.every_steps=2"]
+    full = run_cli(["train", str(config), "--run-id", "full", *sets], {**env, "DETPACT_FAULT": "full@save=4"}, tmp_path)
+    assert full.returncode == 3, full.stderr  # TrainingAborted: resumable, not bad input
+    assert "The disk is full while writing the checkpoint of step 4" in full.stderr
+    assert "Traceback" not in full.stderr
+    run = tmp_path / "runs" / "full"
+    checkpoints = run / "checkpoints"
+    # The last good one, whole: step 3's (every 2 steps, and at the end of each 3-step epoch).
+    assert load_checkpoint(checkpoints / "last.pt")["progress"]["global_step"] == 3
+    assert not stale_temp_files(checkpoints)
+    report = json.loads((run / "reports" / "train_report.json").read_text())
+    assert report["end_reason"] == "disk_full"
+    steps = [json.loads(line)["step"] for line in (run / "reports" / "train_metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # the metrics of the steps trained are kept
+    resumed = run_cli(["train", str(config), "--run-id", "full", *sets, "--resume"], env, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint(checkpoints / "last.pt")["progress"]["global_step"] == 6

@@ -10,6 +10,8 @@ as a comma-separated list of:
   term@step=N             send this process SIGTERM right after step N (graceful stop)
   raise@step=N            raise an exception right after step N (a crashing process)
   sleep@save=N:seconds=S  sleep S seconds while writing the checkpoint of step N (a slow disk)
+  full@save=N[:bytes=B]   the checkpoint write of step N fails with ENOSPC after B bytes
+                          (default 1024): a disk filling up
   nan@step=N[..M]         make the loss NaN at steps N..M
   oom@step=N[..M]         raise an out-of-memory error in the forward pass at steps N..M
 Any entry may end in `@rank=R`: under torchrun only rank R acts on it (e.g.
@@ -22,6 +24,7 @@ graceful stop and the non-finite guard on real runs, through real signals.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -38,6 +41,7 @@ _PATTERNS = {
     "term_step": re.compile(r"term@step=(\d+)"),
     "raise_step": re.compile(r"raise@step=(\d+)"),
     "sleep_save": re.compile(r"sleep@save=(\d+):seconds=(\d+(?:\.\d+)?)"),
+    "full_save": re.compile(r"full@save=(\d+)(?::bytes=(\d+))?"),
     "nan": re.compile(r"nan@step=(\d+)(?:\.\.(\d+))?"),
     "oom": re.compile(r"oom@step=(\d+)(?:\.\.(\d+))?"),
 }
@@ -53,6 +57,7 @@ class Faults:
     term_after_step: int | None = None
     raise_after_step: int | None = None
     sleep_in_save: tuple[int, float] | None = None  # (step, seconds)
+    full_in_save: tuple[int, int] | None = None  # (step, bytes)
     nan_steps: frozenset[int] = field(default_factory=frozenset)
     oom_steps: frozenset[int] = field(default_factory=frozenset)
 
@@ -83,6 +88,14 @@ class Faults:
                     time.sleep(seconds)
 
             return slow
+        if self.full_in_save is not None and self.full_in_save[0] == step:
+            room = self.full_in_save[1]
+
+            def fill(written: int) -> None:
+                if written >= room:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            return fill
         if self.kill_in_save is None or self.kill_in_save[0] != step:
             return None
         limit = self.kill_in_save[1]
@@ -116,7 +129,8 @@ def parse_faults(spec: str | None, rank: int = 0, attempt: int = 0) -> Faults:
         if match is None:
             raise DetpactError(
                 f"Bad DETPACT_FAULT entry {item!r}: use kill@step=N, kill@step=N:micro=M, "
-                "kill@save=N[:bytes=B], term@step=N, raise@step=N, sleep@save=N:seconds=S, nan@step=N[..M] or "
+                "kill@save=N[:bytes=B], term@step=N, raise@step=N, sleep@save=N:seconds=S, full@save=N[:bytes=B], "
+                "nan@step=N[..M] or "
                 "oom@step=N[..M], each optionally followed by @rank=R."
             )
         if ranked is not None and int(ranked.group(2)) != rank:
@@ -132,6 +146,8 @@ def parse_faults(spec: str | None, rank: int = 0, attempt: int = 0) -> Faults:
             found["term_after_step"] = numbers[0]
         elif kind == "raise_step":
             found["raise_after_step"] = numbers[0]
+        elif kind == "full_save":
+            found["full_in_save"] = (numbers[0], numbers[1] or _DEFAULT_SAVE_BYTES)
         elif kind == "sleep_save":
             found["sleep_in_save"] = (int(match.group(1)), float(match.group(2)))
         else:

@@ -80,6 +80,7 @@ class StagedCheckpoint:
     entry: dict[str, Any]  # the manifest entry of the bundle (sha256, size)
     temps: dict[Path, Path]  # final path -> its temporary file
     snapshot: Path | None  # the epoch snapshot, when one is written
+    step: int | None = None  # the bundle's global step (for messages)
 
     def commit(self, keep_epochs: int = 0) -> None:
         """Put the checkpoint in place, in an order a crash cannot break: (2) the manifest is
@@ -90,7 +91,7 @@ class StagedCheckpoint:
         its sha256 in the manifest, but for snapshots already left out of it, which the
         resume deletes (`prune_epoch_snapshots`)."""
         run = self.run
-        with _disk_full_aborts(run):
+        with _disk_full_aborts(run, self.step):
             # Checkpoints only change through here, so the manifest's entries for the ones
             # not rewritten still hold: reuse them rather than hash those files again.
             recorded = read_manifest(run) or {}
@@ -126,8 +127,9 @@ def stage_checkpoint(run: RunDir, bundle: dict[str, Any], *, best: bool,
     """(1) of a checkpoint: `bundle` in fsynced temporary files beside last.pt (and best.pt,
     epoch_NNNN.pt). A crash here leaves only temporary files, removed at the next resume."""
     temps: dict[Path, Path] = {}
+    step = (bundle.get("progress") or {}).get("global_step")
     try:
-        with _disk_full_aborts(run):
+        with _disk_full_aborts(run, step):
             tmp_last, entry = _write_temp(run.last_ckpt, bundle, on_write)
             temps[run.last_ckpt] = tmp_last
             snapshot = run.epoch_ckpt(epoch) if epoch is not None else None
@@ -139,19 +141,20 @@ def stage_checkpoint(run: RunDir, bundle: dict[str, Any], *, best: bool,
         for tmp in temps.values():
             remove_quietly(tmp)
         raise
-    return StagedCheckpoint(run, entry, temps, snapshot)
+    return StagedCheckpoint(run, entry, temps, snapshot, step)
 
 
 @contextmanager
-def _disk_full_aborts(run: RunDir) -> Iterator[None]:
+def _disk_full_aborts(run: RunDir, step: int | None) -> Iterator[None]:
     """A full disk ends training as TrainingAborted (resumable), any other error as itself."""
     try:
         yield
     except Exception as exc:
         full = _disk_full_error(exc)
         if full is not None:
+            of_step = f" of step {step}" if step is not None else ""
             raise TrainingAborted(
-                f"The disk is full: writing checkpoint {run.last_ckpt} failed ({full.strerror}). The previous "
+                f"The disk is full while writing the checkpoint{of_step}: {run.last_ckpt} failed ({full.strerror}). The previous "
                 "checkpoints are intact. Free some space, then continue with --resume.", reason="disk_full"
             ) from exc
         raise
