@@ -1,11 +1,12 @@
 """Tracking end to end, against real parts: a real `mlflow server` (sqlite backend store,
 local artifact folder) on 127.0.0.1, a tiny run logging to it over HTTP read back through
 MLflow's own client, its TensorBoard event files read back with tensorboard's reader, a
-second run whose tracking server is unreachable, and a missing extra.
+second run whose tracking server is unreachable, a third whose server starts answering
+HTTP 500 once the run is under way (a proxy in front of the real one), and a missing extra.
 
 To stay within its time budget the module starts the unreachable run and the
-missing-extra process in the background while the server boots, then trains the
-tracked run, then collects them.
+missing-extra process in the background while the server boots, the failing-server run
+in the background once it is up, then trains the tracked run, then collects them.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -77,6 +81,51 @@ def stop_server(server: subprocess.Popen) -> None:
     server.wait(timeout=30)
 
 
+class FailingMidRun(BaseHTTPRequestHandler):
+    """Forwards MLflow's requests to the real server until the run logs its first metrics;
+    from then on every request is answered HTTP 500 (a server failing mid-run)."""
+
+    upstream = ""
+    failing = False
+    failed_requests = 0
+
+    def _handle(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        cls = type(self)
+        if self.path.endswith("/runs/log-batch") and json.loads(body or b"{}").get("metrics"):
+            cls.failing = True
+        if cls.failing:
+            cls.failed_requests += 1
+            self._reply(500, b'{"error_code": "INTERNAL_ERROR", "message": "injected failure"}', "application/json")
+            return
+        request = urllib.request.Request(cls.upstream + self.path, data=body or None, method=self.command,
+                                         headers={"Content-Type": self.headers.get("Content-Type", "application/json")})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                self._reply(response.status, response.read(), response.headers.get("Content-Type"))
+        except urllib.error.HTTPError as error:
+            self._reply(error.code, error.read(), error.headers.get("Content-Type"))
+
+    def _reply(self, status: int, payload: bytes, content_type: str | None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type or "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    do_GET = do_POST = do_PATCH = do_DELETE = _handle
+
+    def log_message(self, *args) -> None:  # no access log on the test's stderr
+        pass
+
+
+def failing_proxy(upstream: str) -> tuple[ThreadingHTTPServer, str]:
+    FailingMidRun.upstream = upstream
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), FailingMidRun)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    return proxy, f"http://127.0.0.1:{proxy.server_address[1]}"
+
+
 def background(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
     """A detpact CLI process whose output goes to files (a pipe nobody reads could fill and block it)."""
     return subprocess.Popen(args, env=env, cwd=cwd, stdout=(cwd / "stdout.txt").open("w"),
@@ -117,10 +166,18 @@ def tracked(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterat
          "runpy.run_module('detpact', run_name='__main__')", "train", str(write_tiny_config(missing / "tiny.yaml")),
          "--run-id", "nox", *tracking_sets(closed_uri)],
         quiet_mlflow_env(make_env(missing / "runs", cache_dir)), missing)
-    server = None
+    server = proxy = flaky = None
     try:
-        # 2. The server, and the tracked run (TensorBoard too, export on, best.pt registered).
+        # 2. The server; in the background a run logging through a proxy that fails it
+        #    mid-run; the tracked run (TensorBoard too, export on, best.pt registered).
         server, uri = start_mlflow_server(root)
+        proxy, proxy_uri = failing_proxy(uri)
+        failing = root / "failing"
+        failing.mkdir()
+        flaky = background(
+            [sys.executable, "-m", "detpact", "train", str(write_tiny_config(failing / "tiny.yaml")), "--run-id",
+             "flaky", *tracking_sets(proxy_uri), "--set", "train.epochs=1"],
+            quiet_mlflow_env(make_env(failing / "runs", cache_dir)), failing)
         _, run, _ = train_tiny_run(root, cache_dir, *tracking_sets(uri), "--set", "logging.tensorboard=true",
                                    "--set", f"logging.mlflow.register_model={MODEL_NAME}",
                                    "--set", "export.onnx=true", "--set", "export.exporter=torchscript",
@@ -131,12 +188,15 @@ def tracked(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterat
             mlflow_run_id=report["tracking"]["mlflow"]["run_id"],
             unreachable=finished(unreachable, down, 300), closed_uri=closed_uri,
             down_run=down / "runs" / "down", no_extra=finished(no_extra, missing, 120),
-            missing_runs=missing / "runs")
+            missing_runs=missing / "runs", failing=finished(flaky, failing, 300),
+            failing_run=failing / "runs" / "flaky")
     finally:
-        for process in (unreachable, no_extra):
-            if process.poll() is None:
+        for process in (unreachable, no_extra, flaky):
+            if process is not None and process.poll() is None:
                 process.kill()
                 process.wait()
+        if proxy is not None:
+            proxy.shutdown()
         if server is not None:
             stop_server(server)
         closed.close()
@@ -228,6 +288,19 @@ def test_an_unreachable_tracking_server_does_not_stop_the_run(tracked):
     error = json.loads((run / "reports" / "train_report.json").read_text())["tracking"]["mlflow"]
     assert error["ok"] is False and tracked.closed_uri in error["error"] and "Connection refused" in error["error"]
     assert "mlflow tracking failed" in stderr and "Traceback" not in stderr
+
+
+def test_a_server_failing_mid_run_is_reported_once_and_the_run_finishes(tracked):
+    returncode, stderr = tracked.failing
+    assert returncode == 0, stderr
+    run = tracked.failing_run
+    assert json.loads((run / "status.json").read_text())["phase"] == "done"
+    assert len(jsonl(run / "reports" / "train_metrics.jsonl")) == 3  # every step trained and logged locally
+    error = json.loads((run / "reports" / "train_report.json").read_text())["tracking"]["mlflow"]
+    assert error["ok"] is False and "500" in error["error"] and error["run_id"]  # the run was opened before
+    assert stderr.count("mlflow tracking failed") == 1 and "Traceback" not in stderr
+    # Dropped at its first failure: MLflow's one retry, then no request at later steps or at the end.
+    assert FailingMidRun.failed_requests <= 2
 
 
 def test_a_missing_extra_stops_before_training_with_the_install_command(tracked):

@@ -10,6 +10,7 @@ the run (a server that is down would otherwise cost a timeout at every step).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -80,6 +81,8 @@ class TrackerSet:
             except Exception as exc:  # any tracker failure is reported, never fatal
                 self.fail(tracker.name, f"{method}: {one_line(exc)}")
                 self.live.remove(tracker)
+                with contextlib.suppress(Exception):  # where it logged until then (its run id), for the report
+                    self.details[tracker.name] = tracker.describe()
 
     def fail(self, name: str, message: str) -> None:
         log.warning("%s tracking failed (%s); training goes on without it", name, message)
