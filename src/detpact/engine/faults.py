@@ -130,8 +130,7 @@ def parse_faults(spec: str | None, rank: int = 0, attempt: int = 0) -> Faults:
             raise DetpactError(
                 f"Bad DETPACT_FAULT entry {item!r}: use kill@step=N, kill@step=N:micro=M, "
                 "kill@save=N[:bytes=B], term@step=N, raise@step=N, sleep@save=N:seconds=S, full@save=N[:bytes=B], "
-                "nan@step=N[..M] or "
-                "oom@step=N[..M], each optionally followed by @rank=R."
+                "nan@step=N[..M] or oom@step=N[..M], each optionally followed by @rank=R."
             )
         if ranked is not None and int(ranked.group(2)) != rank:
             continue

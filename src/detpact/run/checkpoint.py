@@ -154,8 +154,9 @@ def _disk_full_aborts(run: RunDir, step: int | None) -> Iterator[None]:
         if full is not None:
             of_step = f" of step {step}" if step is not None else ""
             raise TrainingAborted(
-                f"The disk is full while writing the checkpoint{of_step}: {run.last_ckpt} failed ({full.strerror}). The previous "
-                "checkpoints are intact. Free some space, then continue with --resume.", reason="disk_full"
+                f"The disk is full while writing the checkpoint{of_step}: {run.last_ckpt} failed ({full.strerror}). "
+                "The previous checkpoints are intact. Free some space, then continue with --resume.",
+                reason="disk_full"
             ) from exc
         raise
 
