@@ -21,7 +21,7 @@ from detpact.evaluation.confusion import confusion_matrix
 from detpact.evaluation.records import ImageDetections, ImageGT
 from detpact.run import plots
 from detpact.run.contract import PLOT_NAMES, RunDir, read_manifest
-from detpact.run.reporting import EVALUATION_PLOTS, ValEvaluation, caption_of, write_reports
+from detpact.run.reporting import EVALUATION_PLOTS, ValEvaluation, write_reports
 
 NAMES = ["cat", "dog", "<b>$x$</b>"]  # a name that is HTML and mathtext at once
 
@@ -156,13 +156,13 @@ def test_report_html_embeds_every_plot_escapes_run_text_and_links_nothing(report
 def test_a_report_redrawn_without_evaluating_keeps_the_evaluation_plots_captions(tmp_path):
     run, evaluation = fake_run(tmp_path)
     write_reports(run, evaluation)
-    assert {name: caption_of(run.plot(name)) for name in EVALUATION_PLOTS} == dict.fromkeys(EVALUATION_PLOTS,
+    assert {name: plots.caption_of(run.plot(name)) for name in EVALUATION_PLOTS} == dict.fromkeys(EVALUATION_PLOTS,
                                                                                             evaluation.source)
     outcome = write_reports(run, None, missing_evaluation="not evaluated here")  # as `detpact test` redraws it
     assert outcome.skipped == {} and outcome.failed == []
     page = run.report_html.read_text()
     assert page.count(f"&middot; {evaluation.source}") == len(EVALUATION_PLOTS)
-    assert caption_of(run.plot("loss")) is None  # training curves carry no evaluation caption
+    assert plots.caption_of(run.plot("loss")) is None  # training curves carry no evaluation caption
 
 
 def test_a_failing_plot_is_a_warning_and_the_rest_is_still_written(tmp_path, monkeypatch, caplog):

@@ -21,6 +21,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from PIL import Image
 
 from detpact.data.formats import Sample, open_rgb
 from detpact.evaluation.records import ImageDetections
@@ -29,6 +30,7 @@ from detpact.run.atomic import atomic_open
 DPI = 100
 STYLE = {"font.size": 9, "axes.grid": True, "grid.alpha": 0.3,
          "axes.spines.top": False, "axes.spines.right": False}
+CAPTION_KEY = "detpact:caption"  # the PNG text chunk holding an evaluation plot's caption
 VAL_CURVES = (("map50_95", "mAP .50:.95"), ("map50", "mAP .50"), ("map75", "mAP .75"))
 
 
@@ -37,14 +39,26 @@ class NoData(Exception):
 
 
 @contextmanager
-def _figure(path: Path, width: float, height: float) -> Iterator[Figure]:
-    """A figure to draw on, saved as PNG to `path` (atomically) when the block ends."""
+def _figure(path: Path, width: float, height: float, caption: str | None = None) -> Iterator[Figure]:
+    """A figure to draw on, saved as PNG to `path` (atomically) when the block ends, with
+    `caption` (what an evaluation plot shows) in a CAPTION_KEY text chunk."""
     with matplotlib.rc_context(STYLE):
         figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
         FigureCanvasAgg(figure)
         yield figure
         with atomic_open(path, "wb") as handle:
-            figure.savefig(handle, format="png", dpi=DPI)
+            figure.savefig(handle, format="png", dpi=DPI, metadata={CAPTION_KEY: caption} if caption else None)
+
+
+def caption_of(plot: Path) -> str | None:
+    """The caption an evaluation plot was saved with (None for a plot without one), so that
+    a report redrawn without evaluating (`detpact test`, `detpact report --no-eval`) still
+    says what the plot shows."""
+    try:
+        with Image.open(plot) as image:
+            return getattr(image, "text", {}).get(CAPTION_KEY)
+    except (OSError, ValueError):
+        return None
 
 
 def _literal(text: object) -> str:
@@ -143,14 +157,14 @@ def plot_val_map(rows: Sequence[Mapping[str, Any]], path: Path, best_step: int |
     return path
 
 
-def plot_pr_curves(curves: Mapping[str, Any], path: Path, max_legend: int = 12) -> Path:
+def plot_pr_curves(curves: Mapping[str, Any], path: Path, max_legend: int = 12, caption: str | None = None) -> Path:
     """Each class's precision-recall curve (an evaluation's `pr_curves`), AP50 in the
     legend, and their mean; classes without ground truth are left out."""
     recall = np.asarray(curves["recall"])
     per_class = {name: np.asarray(p) for name, p in curves["precision"].items() if p is not None}
     if not per_class:
         raise NoData("no class has ground truth")
-    with _figure(path, 6.4, 4.6) as figure:
+    with _figure(path, 6.4, 4.6, caption) as figure:
         axes = figure.subplots()
         cmap = matplotlib.colormaps["tab20" if len(per_class) > 10 else "tab10"]
         labelled = len(per_class) <= max_legend
@@ -166,7 +180,7 @@ def plot_pr_curves(curves: Mapping[str, Any], path: Path, max_legend: int = 12) 
 
 
 def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path,
-                   score_threshold: float, iou_threshold: float) -> Path:
+                   score_threshold: float, iou_threshold: float, caption: str | None = None) -> Path:
     """The confusion matrix (evaluation/confusion.py), each true class's column
     normalised, with the counts written in when there are few classes."""
     matrix = np.asarray(matrix)
@@ -174,7 +188,7 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path,
         raise NoData("no ground truth and no confident detection")
     names = [*map(_literal, class_names), "background"]
     side = min(14.0, max(4.5, 0.45 * len(names) + 2.0))
-    with _figure(path, side + 1.0, side) as figure:
+    with _figure(path, side + 1.0, side, caption) as figure:
         axes = figure.subplots()
         totals = matrix.sum(0, keepdims=True)
         share = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
@@ -196,7 +210,8 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path,
 
 
 def plot_val_images(samples: Sequence[Sample], detections: Sequence[ImageDetections], class_names: Sequence[str],
-                    path: Path, score_threshold: float, count: int = 8, columns: int = 4) -> Path:
+                    path: Path, score_threshold: float, count: int = 8, columns: int = 4,
+                    caption: str | None = None) -> Path:
     """The first `count` validation images: ground truth dashed white, detections scoring
     at least `score_threshold` in their class's colour with class and score.
     `detections[i]` belongs to `samples[i]` (image_id = index)."""
@@ -207,7 +222,7 @@ def plot_val_images(samples: Sequence[Sample], detections: Sequence[ImageDetecti
     columns = min(columns, count)
     rows = -(-count // columns)
     cmap = matplotlib.colormaps["tab10"]
-    with _figure(path, 2.6 * columns, 2.6 * rows + 0.3) as figure:
+    with _figure(path, 2.6 * columns, 2.6 * rows + 0.3, caption) as figure:
         grid = np.atleast_1d(figure.subplots(rows, columns)).reshape(-1)
         for axes in grid:
             axes.set_axis_off()

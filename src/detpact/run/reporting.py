@@ -16,14 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, PngImagePlugin
-
 from detpact.config import EvalConfig
 from detpact.data.formats import Sample
 from detpact.engine.evaluate import ground_truth
 from detpact.evaluation.confusion import confusion_matrix
 from detpact.evaluation.records import ImageDetections
-from detpact.run.atomic import atomic_open, read_json
+from detpact.run.atomic import read_json
 from detpact.run.contract import RunDir, write_manifest
 from detpact.run.html import write_report_html
 from detpact.run.metrics import read_jsonl
@@ -31,7 +29,6 @@ from detpact.run.metrics import read_jsonl
 log = logging.getLogger(__name__)
 
 EVALUATION_PLOTS = ("pr_curves", "confusion", "val_images")
-CAPTION_KEY = "detpact:caption"  # a PNG text chunk holding an evaluation plot's caption
 
 
 @dataclass
@@ -79,14 +76,13 @@ def write_reports(run: RunDir, evaluation: ValEvaluation | None, missing_evaluat
     }
     notes: dict[str, str] = {}
     if evaluation is not None:
-        drawings.update({name: _captioned(draw, evaluation.source)
-                         for name, draw in _evaluation_drawings(evaluation).items()})
+        drawings.update(_evaluation_drawings(evaluation))
         notes.update(dict.fromkeys(EVALUATION_PLOTS, evaluation.source))
     else:
         for name in EVALUATION_PLOTS:
             if not run.plot(name).is_file():
                 outcome.skipped[name] = missing_evaluation or "no evaluation of the run yet"
-            elif caption := caption_of(run.plot(name)):
+            elif caption := plots.caption_of(run.plot(name)):
                 notes[name] = caption
     for name, draw in drawings.items():
         try:
@@ -109,33 +105,6 @@ def write_reports(run: RunDir, evaluation: ValEvaluation | None, missing_evaluat
     return outcome
 
 
-def _captioned(draw: Callable[[Path], Path], caption: str) -> Callable[[Path], Path]:
-    """`draw`, then keep `caption` (what was evaluated) in the PNG itself, so that a report
-    redrawn later without evaluating (`detpact test`, `detpact report --no-eval`) still
-    says what the plot shows."""
-
-    def draw_and_caption(path: Path) -> Path:
-        drawn = draw(path)
-        with Image.open(drawn) as image:
-            image.load()
-        info = PngImagePlugin.PngInfo()
-        info.add_text(CAPTION_KEY, caption)
-        with atomic_open(drawn, "wb") as handle:
-            image.save(handle, format="png", pnginfo=info)
-        return drawn
-
-    return draw_and_caption
-
-
-def caption_of(plot: Path) -> str | None:
-    """The caption `_captioned` kept in an evaluation plot (None for a plot without one)."""
-    try:
-        with Image.open(plot) as image:
-            return getattr(image, "text", {}).get(CAPTION_KEY)
-    except (OSError, ValueError):
-        return None
-
-
 def _evaluation_drawings(evaluation: ValEvaluation) -> dict[str, Callable[[Path], Path]]:
     from detpact.run import plots
 
@@ -144,11 +113,12 @@ def _evaluation_drawings(evaluation: ValEvaluation) -> dict[str, Callable[[Path]
     def confusion(path: Path) -> Path:
         matrix = confusion_matrix(ground_truth(evaluation.samples), evaluation.detections, len(names),
                                   cfg.score_threshold, cfg.iou_threshold)
-        return plots.plot_confusion(matrix, names, path, cfg.score_threshold, cfg.iou_threshold)
+        return plots.plot_confusion(matrix, names, path, cfg.score_threshold, cfg.iou_threshold,
+                                    caption=evaluation.source)
 
     return {
-        "pr_curves": lambda path: plots.plot_pr_curves(evaluation.pr_curves, path),
+        "pr_curves": lambda path: plots.plot_pr_curves(evaluation.pr_curves, path, caption=evaluation.source),
         "confusion": confusion,
         "val_images": lambda path: plots.plot_val_images(evaluation.samples, evaluation.detections, names, path,
-                                                         cfg.score_threshold),
+                                                         cfg.score_threshold, caption=evaluation.source),
     }
