@@ -62,8 +62,16 @@ def test_a_failing_tracker_is_dropped_reported_and_the_others_go_on(tmp_path: Pa
     report = trackers.report()
     assert report["healthy"] == {"ok": True, "error": None, "where": "healthy"}
     assert report["broken"]["ok"] is False and report["broken"]["error"] == "log_step: ConnectionError: broken is down"
+    assert report["broken"]["where"] == "broken"  # where it logged until it failed
     assert report["never"] == {"ok": False, "error": "start: refused"}
     assert "broken tracking failed" in caplog.text
+
+
+def test_a_tracker_whose_upload_fails_at_the_end_keeps_where_it_logged(tmp_path: Path):
+    trackers = TrackerSet([Recording("uploader", fail_on="finish")])
+    trackers.finish(RunDir(tmp_path), FINISHED)
+    assert trackers.report()["uploader"] == {"ok": False, "error": "finish: ConnectionError: uploader is down",
+                                             "where": "uploader"}
 
 
 def test_redact_uri_hides_credentials_only():

@@ -62,9 +62,7 @@ class TrackerSet:
         self._each("log_validation", step, metrics)
 
     def finish(self, run: RunDir, status: str) -> None:
-        for tracker in list(self.live):
-            self.details[tracker.name] = tracker.describe()  # kept even when the upload fails
-        self._each("finish", run, status)
+        self._each("finish", run, status)  # a tracker whose upload fails keeps its details (_each)
         for tracker in list(self.live):
             self.details[tracker.name] = tracker.describe()
         self.live = []
