@@ -13,9 +13,9 @@ and on each corrupted split.
 Table 1: mAP50-95 per scenario (clean, then the corruption at each severity) without TTT
 and with each preset (P/STATS adds --ttt-norm-stats STATS: safe/test is Tent with the test
 batch's BatchNorm statistics alone, as published; mim_safe is left out for a run without
-model.mim_decoder, saying so), the change from no TTT, and the guards that fired. Table 2: on the strongest
-severity alone, the suite's wall time and the seconds spent adapting with
---ttt-max-batches N against every batch (preset safe).
+model.mim_decoder, saying so), the change from no TTT, and the guards that fired.
+Table 2: on the strongest severity alone, the suite's wall time and the seconds spent
+adapting with --ttt-max-batches N against every batch (preset safe).
 """
 
 from __future__ import annotations
